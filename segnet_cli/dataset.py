@@ -1,0 +1,209 @@
+"""Labelled datasets: finding image/mask pairs and verifying every one of them.
+
+A dataset is an images folder and a masks folder whose files share stems (CamVid's
+``train/`` + ``trainannot/``), or a list file with one ``image mask`` pair per line (paths
+relative to the list file; the SegNet tutorial's absolute paths are reduced to file names
+and looked up beside the list). ``verify`` reads every pair and reports *every* problem,
+not just the first, with the class histogram and median-frequency weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from segnet_cli.classes import ClassTable
+from segnet_cli.errors import DatasetError, ImageReadError, UsageError
+from segnet_cli.imageio import is_image_path, read_image, read_mask, read_rgb_mask
+from segnet_cli.metrics import median_frequency_weights
+
+
+@dataclass(frozen=True)
+class Pair:
+    image: Path
+    mask: Path
+
+
+def _index_by_stem(folder: Path) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and is_image_path(p) and not p.name.startswith("."):
+            key = str(p.relative_to(folder).with_suffix(""))
+            out.setdefault(key, p)
+    return out
+
+
+def find_pairs(
+    images: str | Path, masks: str | Path | None = None
+) -> tuple[list[Pair], list[str]]:
+    """Pair images with masks by relative path and stem.
+
+    Args:
+        images: a folder of images, or a list file of ``image mask`` lines.
+        masks: the masks folder (ignored for a list file). Defaults to ``<images>annot``
+            (CamVid's layout) when that folder exists.
+
+    Returns:
+        ``(pairs, problems)``: problems name every image without a mask and vice versa.
+
+    Raises:
+        UsageError: the folders do not exist.
+    """
+    images = Path(images)
+    if images.is_file():
+        return _pairs_from_list(images)
+    if not images.is_dir():
+        raise UsageError("images folder not found", images)
+    if masks is None:
+        guess = images.parent / f"{images.name}annot"
+        if not guess.is_dir():
+            raise UsageError("no masks folder given (and no '<images>annot' beside it)", images)
+        masks = guess
+    masks = Path(masks)
+    if not masks.is_dir():
+        raise UsageError("masks folder not found", masks)
+    imgs, msks = _index_by_stem(images), _index_by_stem(masks)
+    problems = [f"{imgs[k]}: no mask with the same name in {masks}" for k in imgs if k not in msks]
+    problems += [f"{msks[k]}: mask has no image in {images}" for k in msks if k not in imgs]
+    pairs = [Pair(imgs[k], msks[k]) for k in imgs if k in msks]
+    return pairs, problems
+
+
+def _pairs_from_list(listfile: Path) -> tuple[list[Pair], list[str]]:
+    pairs, problems = [], []
+    base = listfile.parent
+    for n, line in enumerate(listfile.read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            problems.append(f"{listfile}:{n}: expected 'image mask', got {line!r}")
+            continue
+        found = []
+        for part in parts:
+            p = Path(part)
+            cand = p if p.is_absolute() and p.exists() else base / p
+            if not cand.exists():
+                # The SegNet tutorial's lists hold its own absolute paths: keep the last two
+                # components (folder/name) and look beside the list file.
+                cand = base / Path(*p.parts[-2:])
+            found.append(cand)
+        missing = [str(c) for c in found if not c.exists()]
+        if missing:
+            problems.append(f"{listfile}:{n}: missing {', '.join(missing)}")
+            continue
+        pairs.append(Pair(found[0], found[1]))
+    return pairs, problems
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify`` found: every problem, the class histogram and the class weights."""
+
+    pairs: int = 0
+    problems: list[str] = field(default_factory=list)
+    pixel_counts: np.ndarray | None = None
+    image_pixel_counts: np.ndarray | None = None
+    void_pixels: int = 0
+    weights: np.ndarray | None = None
+    sizes: set = field(default_factory=set)
+    channels: set = field(default_factory=set)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def return_code(self) -> int:
+        return 0 if self.ok else 1
+
+
+def load_mask(path: Path, classes: ClassTable, rgb_palette: bool = False) -> np.ndarray:
+    if rgb_palette:
+        return read_rgb_mask(path, classes.palette())
+    return read_mask(path)
+
+
+def verify(
+    pairs: list[Pair],
+    classes: ClassTable,
+    problems: list[str] | None = None,
+    rgb_masks: bool = False,
+    weight_power: float = 1.0,
+    progress=None,
+) -> VerifyReport:
+    """Read every pair and collect every problem.
+
+    Checks: image readable; mask readable and single-channel (an RGB or JPEG mask when indices
+    were expected is reported); same size; mask values within the classes or void.
+
+    Args:
+        pairs: from ``find_pairs``.
+        classes: the class table (number of classes and void).
+        problems: problems already found while pairing.
+        rgb_masks: masks are colour images to map through the class palette.
+        weight_power: tempering exponent of the median-frequency weights.
+        progress: optional callable ``progress(done, total)``.
+    """
+    k = classes.num_classes
+    report = VerifyReport(pairs=len(pairs), problems=list(problems or []))
+    counts = np.zeros(k, np.int64)
+    image_counts = np.zeros(k, np.int64)
+    for i, pair in enumerate(pairs):
+        try:
+            img = read_image(pair.image)
+        except ImageReadError as exc:
+            report.problems.append(str(exc))
+            img = None
+        try:
+            if pair.mask.suffix.lower() in (".jpg", ".jpeg") and not rgb_masks:
+                raise ImageReadError(
+                    "mask is a JPEG: lossy compression changes class indices at edges", pair.mask
+                )
+            mask = load_mask(pair.mask, classes, rgb_masks)
+        except ImageReadError as exc:
+            report.problems.append(str(exc))
+            mask = None
+        if img is not None:
+            report.sizes.add(img.shape[:2])
+            report.channels.add(img.shape[2])
+        if img is not None and mask is not None and img.shape[:2] != mask.shape:
+            report.problems.append(
+                f"{pair.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but image "
+                f"{pair.image.name} is {img.shape[1]}x{img.shape[0]}"
+            )
+        if mask is not None:
+            values = np.bincount(mask.reshape(-1).astype(np.int64), minlength=k)
+            bad = [
+                v for v in np.nonzero(values)[0] if v >= k and (classes.void is None or v != classes.void)
+            ]
+            if bad:
+                report.problems.append(
+                    f"{pair.mask}: values {', '.join(map(str, bad[:5]))} are outside classes "
+                    f"0..{k - 1}" + (f" and void {classes.void}" if classes.void is not None else "")
+                )
+            counts += values[:k]
+            labelled = int(values[:k].sum())
+            image_counts[values[:k] > 0] += labelled
+            if classes.void is not None and classes.void < len(values):
+                report.void_pixels += int(values[classes.void])
+        if progress is not None:
+            progress(i + 1, len(pairs))
+    if len(report.channels) > 1:
+        report.problems.append(
+            f"images have mixed channel counts {sorted(report.channels)}; convert them first"
+        )
+    if not pairs:
+        report.problems.append("no image/mask pairs found")
+    report.pixel_counts = counts
+    report.image_pixel_counts = image_counts
+    report.weights = median_frequency_weights(counts, image_counts, weight_power)
+    return report
+
+
+def require_ok(report: VerifyReport) -> None:
+    if not report.ok:
+        raise DatasetError(f"{len(report.problems)} problem(s) in the dataset", report.problems)

@@ -1,0 +1,94 @@
+"""Named exceptions raised by the library and the exit codes the CLI maps them to.
+
+The library never prints or exits: it raises one of these, and only ``segnet_cli.cli``
+turns them into a one-line message and an exit code. Every command uses the same codes so
+a shell script can trust them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: Everything asked for was done (or there was nothing to do).
+EXIT_OK = 0
+#: Some inputs failed; the others were processed.
+EXIT_SOME_FAILED = 1
+#: Usage error: a bad option, or no input matched.
+EXIT_USAGE = 2
+#: Interrupted by SIGINT (Ctrl-C): 128 + 2.
+EXIT_SIGINT = 130
+#: Terminated by SIGTERM: 128 + 15.
+EXIT_SIGTERM = 143
+
+
+class SegnetError(Exception):
+    """Base class of every error the library raises on purpose."""
+
+    exit_code = EXIT_SOME_FAILED
+
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        self.path = None if path is None else Path(path)
+        self.message = message
+        super().__init__(f"{path}: {message}" if path is not None else message)
+
+
+class UsageError(SegnetError):
+    """A bad option value or a combination that cannot work."""
+
+    exit_code = EXIT_USAGE
+
+
+class NoInputError(UsageError):
+    """No input file matched what was asked for."""
+
+
+class ModelFileError(SegnetError):
+    """A model file is missing, corrupt, or not a segnet model."""
+
+    exit_code = EXIT_USAGE
+
+
+class ImageReadError(SegnetError):
+    """An input image cannot be read or converted to the model's channels."""
+
+
+class ImageTooLargeError(ImageReadError):
+    """An image is over the decompression-bomb limit (or too large to handle)."""
+
+
+class ImageTooSmallError(ImageReadError):
+    """An image has no pixels the model could segment."""
+
+
+class OutputError(SegnetError):
+    """An output cannot be written (read-only folder, disk full, ...)."""
+
+
+class DatasetError(SegnetError):
+    """A training or evaluation dataset has problems (see ``problems``)."""
+
+    exit_code = EXIT_SOME_FAILED
+
+    def __init__(self, message: str, problems: list[str] | None = None, path=None) -> None:
+        super().__init__(message, path)
+        self.problems = list(problems or [])
+
+
+class TiffLayoutError(ImageReadError):
+    """A TIFF whose layout cannot be read window by window."""
+
+
+class LockedError(SegnetError):
+    """Another run holds the lock on the same output."""
+
+
+class Interrupted(SegnetError):
+    """A run was stopped by a signal; ``exit_code`` tells which."""
+
+    def __init__(self, signum: int) -> None:
+        import signal as _signal
+
+        self.signum = signum
+        name = _signal.Signals(signum).name
+        super().__init__(f"interrupted by {name}")
+        self.exit_code = 128 + int(signum)

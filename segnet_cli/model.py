@@ -1,0 +1,182 @@
+"""SegNet (Badrinarayanan, Kendall, Cipolla): build, save and load.
+
+The architecture follows the paper: a VGG16-style encoder (blocks of 3x3 conv + batch norm +
+ReLU, 2-2-3-3-3 convs, each block ending in a 2x2 max pooling that keeps its argmax), a
+mirrored decoder that unpools with those indices, and a 1x1 convolution to class logits.
+``width`` scales every block's channels (1.0 is VGG16's 64-128-256-512-512) and ``stages``
+keeps the first N blocks, so a slim SegNet trains on a CPU and the full one on a GPU.
+
+The input is ``(None, None, C)``: any height and width. Unpooling into the exact pre-pool
+shape means the logits always have the input's size, odd and prime sizes included.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from segnet_cli.errors import ModelFileError
+from segnet_cli.modelfile import ModelInfo, add_info, read_info
+
+VGG16_WIDTHS = (64, 128, 256, 512, 512)
+VGG16_CONVS = (2, 2, 3, 3, 3)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The numbers that define a SegNet; defaults are the paper's full VGG16 SegNet."""
+
+    width: float = 1.0
+    stages: int = 5
+    in_channels: int = 3
+    num_classes: int = 11
+    kernel: int = 3
+
+    def widths(self) -> tuple[int, ...]:
+        return tuple(max(4, int(round(w * self.width))) for w in VGG16_WIDTHS[: self.stages])
+
+    def convs(self) -> tuple[int, ...]:
+        return VGG16_CONVS[: self.stages]
+
+    @property
+    def stride(self) -> int:
+        """Total stride: tile origins must be multiples of it so pooling windows line up."""
+        return 2**self.stages
+
+    @property
+    def receptive_field(self) -> int:
+        """Receptive field in pixels of one output pixel, through encoder and decoder.
+
+        Each kxk convolution at jump ``j`` grows the field by ``(k-1)*j``; each 2x2 pooling by
+        ``j`` and doubles the jump. Unpooling maps a position back to one pooled position, so
+        the decoder's convolutions grow it again at the coarse jumps.
+        """
+        rf, jump = 1, 1
+        for n in self.convs():
+            rf += n * (self.kernel - 1) * jump
+            rf += jump  # 2x2 pooling
+            jump *= 2
+        for n in reversed(self.convs()):
+            jump //= 2
+            rf += n * (self.kernel - 1) * jump
+        return rf
+
+
+def build_segnet(arch: Architecture, mean=None, std=None, name: str = "segnet"):
+    """Build an (uncompiled) SegNet Keras model.
+
+    Args:
+        arch: widths, stages, channels and classes.
+        mean: per-channel mean subtracted inside the model (inputs are in [0, 1]).
+        std: per-channel standard deviation divided inside the model.
+        name: the Keras model name.
+
+    Returns:
+        A functional ``keras.Model`` mapping ``(B, H, W, C)`` floats in [0, 1] to
+        ``(B, H, W, num_classes)`` float32 logits.
+    """
+    import keras
+
+    from segnet_cli.layers import MaxPoolingWithArgmax2D, MaxUnpooling2D
+
+    c = arch.in_channels
+    mean = list(mean) if mean is not None else [0.5] * c
+    std = list(std) if std is not None else [0.25] * c
+    if len(mean) != c or len(std) != c:
+        raise ValueError(f"mean/std need {c} values, one per input channel")
+
+    inputs = keras.Input(shape=(None, None, c), name="image")
+    x = keras.layers.Normalization(
+        mean=mean, variance=[s * s for s in std], name="input_scaling"
+    )(inputs)
+
+    def conv_bn_relu(x, filters, label):
+        x = keras.layers.Conv2D(
+            filters, arch.kernel, padding="same", use_bias=False, name=f"{label}_conv"
+        )(x)
+        x = keras.layers.BatchNormalization(name=f"{label}_bn")(x)
+        return keras.layers.ReLU(name=f"{label}_relu")(x)
+
+    widths, convs = arch.widths(), arch.convs()
+    saved = []  # (pre-pool tensor, indices) per stage
+    for s, (w, n) in enumerate(zip(widths, convs), start=1):
+        for i in range(1, n + 1):
+            x = conv_bn_relu(x, w, f"enc{s}_{i}")
+        pre = x
+        x, idx = MaxPoolingWithArgmax2D(name=f"pool{s}")(x)
+        saved.append((pre, idx))
+
+    for s in range(len(widths), 0, -1):
+        pre, idx = saved[s - 1]
+        x = MaxUnpooling2D(name=f"unpool{s}")([x, idx, pre])
+        n, w = convs[s - 1], widths[s - 1]
+        out_w = widths[s - 2] if s > 1 else widths[0]
+        for i in range(n, 0, -1):
+            x = conv_bn_relu(x, out_w if i == 1 else w, f"dec{s}_{i}")
+
+    logits = keras.layers.Conv2D(arch.num_classes, 1, name="classifier", dtype="float32")(x)
+    return keras.Model(inputs, logits, name=name)
+
+
+def save_model(model, info: ModelInfo, path: str | Path) -> Path:
+    """Save a model and its metadata atomically: temporary file, metadata, fsync, rename.
+
+    A killed save never leaves a half-written model under the final name. A compiled model
+    keeps its optimizer state (Keras 3 always stores it), which is what ``--resume`` needs;
+    pass an uncompiled copy to ship weights alone.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.keras", dir=path.parent)
+    os.close(fd)
+    try:
+        model.save(tmp)
+        add_info(tmp, info)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_model(path: str | Path, compile: bool = False):
+    """Load a segnet model file.
+
+    Returns:
+        ``(model, info)``.
+
+    Raises:
+        ModelFileError: missing, corrupt or foreign file, named in the message.
+    """
+    info = read_info(path)
+    import keras
+
+    import segnet_cli.layers  # noqa: F401  (registers the custom layers)
+
+    try:
+        model = keras.saving.load_model(str(path), compile=compile, safe_mode=True)
+    except Exception as exc:  # Keras raises many types for a broken archive
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFileError(f"cannot load model: {first}", path) from None
+    return model, info
+
+
+def count_params(model) -> int:
+    return int(sum(int(v.numpy().size) for v in model.weights if v.trainable))
+
+
+__all__ = [
+    "Architecture",
+    "build_segnet",
+    "save_model",
+    "load_model",
+    "read_info",
+    "count_params",
+]

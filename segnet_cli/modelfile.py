@@ -1,0 +1,127 @@
+"""What a model file carries besides its weights, read without importing TensorFlow.
+
+A segnet model file is a plain Keras ``.keras`` archive (a zip) with one extra member,
+``segnet.json``, holding what inference needs: class names, display palette, input channels,
+input scaling and the architecture's total stride and receptive field. Keras ignores the
+extra member, so ``keras.saving.load_model`` loads the file as it is; segnet reads the member
+with ``zipfile`` alone, so ``segnet info`` and the error for a foreign file are instant.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from segnet_cli.errors import ModelFileError
+
+MEMBER = "segnet.json"
+FORMAT = "segnet-model"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class InputScaling:
+    """How pixels become model inputs; fixed per model, never per image or tile.
+
+    Integer images are divided by their dtype's maximum (uint8 by 255, uint16 by 65535),
+    float images are taken as already in [0, 1]. The model itself then subtracts ``mean`` and
+    divides by ``std`` (a fixed layer inside it), so the file is the single source of truth.
+    """
+
+    mode: str = "dtype_max"
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.25, 0.25, 0.25)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The metadata stored in ``segnet.json`` inside a model file."""
+
+    class_names: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    in_channels: int
+    scaling: InputScaling = InputScaling()
+    stride: int = 32
+    receptive_field: int = 404
+    architecture: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
+    void_class: int | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data = {"format": FORMAT, "format_version": FORMAT_VERSION, **data}
+        return json.dumps(data, indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelInfo:
+        scaling = data.get("scaling") or {}
+        return cls(
+            class_names=tuple(data["class_names"]),
+            palette=tuple(tuple(int(v) for v in c) for c in data["palette"]),
+            in_channels=int(data["in_channels"]),
+            scaling=InputScaling(
+                mode=scaling.get("mode", "dtype_max"),
+                mean=tuple(scaling.get("mean", InputScaling.mean)),
+                std=tuple(scaling.get("std", InputScaling.std)),
+            ),
+            stride=int(data.get("stride", 32)),
+            receptive_field=int(data.get("receptive_field", 404)),
+            architecture=dict(data.get("architecture") or {}),
+            training=dict(data.get("training") or {}),
+            void_class=data.get("void_class"),
+        )
+
+
+def read_info(path: str | Path) -> ModelInfo:
+    """Read a model file's metadata without loading its weights (or TensorFlow).
+
+    Raises:
+        ModelFileError: the file is missing, not a zip, or has no segnet metadata.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError("model file not found", path)
+    if path.is_dir():
+        raise ModelFileError("is a folder, not a .keras model file", path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+            if MEMBER not in names:
+                if "config.json" in names:
+                    raise ModelFileError(
+                        "a Keras model without segnet metadata (not made by segnet train)", path
+                    )
+                raise ModelFileError("not a Keras model file", path)
+            data = json.loads(zf.read(MEMBER).decode("utf-8"))
+    except ModelFileError:
+        raise
+    except zipfile.BadZipFile:
+        raise ModelFileError("not a .keras model file (corrupt or foreign)", path) from None
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"cannot read model metadata: {exc}", path) from None
+    if data.get("format") != FORMAT:
+        raise ModelFileError("segnet.json is not segnet model metadata", path)
+    if int(data.get("format_version", 0)) > FORMAT_VERSION:
+        raise ModelFileError(
+            f"model format {data.get('format_version')} is newer than this segnet understands",
+            path,
+        )
+    try:
+        return ModelInfo.from_dict(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFileError(f"model metadata incomplete: {exc}", path) from None
+
+
+def add_info(path: str | Path, info: ModelInfo) -> None:
+    """Append (or replace) the metadata member of a ``.keras`` archive in place."""
+    path = Path(path)
+    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED) as zf:
+        if MEMBER in zf.namelist():
+            raise ModelFileError("already has segnet metadata", path)
+        zf.writestr(MEMBER, info.to_json())

@@ -1,0 +1,496 @@
+"""``segnet train``: train SegNet on image/mask folders, resumably, and keep the best model.
+
+The recipe follows the SegNet paper (cross-entropy with median-frequency class balancing,
+void ignored) with what a CPU needs: random crops (any size, odd allowed) with scale jitter,
+flips and colour jitter; AdamW with a warm-up and a cosine decay; optional mixed bfloat16.
+
+Files in the run folder (``--out``):
+
+* ``checkpoint.keras`` after every epoch: weights, optimizer state (so the learning-rate
+  schedule continues from its step) and, in its metadata, the epoch and the history.
+  ``--resume`` restarts from it exactly where a killed run's last finished epoch ended.
+* ``best.keras``: the model with the best validation mIoU, ready for ``segnet predict``.
+* ``model.keras``: the final model (best on validation if there was one, else the last).
+* ``history.csv`` / ``history.json``: loss, validation mIoU, G and C per epoch.
+
+Every file is written atomically, so a kill at any moment leaves the previous epoch's files.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+from segnet_cli.classes import ClassTable, load_classes
+from segnet_cli.config import Report, TrainConfig
+from segnet_cli.dataset import Pair, find_pairs, load_mask, require_ok, verify
+from segnet_cli.errors import UsageError
+from segnet_cli.imageio import atomic_path, read_image, to_model_input
+from segnet_cli.metrics import confusion, scores
+from segnet_cli.modelfile import InputScaling, ModelInfo, read_info
+
+CHECKPOINT = "checkpoint.keras"
+BEST = "best.keras"
+FINAL = "model.keras"
+
+
+def _set_precision(precision: str) -> None:
+    import keras
+
+    policies = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+    if precision not in policies:
+        raise UsageError(f"precision must be one of {', '.join(policies)}")
+    keras.mixed_precision.set_global_policy(policies[precision])
+
+
+def channel_stats(pairs: list[Pair], channels: int, limit: int = 64) -> tuple[list, list]:
+    """Per-channel mean and std of the (scaled) training images, from up to ``limit`` images."""
+    idx = np.linspace(0, len(pairs) - 1, min(limit, len(pairs))).astype(int)
+    s = np.zeros(channels)
+    s2 = np.zeros(channels)
+    n = 0
+    for i in idx:
+        x = to_model_input(read_image(pairs[i].image), channels, pairs[i].image).astype(np.float64)
+        s += x.sum(axis=(0, 1))
+        s2 += (x * x).sum(axis=(0, 1))
+        n += x.shape[0] * x.shape[1]
+    mean = s / n
+    std = np.sqrt(np.maximum(s2 / n - mean * mean, 1e-6))
+    return [round(float(v), 5) for v in mean], [round(float(max(v, 1e-3)), 5) for v in std]
+
+
+def load_class_weights(spec: str, computed: np.ndarray, k: int) -> np.ndarray:
+    """``auto`` -> the computed median-frequency weights; ``none`` -> ones; else a file."""
+    if spec == "auto":
+        return computed.astype(np.float32)
+    if spec == "none":
+        return np.ones(k, np.float32)
+    path = Path(spec)
+    try:
+        text = path.read_text()
+        values = json.loads(text) if path.suffix == ".json" else [
+            float(v) for v in text.replace(",", " ").split()
+        ]
+        w = np.asarray(values, np.float32).reshape(-1)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read class weights: {exc}", path) from None
+    if w.size != k:
+        raise UsageError(f"class weights file has {w.size} values, the classes are {k}", path)
+    return w
+
+
+def make_dataset(
+    pairs: list[Pair],
+    classes: ClassTable,
+    channels: int,
+    weights: np.ndarray,
+    config: TrainConfig,
+    training: bool = True,
+):
+    """A ``tf.data`` pipeline: parallel decoding, optional cache, augmentation, prefetch.
+
+    Yields ``(image, label, pixel_weight)``; labels outside the classes (void, crop padding)
+    are set to 0 with weight 0, so the loss ignores them.
+    """
+    import tensorflow as tf
+
+    k = classes.num_classes
+    images = [str(p.image) for p in pairs]
+    masks = [str(p.mask) for p in pairs]
+
+    def load(i):
+        i = int(i)
+        x = to_model_input(read_image(images[i]), channels, images[i])
+        y = load_mask(Path(masks[i]), classes, config.rgb_masks).astype(np.int32)
+        return x.astype(np.float32), y
+
+    def tf_load(i):
+        x, y = tf.numpy_function(load, [i], (tf.float32, tf.int32))
+        x.set_shape((None, None, channels))
+        y.set_shape((None, None))
+        return x, y
+
+    ds = tf.data.Dataset.range(len(pairs))
+    ds = ds.map(tf_load, num_parallel_calls=tf.data.AUTOTUNE)
+    # Cache decoded pairs when they fit: decoding then costs nothing after the first epoch.
+    est_mb = 0.0
+    if pairs:
+        x0 = read_image(pairs[0].image)
+        est_mb = len(pairs) * x0.shape[0] * x0.shape[1] * (channels * 4 + 4) / 2**20
+    if est_mb <= config.cache_mb:
+        ds = ds.cache()
+    if not training:
+        return ds
+
+    ch, cw = config.crop
+    lo, hi = config.scale
+    wtab = tf.constant(np.asarray(weights, np.float32))
+    seed = config.seed
+
+    def augment(x, y):
+        shape = tf.shape(x)
+        s = tf.random.uniform((), lo, hi)
+        nh = tf.maximum(1, tf.cast(tf.round(tf.cast(shape[0], tf.float32) * s), tf.int32))
+        nw = tf.maximum(1, tf.cast(tf.round(tf.cast(shape[1], tf.float32) * s), tf.int32))
+        x = tf.image.resize(x, (nh, nw), method="bilinear")
+        y = tf.image.resize(y[..., None], (nh, nw), method="nearest")[..., 0]
+        # Pad up to the crop (labels -1: ignored) when the scaled image is smaller.
+        ph, pw = tf.maximum(ch - nh, 0), tf.maximum(cw - nw, 0)
+        x = tf.pad(x, [[0, ph], [0, pw], [0, 0]])
+        y = tf.pad(y, [[0, ph], [0, pw]], constant_values=-1)
+        hh, ww = tf.shape(y)[0], tf.shape(y)[1]
+        oy = tf.random.uniform((), 0, hh - ch + 1, dtype=tf.int32)
+        ox = tf.random.uniform((), 0, ww - cw + 1, dtype=tf.int32)
+        x = x[oy : oy + ch, ox : ox + cw]
+        y = y[oy : oy + ch, ox : ox + cw]
+        if config.flip:
+            flip = tf.random.uniform(()) < 0.5
+            x = tf.cond(flip, lambda: x[:, ::-1], lambda: x)
+            y = tf.cond(flip, lambda: y[:, ::-1], lambda: y)
+        if config.jitter > 0:
+            j = config.jitter
+            x = x * tf.random.uniform((), 1 - 2 * j, 1 + 2 * j)  # contrast-like gain
+            x = x + tf.random.uniform((), -j, j)  # brightness
+            if channels == 3:
+                grey = tf.reduce_mean(x, axis=-1, keepdims=True)
+                x = grey + (x - grey) * tf.random.uniform((), 1 - 2 * j, 1 + 2 * j)
+            x = tf.clip_by_value(x, 0.0, 1.0)
+        valid = (y >= 0) & (y < k)
+        label = tf.where(valid, y, 0)
+        w = tf.where(valid, tf.gather(wtab, label), 0.0)
+        x.set_shape((ch, cw, channels))
+        label.set_shape((ch, cw))
+        w.set_shape((ch, cw))
+        return x, label, w
+
+    ds = ds.shuffle(max(len(pairs), 1), seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(config.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return ds
+
+
+def evaluate_arrays(model, items, k: int, void: int | None, batch: int = 4) -> np.ndarray:
+    """Confusion matrix of a model over ``(image, mask)`` arrays, whole-image inference.
+
+    Images of the same size are batched; the model runs in inference mode.
+    """
+    cm = np.zeros((k, k), np.int64)
+    by_size: dict = {}
+    for x, y in items:
+        by_size.setdefault(x.shape, []).append((x, y))
+    for group in by_size.values():
+        for i in range(0, len(group), batch):
+            chunk = group[i : i + batch]
+            xb = np.stack([c[0] for c in chunk])
+            logits = model(xb, training=False)
+            pred = np.argmax(np.asarray(logits, np.float32), axis=-1)
+            for (_, y), p in zip(chunk, pred):
+                cm += confusion(y, p, k, void)
+    return cm
+
+
+def _export_copy(model, arch_kwargs, mean, std):
+    """A float32, optimizer-free copy of ``model`` for shipping and prediction."""
+    import keras
+
+    from segnet_cli.model import Architecture, build_segnet
+
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        clone = build_segnet(Architecture(**arch_kwargs), mean, std)
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def _write_history(out: Path, history: list[dict]) -> None:
+    with atomic_path(out / "history.json") as tmp:
+        tmp.write_text(json.dumps(history, indent=2))
+    if history:
+        buf = io.StringIO()
+        keys = list(history[0].keys())
+        for h in history:
+            keys += [k for k in h if k not in keys]
+        writer = csv.DictWriter(buf, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+        with atomic_path(out / "history.csv") as tmp:
+            tmp.write_text(buf.getvalue())
+
+
+def run_train(config: TrainConfig, progress=None, log=print) -> Report:
+    """Train a SegNet as ``config`` says and return a report.
+
+    Args:
+        config: the training options.
+        progress: optional object with ``start(total_steps, done_steps)``,
+            ``step(done_steps, loss)`` and ``stop()`` (the CLI passes a rich bar).
+        log: where one-line human messages go.
+
+    Raises:
+        UsageError, DatasetError: bad options or a dataset with problems.
+    """
+    t0 = time.time()
+    out = Path(config.out)
+    ckpt = out / CHECKPOINT
+    state: dict = {}
+    if config.resume:
+        if not ckpt.exists():
+            raise UsageError("nothing to resume: no checkpoint.keras in the run folder", out)
+        state = read_info(ckpt).training
+        saved = state.get("config", {})
+        # The run's settings come from the checkpoint; only the epoch budget may grow.
+        fields = {k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}
+        for key in ("images", "masks", "val_images", "val_masks", "out"):
+            if fields.get(key) is not None:
+                fields[key] = Path(fields[key])
+        for key in ("crop", "scale"):
+            if key in fields:
+                fields[key] = tuple(fields[key])
+        config = replace(
+            TrainConfig(**fields),
+            epochs=max(config.epochs, int(saved.get("epochs", 0))),
+            resume=True,
+            max_minutes=config.max_minutes,
+        )
+    elif ckpt.exists():
+        raise UsageError(
+            "run folder already has a checkpoint: pass --resume to continue it, or another --out",
+            out,
+        )
+
+    classes = load_classes(config.classes, config.void)
+    k = classes.num_classes
+    pairs, problems = find_pairs(config.images, config.masks)
+    log(f"verifying {len(pairs)} training pairs ...")
+    report = verify(pairs, classes, problems, config.rgb_masks, config.weight_power)
+    require_ok(report)
+    channels = next(iter(report.channels))
+    val_pairs: list[Pair] = []
+    if config.val_images is not None:
+        val_pairs, vproblems = find_pairs(config.val_images, config.val_masks)
+        vreport = verify(val_pairs, classes, vproblems, config.rgb_masks)
+        require_ok(vreport)
+        if vreport.channels != report.channels:
+            raise UsageError("validation images have other channels than training images")
+    weights = load_class_weights(config.class_weights, report.weights, k)
+    log("class weights: " + ", ".join(f"{n}={w:.3f}" for n, w in zip(classes.names, weights)))
+
+    _set_precision(config.precision)
+    import keras
+    import tensorflow as tf
+
+    from segnet_cli.model import Architecture, build_segnet, count_params, save_model
+
+    keras.utils.set_random_seed(config.seed + int(state.get("epoch", 0)))
+    arch_kwargs = dict(
+        width=config.width, stages=config.stages, in_channels=channels, num_classes=k
+    )
+    arch = Architecture(**arch_kwargs)
+    if config.resume:
+        mean, std = state["mean"], state["std"]
+    else:
+        mean, std = channel_stats(pairs, channels)
+    steps = max(1, len(pairs) // config.batch_size)
+    if len(pairs) < config.batch_size:
+        raise UsageError(f"{len(pairs)} training pairs are fewer than the batch size")
+
+    scope = _strategy_scope()
+    scope.__enter__()
+    if config.resume:
+        import segnet_cli.layers  # noqa: F401
+
+        model = keras.saving.load_model(str(ckpt), compile=True, safe_mode=True)
+        log(f"resuming after epoch {state['epoch']} (optimizer step {int(model.optimizer.iterations.numpy())})")
+    else:
+        model = build_segnet(arch, mean, std)
+        total = steps * config.epochs
+        warm = min(steps * config.warmup_epochs, max(total - 1, 0))
+        schedule = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=config.learning_rate / 10 if warm else config.learning_rate,
+            decay_steps=max(total - warm, 1),
+            alpha=0.01,
+            warmup_target=config.learning_rate if warm else None,
+            warmup_steps=warm,
+        )
+        model.compile(
+            optimizer=keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+    scope.__exit__(None, None, None)
+    params = count_params(model)
+    history: list[dict] = list(state.get("history", []))
+    best = float(state.get("best_miou", -1.0))
+    start_epoch = int(state.get("epoch", 0))
+    spent = float(state.get("seconds", 0.0))
+
+    val_items = [
+        (
+            to_model_input(read_image(p.image), channels, p.image),
+            load_mask(p.mask, classes, config.rgb_masks),
+        )
+        for p in val_pairs
+    ]
+    train_ds = make_dataset(pairs, classes, channels, weights, config)
+
+    def info_for(training: dict) -> ModelInfo:
+        return ModelInfo(
+            class_names=classes.names,
+            palette=classes.palette(),
+            in_channels=channels,
+            scaling=InputScaling(mean=tuple(mean), std=tuple(std)),
+            stride=arch.stride,
+            receptive_field=arch.receptive_field,
+            architecture={**arch_kwargs, "params": params, "decoder": "argmax-unpooling"},
+            training=training,
+            void_class=classes.void,
+        )
+
+    config_json = {
+        k_: (str(v) if isinstance(v, Path) else v) for k_, v in asdict(config).items()
+    }
+
+    class EpochEnd(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.epoch_start = time.time()
+            self.losses: list[float] = []
+            self.stop_reason = None
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch_start = time.time()
+            self.losses = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            loss = float((logs or {}).get("loss", float("nan")))
+            self.losses.append(loss)
+            if progress is not None:
+                progress.step(loss)
+
+        def on_epoch_end(self, epoch, logs=None):
+            nonlocal best, spent
+            ep = epoch + 1
+            row = {"epoch": ep, "loss": round(float((logs or {}).get("loss", float("nan"))), 5)}
+            row["lr"] = float(
+                keras.ops.convert_to_numpy(
+                    self.model.optimizer.learning_rate
+                    if not callable(self.model.optimizer._learning_rate)
+                    else self.model.optimizer._learning_rate(self.model.optimizer.iterations)
+                )
+            )
+            is_best = False
+            if val_items and (ep % config.val_every == 0 or ep == config.epochs):
+                cm = evaluate_arrays(self.model, val_items, k, classes.void)
+                sc = scores(cm)
+                row.update(
+                    val_miou=round(sc.mean_iou, 5),
+                    val_g=round(sc.global_accuracy, 5),
+                    val_c=round(sc.class_accuracy, 5),
+                )
+                row["val_iou"] = [None if math.isnan(v) else round(v, 4) for v in sc.per_class_iou]
+                if sc.mean_iou > best:
+                    best, is_best = sc.mean_iou, True
+            spent += time.time() - self.epoch_start
+            row["seconds"] = round(time.time() - self.epoch_start, 1)
+            history.append(row)
+            training = {
+                "epoch": ep,
+                "epochs": config.epochs,
+                "history": history,
+                "best_miou": best,
+                "seconds": round(spent, 1),
+                "mean": mean,
+                "std": std,
+                "config": config_json,
+                "class_weights": [float(w) for w in weights],
+            }
+            # Best first, checkpoint last: a kill between them loses at most the epoch.
+            if is_best:
+                save_model(_export_copy(self.model, arch_kwargs, mean, std), info_for(training), out / BEST)
+            save_model(self.model, info_for(training), ckpt)
+            _write_history(out, history)
+            msg = f"epoch {ep}/{config.epochs} loss {row['loss']:.4f}"
+            if "val_miou" in row:
+                msg += (
+                    f"  val mIoU {row['val_miou'] * 100:.1f}  G {row['val_g'] * 100:.1f}"
+                    f"  C {row['val_c'] * 100:.1f}" + ("  (best)" if is_best else "")
+                )
+            log(msg + f"  [{row['seconds']:.0f}s]")
+            if config.max_minutes is not None and (time.time() - t0) / 60 > config.max_minutes:
+                self.stop_reason = f"time budget of {config.max_minutes:g} min reached"
+                self.model.stop_training = True
+
+    cb = EpochEnd()
+    out.mkdir(parents=True, exist_ok=True)
+    if start_epoch >= config.epochs:
+        log(f"already trained {start_epoch} of {config.epochs} epochs: nothing to do")
+    else:
+        log(
+            f"training SegNet ({params:,} parameters, width {config.width}, {config.stages} "
+            f"stages) on {len(pairs)} pairs, {steps} steps/epoch, epochs {start_epoch + 1}-"
+            f"{config.epochs}, {config.precision}"
+        )
+        if progress is not None:
+            progress.start(steps * config.epochs, steps * start_epoch)
+        try:
+            model.fit(
+                train_ds,
+                epochs=config.epochs,
+                initial_epoch=start_epoch,
+                steps_per_epoch=steps,
+                callbacks=[cb],
+                shuffle=False,  # the dataset shuffles itself
+                verbose=0,
+            )
+        finally:
+            if progress is not None:
+                progress.stop()
+        if cb.stop_reason:
+            log(f"stopped early: {cb.stop_reason}; continue with --resume")
+
+    # The final model: best on validation if there was one, else the last epoch.
+    final_state = read_info(ckpt).training if ckpt.exists() else {}
+    if (out / BEST).exists():
+        best_info = read_info(out / BEST)
+        import shutil
+
+        with atomic_path(out / FINAL) as tmp:
+            shutil.copyfile(out / BEST, tmp)
+        del best_info
+    elif ckpt.exists():
+        save_model(
+            _export_copy(model, arch_kwargs, mean, std), info_for(final_state), out / FINAL
+        )
+    return Report(
+        return_code=0,
+        done=len(history) - len(state.get("history", [])),
+        seconds=time.time() - t0,
+        details={
+            "out": str(out),
+            "model": str(out / FINAL),
+            "best_val_miou": best if best >= 0 else None,
+            "epochs": int(final_state.get("epoch", start_epoch)),
+            "stopped_early": cb.stop_reason,
+        },
+    )
+
+
+def _strategy_scope():
+    """``MirroredStrategy`` when more than one GPU is visible; otherwise a no-op scope."""
+    import contextlib
+
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy().scope()
+    return contextlib.nullcontext()

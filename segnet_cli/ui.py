@@ -1,0 +1,172 @@
+"""Human output: messages and progress on stderr, never on stdout.
+
+Stdout is kept for machine-readable output (``--json``). When stderr is a terminal the
+progress is a rich bar with rate and ETA; otherwise (cron, a pipe, a log file) it is plain
+log lines every few seconds, never animation. ``NO_COLOR`` is honoured by rich itself.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+_console: Console | None = None
+_log_file = None
+_quiet = False
+
+
+def console() -> Console:
+    global _console
+    if _console is None:
+        _console = Console(stderr=True, highlight=False, soft_wrap=True)
+    return _console
+
+
+def configure(quiet: bool = False, log_file: Path | None = None) -> None:
+    global _quiet, _log_file
+    _quiet = quiet
+    if log_file is not None:
+        _log_file = open(log_file, "a", buffering=1, encoding="utf-8")
+
+
+def _to_log_file(text: str) -> None:
+    if _log_file is not None:
+        _log_file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
+
+
+def info(text: str) -> None:
+    """A progress or status line; dropped with ``--quiet``."""
+    _to_log_file(text)
+    if not _quiet:
+        console().print(text, markup=False)
+
+
+def error(text: str) -> None:
+    """An error line; always shown."""
+    _to_log_file(f"error: {text}")
+    console().print(f"[bold red]error:[/] {_escape(text)}")
+
+
+def warn(text: str) -> None:
+    _to_log_file(f"warning: {text}")
+    if not _quiet:
+        console().print(f"[yellow]warning:[/] {_escape(text)}")
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def interactive() -> bool:
+    return console().is_terminal and not _quiet
+
+
+class Progress:
+    """Progress over ``total`` units: a rich bar on a terminal, log lines otherwise.
+
+    Args:
+        label: what is being counted ("images", "tiles", "steps").
+        total: the number of units.
+        unit_scale: optional (name, factor) for a second rate, e.g. ("Mpx", px_per_unit).
+        every: seconds between plain log lines.
+    """
+
+    def __init__(self, label: str, total: int, every: float = 10.0) -> None:
+        self.label = label
+        self.total = max(int(total), 0)
+        self.done = 0
+        self.extra = ""
+        self.every = every
+        self._t0 = time.time()
+        self._last = 0.0
+        self._bar = None
+        self._task = None
+        self._start_done = 0
+
+    def __enter__(self) -> Progress:
+        self.start(self.total, 0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self, total: int, done: int = 0) -> None:
+        self.total, self.done, self._start_done = int(total), int(done), int(done)
+        self._t0 = time.time()
+        if _quiet:
+            return
+        if interactive():
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+            from rich.progress import Progress as RichProgress
+
+            self._bar = RichProgress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[extra]}"),
+                console=console(),
+                transient=False,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(self.label, total=self.total, completed=done, rate="", extra="")
+
+    def advance(self, n: int = 1, extra: str | None = None) -> None:
+        self.done += n
+        if extra is not None:
+            self.extra = extra
+        self._update()
+
+    def step(self, loss: float | None = None) -> None:
+        """Training hook: one step done (with its loss)."""
+        self.advance(1, None if loss is None else f"loss {loss:.4f}")
+
+    def rate(self) -> float:
+        dt = time.time() - self._t0
+        return (self.done - self._start_done) / dt if dt > 0 else 0.0
+
+    def eta(self) -> float | None:
+        r = self.rate()
+        return (self.total - self.done) / r if r > 0 else None
+
+    def _update(self) -> None:
+        if _quiet:
+            return
+        rate = f"{self.rate():.2f} {self.label}/s"
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.done, rate=rate, extra=self.extra)
+            return
+        now = time.time()
+        if now - self._last >= self.every or self.done >= self.total:
+            self._last = now
+            eta = self.eta()
+            eta_s = "?" if eta is None else _fmt_seconds(eta)
+            line = f"{self.label}: {self.done}/{self.total} ({rate}, ETA {eta_s}) {self.extra}"
+            _to_log_file(line)
+            print(line.rstrip(), file=sys.stderr, flush=True)
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def _fmt_seconds(s: float) -> str:
+    s = int(round(s))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
