@@ -14,7 +14,6 @@ Exit codes (the same for every command):
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -22,7 +21,7 @@ from typing import Annotated, Optional
 import typer
 
 from segnet_cli import __version__
-from segnet_cli.errors import EXIT_USAGE, SegnetError
+from segnet_cli.errors import SegnetError
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 all done (or nothing to do); 1 some inputs failed; 2 usage error or no "
@@ -71,8 +70,10 @@ def main_callback(
 
 
 def _quiet_tf() -> None:
-    # TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) is noise for a CLI user.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """Import TensorFlow now, with its C++ start-up chatter kept off stderr."""
+    from segnet_cli.tfload import import_tf
+
+    import_tf()
 
 
 def _fail(exc: SegnetError) -> typer.Exit:
@@ -248,6 +249,99 @@ def train(
     raise typer.Exit(report.return_code)
 
 
+# --------------------------------------------------------------------------- predict
+
+
+def _tiling(base, tile, halo, batch_size, blend):
+    from dataclasses import replace
+
+    given = {"tile": tile, "halo": halo, "batch_size": batch_size, "blend": blend}
+    return replace(base, **{k: v for k, v in given.items() if v is not None})
+
+
+TileOpt = Annotated[Optional[int], typer.Option("--tile", help="Tile size in pixels (multiple of the model's stride).")]
+HaloOpt = Annotated[Optional[int], typer.Option("--halo", help="Context around each tile's core, in pixels.")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Tiles per model batch.")]
+BlendOpt = Annotated[Optional[str], typer.Option("--blend", help="'center' (overlap-tile, exact) or 'gaussian'.")]
+ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="Model file (default: the bundled CamVid model).")]
+PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="float32, bfloat16 or float16 (GPU).")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, gpu or gpu:N (default: TensorFlow's choice).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and the summary.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per input and a summary on stdout.")]
+LogOpt = Annotated[Optional[Path], typer.Option("--log-file", help="Append human messages to this file too.")]
+
+
+@app.command(epilog=EXIT_CODES_HELP)
+def predict(
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or glob patterns.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder; masks mirror the inputs' relative paths as <stem>.png.")],
+    model: ModelOpt = None,
+    tile: TileOpt = None,
+    halo: HaloOpt = None,
+    batch_size: BatchOpt = None,
+    blend: BlendOpt = None,
+    overlay: Annotated[bool, typer.Option("--overlay", help="Also write <stem>.overlay.jpg: the mask over the photo.")] = False,
+    max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", help="Raise the decompression-bomb limit (pixels).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo masks that are already up to date.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be done; run nothing.")] = False,
+    precision: PrecisionOpt = None,
+    device: DeviceOpt = None,
+    queue_depth: Annotated[Optional[int], typer.Option("--queue-depth", help="Images decoded ahead of the model.")] = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    log_file: LogOpt = None,
+) -> None:
+    """Segment images into 8-bit palette PNG masks (class indices + class colours).
+
+    Images larger than the tile size are tiled and stitched exactly. Re-running skips masks
+    that are up to date; outputs are written atomically; one bad input never stops the batch.
+    """
+    from segnet_cli import ui
+    from segnet_cli.config import PredictConfig, TilingConfig
+
+    ui.configure(quiet or as_json and False, log_file)
+    given = {"precision": precision, "device": device, "queue_depth": queue_depth}
+    cfg = PredictConfig(
+        inputs=tuple(inputs),
+        out=out,
+        model=model,
+        tiling=_tiling(TilingConfig(), tile, halo, batch_size, blend),
+        overlay=overlay,
+        max_pixels=max_pixels,
+        overwrite=overwrite,
+        dry_run=dry_run,
+        json=as_json,
+        **{k: v for k, v in given.items() if v is not None},
+    )
+    _quiet_tf()
+    from segnet_cli.predict import run_predict, summary_line
+
+    def on_event(o):
+        if as_json:
+            typer.echo(o.to_json())
+        elif o.status == "failed":
+            ui.error(f"{o.path}: {o.error}")
+        elif o.status == "planned":
+            ui.info(f"would segment {o.path} -> {o.output}")
+        elif o.status == "skipped" and o.extra.get("reason", "").startswith("another"):
+            ui.warn(f"{o.path}: {o.extra['reason']}; skipped")
+
+    try:
+        bar = ui.Progress("images", 0)
+        report = run_predict(cfg, on_event=on_event, progress=bar, log=ui.info)
+        bar.stop()
+    except SegnetError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        typer.echo(json.dumps({"summary": {
+            "done": report.done, "skipped": report.skipped, "failed": report.failed,
+            "seconds": round(report.seconds, 3), "return_code": report.return_code,
+            "interrupted": bool(report.details.get("interrupted")),
+        }}))
+    ui.info(summary_line(report)) if report.failed == 0 else ui.console().print(summary_line(report), markup=False)
+    raise typer.Exit(report.return_code)
+
+
 # --------------------------------------------------------------------------- info
 
 
@@ -291,6 +385,23 @@ def info(
             markup=False,
         )
     raise typer.Exit(0)
+
+
+def _register_optional_commands() -> None:
+    """Commands defined in their own modules (each keeps TensorFlow imports lazy)."""
+    import importlib
+
+    for module, name in (("segnet_cli.tile_cli", "tile"), ("segnet_cli.eval_cli", "eval")):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        app.command(name, epilog=EXIT_CODES_HELP)(getattr(mod, f"{name}_command"))
+
+
+_register_optional_commands()
 
 
 def main() -> None:

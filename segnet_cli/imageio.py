@@ -296,8 +296,11 @@ def atomic_path(final: str | Path, suffix: str = ""):
     final = Path(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
+        # The writer's pid in the name lets a later run tell dead temporaries from live ones.
         fd, tmp = tempfile.mkstemp(
-            prefix=f"{TMP_PREFIX}{final.name}.", suffix=suffix or final.suffix, dir=final.parent
+            prefix=f"{TMP_PREFIX}{os.getpid()}-{final.name}.",
+            suffix=suffix or final.suffix,
+            dir=final.parent,
         )
         os.close(fd)
     except OSError as exc:
@@ -377,29 +380,6 @@ def write_overlay(
     with atomic_path(path) as tmp:
         Image.fromarray(out).save(tmp, format="JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG")
     return path
-
-
-def remove_stale_temporaries(folder: str | Path, older_than_s: float = 0.0) -> int:
-    """Delete temporaries left by killed runs (``TMP_PREFIX``), returns how many.
-
-    Only files older than ``older_than_s`` go, so a concurrent run's live temporary is kept
-    (callers hold the output lock when they pass 0).
-    """
-    import time
-
-    n = 0
-    now = time.time()
-    folder = Path(folder)
-    if not folder.is_dir():
-        return 0
-    for p in folder.rglob(f"{TMP_PREFIX}*"):
-        try:
-            if p.is_file() and now - p.stat().st_mtime >= older_than_s:
-                p.unlink()
-                n += 1
-        except OSError:
-            pass
-    return n
 
 
 def is_image_path(path: Path) -> bool:

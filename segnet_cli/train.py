@@ -287,7 +287,6 @@ def run_train(config: TrainConfig, progress=None, log=print) -> Report:
 
     _set_precision(config.precision)
     import keras
-    import tensorflow as tf
 
     from segnet_cli.model import Architecture, build_segnet, count_params, save_model
 

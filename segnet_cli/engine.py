@@ -1,0 +1,211 @@
+"""The inference engine: a loaded model that turns tiles into logits, in batches.
+
+``Segmenter`` is the one place where pixels meet the model. ``predict``, ``tile`` and
+``eval`` all go through it, so the same image gives the same mask whichever command runs it:
+same input scaling (stored in the model file), same tile grid, same batching, same blending.
+
+The model runs through one ``tf.function`` with a shape-polymorphic signature
+``(None, None, None, C)``: every tile shape shares one trace, and nothing is XLA-compiled
+(``MaxPoolWithArgmax`` has no XLA kernel). TensorFlow places it on a GPU when one is visible.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from segnet_cli.config import TilingConfig, default_model_path
+from segnet_cli.errors import ModelFileError, UsageError
+from segnet_cli.modelfile import ModelInfo, read_info
+from segnet_cli.tiling import Stitcher, Tile, TileGrid, stitch_all
+
+PRECISIONS = ("float32", "bfloat16", "float16")
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    """The model to use: the given path, or the bundled one (with advice when missing)."""
+    if model is not None:
+        return Path(model)
+    path = default_model_path()
+    if not path.exists():
+        raise ModelFileError(
+            "no bundled model found; train one with `segnet train IMAGES --val VAL --out RUN` "
+            "and pass --model RUN/model.keras",
+            path,
+        )
+    return path
+
+
+def select_device(device: str | None) -> str | None:
+    """Validate ``--device`` (``cpu``, ``gpu``, ``gpu:N``) and return a TF device string."""
+    if device is None or device == "auto":
+        return None
+    import tensorflow as tf
+
+    d = device.lower()
+    if d == "cpu":
+        return "/CPU:0"
+    if d.startswith("gpu"):
+        idx = int(d.split(":")[1]) if ":" in d else 0
+        gpus = tf.config.list_logical_devices("GPU")
+        if idx >= len(gpus):
+            raise UsageError(f"--device {device}: {len(gpus)} GPU(s) visible")
+        return f"/GPU:{idx}"
+    raise UsageError(f"--device must be cpu, gpu or gpu:N, not {device!r}")
+
+
+class Segmenter:
+    """A model ready for inference, with its metadata.
+
+    Args:
+        model_path: the ``.keras`` model file (``None``: the bundled model).
+        precision: ``float32``, ``bfloat16`` (mixed) or ``float16`` (mixed, for GPUs).
+        device: ``None`` (TensorFlow's choice), ``cpu``, ``gpu`` or ``gpu:N``.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        precision: str = "float32",
+        device: str | None = None,
+    ) -> None:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        if precision not in PRECISIONS:
+            raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}")
+        self.path = resolve_model_path(model_path)
+        self.info: ModelInfo = read_info(self.path)
+        import keras
+        import tensorflow as tf
+
+        from segnet_cli.model import load_model
+
+        self.precision = precision
+        self.device = select_device(device)
+        model, _ = load_model(self.path)
+        if precision != "float32":
+            model = self._rebuild(model, precision)
+        self.model = model
+        c = self.info.in_channels
+        if model.input_shape[-1] != c:
+            raise ModelFileError(
+                f"model takes {model.input_shape[-1]} channels but its metadata says {c}",
+                self.path,
+            )
+        spec = tf.TensorSpec((None, None, None, c), tf.float32)
+
+        @tf.function(input_signature=[spec], jit_compile=False)
+        def infer(x):
+            return tf.cast(model(x, training=False), tf.float32)
+
+        self._infer = infer
+        del keras
+
+    def _rebuild(self, model, precision: str):
+        """The same weights in a model built under a mixed-precision policy."""
+        import keras
+
+        from segnet_cli.model import Architecture, build_segnet
+
+        arch = self.info.architecture
+        fields = {k: arch[k] for k in ("width", "stages", "in_channels", "num_classes") if k in arch}
+        if len(fields) < 4:
+            raise ModelFileError("model metadata lacks its architecture; use float32", self.path)
+        policy = keras.mixed_precision.global_policy()
+        keras.mixed_precision.set_global_policy(
+            "mixed_bfloat16" if precision == "bfloat16" else "mixed_float16"
+        )
+        try:
+            clone = build_segnet(
+                Architecture(**fields), self.info.scaling.mean, self.info.scaling.std
+            )
+        finally:
+            keras.mixed_precision.set_global_policy(policy)
+        clone.set_weights(model.get_weights())
+        return clone
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    @property
+    def stride(self) -> int:
+        return self.info.stride
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Logits ``(B, H, W, K)`` float32 for a batch of same-sized float32 tiles in [0, 1]."""
+        import tensorflow as tf
+
+        x = tf.convert_to_tensor(np.ascontiguousarray(batch, dtype=np.float32))
+        if self.device:
+            with tf.device(self.device):
+                return self._infer(x).numpy()
+        return self._infer(x).numpy()
+
+    def grid(self, height: int, width: int, tiling: TilingConfig) -> TileGrid:
+        return TileGrid.make(height, width, tiling.tile, tiling.halo, self.stride)
+
+    def segment(
+        self, image: np.ndarray, tiling: TilingConfig, confidence: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Segment one ``(H, W, C)`` float32 image in memory; returns ``(mask, confidence)``."""
+        h, w = image.shape[:2]
+        grid = self.grid(h, w, tiling)
+        stitcher = Stitcher(grid, self.num_classes, tiling.blend, confidence=confidence)
+        for tiles, logits in self.run_tiles(
+            ((t, crop(image, t)) for t in grid.tiles()), tiling.batch_size
+        ):
+            for t, lg in zip(tiles, logits):
+                stitcher.add(t, lg)
+        return stitch_all(stitcher, h, w, confidence)
+
+    def run_tiles(
+        self, tiles: Iterable[tuple[Tile, np.ndarray]], batch_size: int
+    ) -> Iterator[tuple[list[Tile], np.ndarray]]:
+        """Run ``(tile, pixels)`` pairs through the model, batching tiles of equal shape.
+
+        Tiles come back in batches, each batch one shape; a shape's partial batch is flushed
+        when a tile of another shape would otherwise wait behind it for long (at the end, or
+        once ``batch_size`` tiles of any shape are pending), so memory stays bounded.
+        """
+        pending: dict[tuple, list[tuple[Tile, np.ndarray]]] = {}
+        count = 0
+        for tile, pixels in tiles:
+            key = pixels.shape
+            pending.setdefault(key, []).append((tile, pixels))
+            count += 1
+            if len(pending[key]) >= batch_size:
+                yield self._run(pending.pop(key))
+                count = sum(len(v) for v in pending.values())
+            elif count >= 2 * batch_size:
+                # Many shapes pending: flush the oldest so a band can finish.
+                oldest = next(iter(pending))
+                yield self._run(pending.pop(oldest))
+                count = sum(len(v) for v in pending.values())
+        for group in pending.values():
+            yield self._run(group)
+
+    def _run(self, group: list[tuple[Tile, np.ndarray]]) -> tuple[list[Tile], np.ndarray]:
+        batch = np.stack([p for _, p in group])
+        return [t for t, _ in group], self.logits(batch)
+
+
+def crop(image: np.ndarray, tile: Tile) -> np.ndarray:
+    y0, x0, y1, x1 = tile.window
+    return image[y0:y1, x0:x1]
+
+
+def model_fingerprint(path: Path) -> str:
+    """A short content hash of a model file: masks record which model made them."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+__all__ = ["Segmenter", "resolve_model_path", "model_fingerprint", "crop", "read_info"]

@@ -1,0 +1,401 @@
+"""``segnet predict``: folders of images in, palette-PNG masks out, pipelined and resumable.
+
+The run is a three-stage pipeline so the model is never waiting on the disk:
+
+1. reader threads decode images ahead of the model (a bounded look-ahead of
+   ``queue_depth`` images: memory stays bounded whatever the folder size);
+2. the main thread cuts images into tiles (one tile for an image that fits) and runs them
+   through the model in batches; tiles of the same shape from *different* images share a
+   batch, so a folder of photos fills batches like one big image does;
+3. a writer thread encodes and writes finished masks atomically (temporary name, fsync,
+   rename), while the model goes on with the next batch.
+
+Every mask records its provenance (input content hash, model hash, settings) in a PNG text
+chunk; a re-run skips masks that are up to date. Each output is claimed with a lock, so two
+overlapping runs never write the same mask.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from segnet_cli import __version__
+from segnet_cli.batch import (
+    Claim,
+    InputItem,
+    Outcome,
+    Provenance,
+    SignalGuard,
+    Timer,
+    collect_inputs,
+    file_digest,
+    remove_dead_temporaries,
+    settings_key,
+)
+from segnet_cli.config import PredictConfig, Report
+from segnet_cli.errors import (
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    OutputError,
+    SegnetError,
+)
+from segnet_cli.imageio import (
+    atomic_path,
+    read_image,
+    to_model_input,
+    write_mask_png,
+    write_overlay,
+)
+from segnet_cli.modelfile import read_info
+
+PROVENANCE_KEY = "segnet"
+
+
+def mask_path(out: Path, item: InputItem) -> Path:
+    return out / item.rel.with_suffix(".png")
+
+
+def overlay_path(out: Path, item: InputItem) -> Path:
+    return out / item.rel.parent / f"{item.rel.stem}.overlay.jpg"
+
+
+def read_provenance(mask: Path) -> Provenance | None:
+    """The provenance recorded in an existing mask PNG (None if absent or unreadable)."""
+    if not mask.is_file():
+        return None
+    try:
+        from PIL import Image
+
+        with Image.open(mask) as im:
+            return Provenance.from_json(im.info.get(PROVENANCE_KEY))
+    except Exception:
+        return None
+
+
+@dataclass
+class Job:
+    """One input on its way through the pipeline."""
+
+    item: InputItem
+    mask: Path
+    overlay: Path | None
+    claim: Claim
+    provenance: Provenance | None = None
+    timer: Timer = field(default_factory=Timer)
+    raw: np.ndarray | None = None
+    image: np.ndarray | None = None
+    stitcher: object = None
+    grid: object = None
+    remaining: int = 0
+    dpi: tuple | None = None
+
+
+def check_writable(out: Path) -> None:
+    """Fail early, with a clear message, when the output folder cannot be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / ".segnet-write-test") as tmp:
+            tmp.write_bytes(b"ok")
+        (out / ".segnet-write-test").unlink()
+    except OutputError:
+        raise
+    except OSError as exc:
+        raise OutputError(f"cannot write to the output folder: {exc.strerror or exc}", out) from None
+
+
+def plan(config: PredictConfig, on_event=None) -> tuple[list[Job], list[Outcome], str, str]:
+    """Decide, before loading any model, what each input needs: work, skip, or failure.
+
+    Returns:
+        ``(jobs, outcomes, model_sha, settings)``: jobs hold claims that the caller releases.
+    """
+    from segnet_cli.engine import model_fingerprint, resolve_model_path
+
+    model_path = resolve_model_path(config.model)
+    read_info(model_path)  # a foreign or corrupt model fails here, before any work
+    model_sha = model_fingerprint(model_path)
+    t = config.tiling
+    settings = settings_key(
+        tile=t.tile, halo=t.halo, blend=t.blend, precision=config.precision, version=1
+    )
+    items, missing = collect_inputs(config.inputs)
+    outcomes: list[Outcome] = []
+    for spec in missing:
+        outcomes.append(Outcome(spec, None, "failed", error="no input matched this"))
+    jobs: list[Job] = []
+    claimed_outputs: dict[Path, Path] = {}
+    for item in items:
+        m = mask_path(config.out, item)
+        if m in claimed_outputs:
+            outcomes.append(
+                Outcome(
+                    str(item.path), str(m), "failed",
+                    error=f"same output name as {claimed_outputs[m]} (rename one of them)",
+                )
+            )
+            continue
+        claimed_outputs[m] = item.path
+        if not item.path.is_file():
+            why = "is a folder, not an image" if item.path.is_dir() else (
+                "broken symbolic link" if item.path.is_symlink() else "not a regular file"
+            )
+            outcomes.append(Outcome(str(item.path), None, "failed", error=why))
+            continue
+        try:
+            prov = Provenance(file_digest(item.path), model_sha, settings)
+        except OSError as exc:
+            outcomes.append(Outcome(str(item.path), None, "failed", error=f"cannot read: {exc.strerror}"))
+            continue
+        claim = Claim(config.out, m)
+        if not config.dry_run:
+            try:
+                got = claim.acquire()
+            except OSError as exc:
+                raise OutputError(f"cannot write to the output folder: {exc.strerror}", config.out) from None
+            if not got:
+                outcomes.append(
+                    Outcome(str(item.path), str(m), "skipped", error=None,
+                            extra={"reason": "another segnet run is writing this mask"})
+                )
+                continue
+        if not config.overwrite and read_provenance(m) == prov:
+            claim.release()
+            outcomes.append(
+                Outcome(str(item.path), str(m), "skipped", extra={"reason": "up to date"})
+            )
+            continue
+        ov = overlay_path(config.out, item) if config.overlay else None
+        jobs.append(Job(item, m, ov, claim, prov))
+    return jobs, outcomes, model_sha, settings
+
+
+def run_predict(config: PredictConfig, on_event=None, progress=None, log=None) -> Report:
+    """Segment every input of ``config`` and write its mask.
+
+    Args:
+        config: the options.
+        on_event: called with each input's ``Outcome`` as soon as it is final.
+        progress: optional ``ui.Progress``-like object (``start``, ``advance``).
+        log: optional callable for one-line human messages.
+
+    Returns:
+        A report whose ``return_code`` is 0 (all done or skipped), 1 (some failed) or
+        130/143 (interrupted).
+    """
+    timer = Timer()
+    emit = on_event or (lambda o: None)
+    if not config.dry_run:
+        check_writable(config.out)
+        removed = remove_dead_temporaries(config.out)
+        if removed and log:
+            log(f"removed {removed} temporary file(s) left by an interrupted run")
+    jobs, outcomes, model_sha, settings = plan(config)
+    for o in outcomes:
+        emit(o)
+    counts = {"done": 0, "skipped": 0, "failed": 0}
+    for o in outcomes:
+        counts[o.status] += 1
+    if config.dry_run:
+        for job in jobs:
+            o = Outcome(str(job.item.path), str(job.mask), "planned")
+            emit(o)
+        return Report(
+            return_code=EXIT_OK if not counts["failed"] else EXIT_SOME_FAILED,
+            done=0,
+            skipped=counts["skipped"],
+            failed=counts["failed"],
+            seconds=timer(),
+            details={"planned": len(jobs), "dry_run": True},
+        )
+    if not jobs:
+        return Report(
+            return_code=EXIT_SOME_FAILED if counts["failed"] else EXIT_OK,
+            skipped=counts["skipped"],
+            failed=counts["failed"],
+            seconds=timer(),
+            details={"nothing_to_do": True},
+        )
+    interrupted = None
+    try:
+        with SignalGuard() as guard:
+            interrupted = _run_jobs(config, jobs, guard, emit, counts, progress, log)
+    finally:
+        for job in jobs:
+            job.claim.release()
+    code = EXIT_SOME_FAILED if counts["failed"] else EXIT_OK
+    if interrupted is not None:
+        code = 128 + interrupted
+    return Report(
+        return_code=code,
+        done=counts["done"],
+        skipped=counts["skipped"],
+        failed=counts["failed"],
+        seconds=timer(),
+        details={"interrupted": interrupted, "model_sha256": model_sha},
+    )
+
+
+def _run_jobs(config, jobs, guard, emit, counts, progress, log) -> int | None:
+    """The pipeline itself; returns the signal number if interrupted, else None."""
+    from segnet_cli.engine import Segmenter, crop
+    from segnet_cli.tiling import Stitcher, TileGrid, stitch_all
+
+    seg = Segmenter(config.model, config.precision, config.device)
+    info = seg.info
+    tiling = config.tiling
+    bs = max(1, tiling.batch_size)
+    depth = max(1, config.queue_depth)
+    if progress is not None:
+        progress.start(len(jobs), 0)
+    lock = threading.Lock()
+
+    def finish(job: Job, status: str, error: str | None = None, output=None) -> None:
+        with lock:
+            counts[status] += 1
+        job.claim.release()
+        job.raw = job.image = job.stitcher = None
+        emit(Outcome(str(job.item.path), output, status, job.timer(), error))
+        if progress is not None:
+            progress.advance(1)
+
+    # ---- stage 1: readers
+    def read(job: Job):
+        raw = read_image(job.item.path, config.max_pixels)
+        return raw, to_model_input(raw, info.in_channels, job.item.path)
+
+    # ---- stage 3: writer
+    write_q: queue.Queue = queue.Queue(maxsize=depth)
+
+    def writer() -> None:
+        while True:
+            got = write_q.get()
+            if got is None:
+                return
+            job, mask = got
+            try:
+                text = {
+                    PROVENANCE_KEY: job.provenance.to_json(),
+                    "Software": f"segnet {__version__}",
+                    "Source": job.item.path.name,
+                    "Classes": ",".join(info.class_names),
+                }
+                write_mask_png(mask, job.mask, info.palette, text)
+                if job.overlay is not None and job.raw is not None:
+                    write_overlay(job.raw, mask, job.overlay, info.palette, config.overlay_alpha)
+                finish(job, "done", output=str(job.mask))
+            except (SegnetError, OSError, ValueError) as exc:
+                finish(job, "failed", str(getattr(exc, "message", exc)), None)
+
+    wthread = threading.Thread(target=writer, name="segnet-writer", daemon=True)
+    wthread.start()
+
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="segnet-reader")
+    ahead: OrderedDict[int, Future] = OrderedDict()
+    next_submit = 0
+    active: list[Job] = []  # images with tiles not yet stitched
+    pending: dict[tuple, list] = {}  # window shape -> [(job, tile, pixels)]
+    interrupted = None
+
+    def submit_more() -> None:
+        nonlocal next_submit
+        while next_submit < len(jobs) and len(ahead) < depth and not guard.stop:
+            ahead[next_submit] = pool.submit(read, jobs[next_submit])
+            next_submit += 1
+
+    def run_group(group) -> None:
+        batch = np.stack([p for _, _, p in group])
+        logits = seg.logits(batch)
+        for (job, tile, _), lg in zip(group, logits):
+            job.stitcher.add(tile, lg)
+            job.remaining -= 1
+            if job.remaining == 0:
+                mask, _ = stitch_all(job.stitcher, job.grid.height, job.grid.width)
+                active.remove(job)
+                job.image = None
+                write_q.put((job, mask))
+
+    def flush_all() -> None:
+        for key in list(pending):
+            run_group(pending.pop(key))
+
+    try:
+        submit_more()
+        i = 0
+        while i < len(jobs):
+            if guard.stop:
+                break
+            fut = ahead.pop(i)
+            job = jobs[i]
+            i += 1
+            submit_more()
+            try:
+                raw, image = fut.result()
+            except SegnetError as exc:
+                finish(job, "failed", exc.message if exc.path else str(exc))
+                continue
+            except Exception as exc:  # an unexpected decoder failure must not stop the batch
+                finish(job, "failed", f"{type(exc).__name__}: {exc}")
+                continue
+            job.raw = raw if job.overlay is not None else None
+            job.image = image
+            h, w = image.shape[:2]
+            try:
+                job.grid = TileGrid.make(h, w, tiling.tile, tiling.halo, seg.stride)
+            except SegnetError as exc:
+                finish(job, "failed", exc.message)
+                continue
+            job.stitcher = Stitcher(job.grid, seg.num_classes, tiling.blend)
+            job.remaining = len(job.grid)
+            active.append(job)
+            for tile in job.grid.tiles():
+                px = crop(image, tile)
+                group = pending.setdefault(px.shape, [])
+                group.append((job, tile, px))
+                if len(group) >= bs:
+                    run_group(pending.pop(px.shape))
+                    if guard.stop:
+                        break
+            # Bound memory: never hold more than `depth` partly-done images.
+            if len(active) > depth:
+                flush_all()
+        if guard.stop:
+            interrupted = guard.signum
+        else:
+            flush_all()
+    finally:
+        for fut in ahead.values():
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+        write_q.put(None)
+        wthread.join()
+    if interrupted is not None:
+        # Inputs not finished are neither done nor failed; nothing partial was written.
+        if log:
+            log("interrupted: unfinished inputs are left for the next run (nothing partial written)")
+    return interrupted
+
+
+def summary_line(report: Report) -> str:
+    parts = [f"{report.done} done", f"{report.skipped} skipped", f"{report.failed} failed"]
+    d = report.details or {}
+    if d.get("dry_run"):
+        parts.insert(0, f"{d.get('planned', 0)} to do (dry run)")
+    s = ", ".join(parts) + f" in {report.seconds:.1f}s"
+    if d.get("nothing_to_do"):
+        s += " (nothing to do)"
+    if report.done and report.seconds > 0:
+        s += f" ({report.done / report.seconds:.2f} images/s)"
+    if d.get("interrupted"):
+        s += " - interrupted"
+    return s
+
+
+__all__ = ["run_predict", "plan", "summary_line", "mask_path", "read_provenance", "time"]

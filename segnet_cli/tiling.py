@@ -1,0 +1,388 @@
+"""Tile geometry and stitching, in pure numpy: geometry first, pixels later.
+
+Why geometry first: a grid computed before any pixel moves tells the caller how many tiles
+there are, which shapes they have (so same-shaped tiles can share a model batch), how many
+input rows a band of tiles needs (so ``segnet tile`` can stream a gigapixel TIFF through a
+fixed memory budget), and what the run will cost (``segnet tile --plan``). The stitcher is a
+separate object that only accumulates what the model returns.
+
+How a tile sees what whole-image inference sees (overlap-tile, as in U-Net, made exact as in
+Majurski & Bajcsy 2021):
+
+* Every output pixel belongs to exactly one tile's *core*; the tile's *window* is the core
+  plus a *halo* of context on every side, clipped at the image border. Clipping (rather than
+  padding) means a tile at the border sees exactly what the whole image has there: the
+  model's own "same" zero padding, nothing invented.
+* Window origins are multiples of the model's total stride (2 ** pooling stages), so every
+  pooling window in a tile is a pooling window of the whole image.
+* With a halo of at least half the model's receptive field, a core pixel's logits are
+  computed from exactly the pixels whole-image inference uses: the masks are identical.
+  Smaller halos trade a few differing pixels for less overlap (README: "Tiling").
+* An image that fits in one tile runs whole, at its own size, and pays for no halo.
+
+Windows of one grid row all start on the same input row, so a band of input rows
+``[row.window_start, row.window_end)`` is all that a grid row needs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from segnet_cli.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Span:
+    """One tile's extent along one axis: its window (what the model sees) and its core."""
+
+    window_start: int
+    window_end: int
+    core_start: int
+    core_end: int
+
+    @property
+    def window(self) -> int:
+        return self.window_end - self.window_start
+
+
+def axis_spans(size: int, tile: int, halo: int, stride: int) -> list[Span]:
+    """Split one axis of ``size`` pixels into spans.
+
+    Cores partition ``[0, size)``. Interior windows are ``tile`` long and start on a
+    multiple of ``stride``; each core has at least ``halo`` pixels of context on both sides
+    unless the image ends first. The last window is pulled back to end at the border (its
+    start rounded down to the stride), so it is at most ``tile + stride - 1`` long.
+    """
+    if size <= 0:
+        raise ValueError("size must be positive")
+    if size < tile + stride:
+        # Fits in one window (the last window may be up to stride - 1 longer than a tile).
+        return [Span(0, size, 0, size)]
+    spans: list[Span] = []
+    core_start = 0
+    while core_start < size:
+        w0 = 0 if core_start == 0 else core_start - halo
+        w1 = w0 + tile
+        if w1 >= size:
+            # Last tile: end at the border, start on the stride grid, keep >= halo context.
+            w0 = min(w0, ((size - tile) // stride) * stride)
+            w0 = max(0, w0)
+            spans.append(Span(w0, size, core_start, size))
+            break
+        core_end = w1 - halo
+        spans.append(Span(w0, w1, core_start, core_end))
+        core_start = core_end
+    return spans
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile: its index, grid row and column, and its window/core boxes (y0, x0, y1, x1)."""
+
+    index: int
+    row: int
+    col: int
+    window: tuple[int, int, int, int]
+    core: tuple[int, int, int, int]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        y0, x0, y1, x1 = self.window
+        return (y1 - y0, x1 - x0)
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """The tiles of an ``height`` x ``width`` image, computed before any pixel is read.
+
+    Build with ``TileGrid.make``, which aligns the tile and halo to the model's stride.
+    """
+
+    height: int
+    width: int
+    tile: int
+    halo: int
+    stride: int
+    rows: tuple[Span, ...]
+    cols: tuple[Span, ...]
+
+    @classmethod
+    def make(cls, height: int, width: int, tile: int, halo: int, stride: int) -> TileGrid:
+        """Make a grid; ``tile`` is rounded down and ``halo`` up to multiples of ``stride``.
+
+        Raises:
+            UsageError: the tile is too small for its halo, or sizes are not positive.
+        """
+        if height < 1 or width < 1:
+            raise UsageError(f"image has no pixels ({width}x{height})")
+        if stride < 1 or tile < 1 or halo < 0:
+            raise UsageError("tile and stride must be positive, halo not negative")
+        tile = (tile // stride) * stride
+        halo = math.ceil(halo / stride) * stride
+        if tile < 2 * halo + stride:
+            raise UsageError(
+                f"tile {tile} leaves no core inside a halo of {halo} on both sides: use a tile "
+                f"of at least {2 * halo + stride} (multiples of {stride})"
+            )
+        return cls(
+            height,
+            width,
+            tile,
+            halo,
+            stride,
+            tuple(axis_spans(height, tile, halo, stride)),
+            tuple(axis_spans(width, tile, halo, stride)),
+        )
+
+    def __len__(self) -> int:
+        return len(self.rows) * len(self.cols)
+
+    def tile_at(self, r: int, c: int) -> Tile:
+        rs, cs = self.rows[r], self.cols[c]
+        return Tile(
+            r * len(self.cols) + c,
+            r,
+            c,
+            (rs.window_start, cs.window_start, rs.window_end, cs.window_end),
+            (rs.core_start, cs.core_start, rs.core_end, cs.core_end),
+        )
+
+    def tiles(self):
+        """All tiles, row by row (the order the streaming stitcher needs)."""
+        for r in range(len(self.rows)):
+            for c in range(len(self.cols)):
+                yield self.tile_at(r, c)
+
+    def row_tiles(self, r: int) -> list[Tile]:
+        return [self.tile_at(r, c) for c in range(len(self.cols))]
+
+    @property
+    def single(self) -> bool:
+        """The image fits in one window: it runs whole, at its own size, with no halo."""
+        return len(self) == 1
+
+    def computed_pixels(self) -> int:
+        """Pixels the model processes in all windows (the cost of the overlap)."""
+        return sum(r.window for r in self.rows) * sum(c.window for c in self.cols)
+
+    def overhead(self) -> float:
+        """Computed pixels per output pixel (1.0 = no overlap)."""
+        return self.computed_pixels() / (self.height * self.width)
+
+    def max_window(self) -> tuple[int, int]:
+        return (max(r.window for r in self.rows), max(c.window for c in self.cols))
+
+    def shapes(self) -> dict[tuple[int, int], int]:
+        """How many tiles have each window shape (tiles of one shape can share a batch)."""
+        out: dict[tuple[int, int], int] = {}
+        for t in self.tiles():
+            out[t.shape] = out.get(t.shape, 0) + 1
+        return out
+
+    def band_rows(self) -> int:
+        """Most input rows one grid row of windows needs (what a streaming reader holds)."""
+        return max(r.window for r in self.rows)
+
+
+def gaussian_window(shape: tuple[int, int], sigma_scale: float = 1 / 8) -> np.ndarray:
+    """A separable Gaussian weight (peak 1) over a window, sigma = size * ``sigma_scale``.
+
+    nnU-Net's choice; the floor keeps border pixels (covered by one tile only) well defined.
+    """
+    h, w = shape
+
+    def g(n: int) -> np.ndarray:
+        x = np.arange(n, dtype=np.float32) - (n - 1) / 2
+        s = max(n * sigma_scale, 1e-3)
+        return np.exp(-0.5 * (x / s) ** 2)
+
+    win = np.outer(g(h), g(w))
+    win /= win.max()
+    return np.maximum(win, 1e-4).astype(np.float32)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=-1, keepdims=True)
+    return z
+
+
+class Stitcher:
+    """Accumulates tile outputs and hands back finished rows of the mask, top to bottom.
+
+    ``"center"`` mode (overlap-tile, the default) takes each pixel from the core of the one
+    tile that owns it: no float accumulator, just the class indices of the current band.
+    ``"gaussian"`` mode blends the softmax of every window covering a pixel, weighted by a
+    Gaussian window and normalised by the summed weights; it keeps float sums for the rows
+    that tiles still cover and nothing above them.
+
+    Feed tiles in any order within a grid row; ``pop`` returns ``(y0, mask_rows, conf_rows)``
+    blocks once every tile that touches them has been added. ``conf_rows`` (the winning
+    class's probability, float32) is ``None`` unless ``confidence=True``.
+    """
+
+    def __init__(
+        self,
+        grid: TileGrid,
+        num_classes: int,
+        mode: str = "center",
+        confidence: bool = False,
+        probabilities: bool = False,
+    ) -> None:
+        if mode not in ("center", "gaussian"):
+            raise UsageError(f"blend mode must be 'center' or 'gaussian', not {mode!r}")
+        self.grid = grid
+        self.k = num_classes
+        self.mode = mode
+        self.confidence = confidence or probabilities
+        self.probabilities = probabilities
+        self._pending = {r: set(range(len(grid.cols))) for r in range(len(grid.rows))}
+        self._next_row = 0  # first mask row not yet returned
+        self._band_start = 0
+        self._band: dict[str, np.ndarray] = {}
+        self._windows: dict[tuple[int, int], np.ndarray] = {}
+        self._ready: list = []
+        self._alloc_band(0)
+
+    def _alloc_band(self, r: int) -> None:
+        g = self.grid
+        if self.mode == "gaussian":
+            # Float sums for the rows tiles still cover; grown on demand, trimmed as rows finish.
+            self._band = {
+                "sum": np.zeros((0, g.width, self.k), np.float32),
+                "w": np.zeros((0, g.width), np.float32),
+            }
+            self._band_start = 0
+            return
+        self._bands: dict[int, dict[str, np.ndarray]] = {}
+
+    def _center_band(self, r: int) -> dict[str, np.ndarray]:
+        """The class-index band of grid row ``r`` (rows of the batch may arrive early)."""
+        band = self._bands.get(r)
+        if band is None:
+            g = self.grid
+            n = g.rows[r].core_end - g.rows[r].core_start
+            band = {"mask": np.zeros((n, g.width), np.uint8)}
+            if self.confidence:
+                band["conf"] = np.zeros((n, g.width), np.float32)
+            if self.probabilities:
+                band["prob"] = np.zeros((n, g.width, self.k), np.float32)
+            self._bands[r] = band
+        return band
+
+    def _grow_band(self, y1: int) -> None:
+        """Extend the gaussian band with zero rows down to ``y1``."""
+        have = self._band_start + self._band["sum"].shape[0]
+        if y1 > have:
+            extra = y1 - have
+            self._band["sum"] = np.concatenate(
+                [self._band["sum"], np.zeros((extra, self.grid.width, self.k), np.float32)]
+            )
+            self._band["w"] = np.concatenate(
+                [self._band["w"], np.zeros((extra, self.grid.width), np.float32)]
+            )
+
+    def add(self, tile: Tile, logits: np.ndarray) -> None:
+        """Add one tile's logits ``(window_h, window_w, K)``."""
+        if logits.shape[:2] != tile.shape:
+            raise ValueError(f"tile {tile.index}: logits {logits.shape[:2]} != window {tile.shape}")
+        wy0, wx0, wy1, wx1 = tile.window
+        cy0, cx0, cy1, cx1 = tile.core
+        if self.mode == "center":
+            band = self._center_band(tile.row)
+            b0 = self.grid.rows[tile.row].core_start
+            core = logits[cy0 - wy0 : cy1 - wy0, cx0 - wx0 : cx1 - wx0]
+            band["mask"][cy0 - b0 : cy1 - b0, cx0:cx1] = np.argmax(core, axis=-1)
+            if self.confidence:
+                p = softmax(core.astype(np.float32))
+                band["conf"][cy0 - b0 : cy1 - b0, cx0:cx1] = p.max(axis=-1)
+                if self.probabilities:
+                    band["prob"][cy0 - b0 : cy1 - b0, cx0:cx1] = p
+        else:
+            b0 = self._band_start
+            shape = tile.shape
+            win = self._windows.get(shape)
+            if win is None:
+                win = self._windows[shape] = gaussian_window(shape)
+            p = softmax(logits.astype(np.float32))
+            self._grow_band(wy1)
+            self._band["sum"][wy0 - b0 : wy1 - b0, wx0:wx1] += p * win[..., None]
+            self._band["w"][wy0 - b0 : wy1 - b0, wx0:wx1] += win
+        self._pending[tile.row].discard(tile.col)
+        self._advance()
+
+    def _advance(self) -> None:
+        g = self.grid
+        while True:
+            r = self._current_row()
+            if r is None or self._pending[r]:
+                return
+            # Grid row r is complete.
+            if self.mode == "center":
+                b = self._bands.pop(r, None) or self._center_band(r)
+                self._bands.pop(r, None)
+                self._ready.append((g.rows[r].core_start, b["mask"], b.get("conf"), b.get("prob")))
+                self._next_row = g.rows[r].core_end
+            else:
+                # Rows above the next grid row's windows receive no more tiles: final.
+                nxt = g.rows[r + 1].window_start if r + 1 < len(g.rows) else g.height
+                y0 = self._band_start
+                s, w = self._band["sum"], self._band["w"]
+                n = nxt - y0
+                if n > 0:
+                    avg = s[:n] / w[:n, :, None]
+                    mask = np.argmax(avg, axis=-1).astype(np.uint8)
+                    conf = avg.max(axis=-1) if self.confidence else None
+                    prob = avg if self.probabilities else None
+                    self._ready.append((y0, mask, conf, prob))
+                    self._band = {"sum": s[n:].copy(), "w": w[n:].copy()}
+                    self._band_start = nxt
+                self._next_row = nxt
+            self._done_rows = r + 1
+
+    def _current_row(self) -> int | None:
+        r = getattr(self, "_done_rows", 0)
+        return r if r < len(self.grid.rows) else None
+
+    def pop(self) -> list[tuple[int, np.ndarray, np.ndarray | None, np.ndarray | None]]:
+        """Finished ``(y0, mask_rows, confidence_rows, probability_rows)`` blocks, in order."""
+        out, self._ready = self._ready, []
+        return out
+
+    @property
+    def finished(self) -> bool:
+        return self._current_row() is None
+
+    def peak_bytes(self) -> int:
+        """Bytes of the largest band this stitcher holds (for the memory planner)."""
+        return band_bytes(self.grid, self.k, self.mode, self.confidence, self.probabilities)
+
+
+def band_bytes(
+    grid: TileGrid, k: int, mode: str, confidence: bool = False, probabilities: bool = False
+) -> int:
+    """Peak bytes of a stitcher's band: proportional to width x tile, never to height."""
+    if mode == "center":
+        rows = max(r.core_end - r.core_start for r in grid.rows)
+        per = 1 + (4 if confidence or probabilities else 0) + (4 * k if probabilities else 0)
+        return rows * grid.width * per
+    rows = max(
+        grid.rows[i].window_end - (grid.rows[i].window_start if i else 0)
+        for i in range(len(grid.rows))
+    )
+    return rows * grid.width * (4 * k + 4) * 2  # sums + weights, plus a concat copy
+
+
+def stitch_all(stitcher: Stitcher, height: int, width: int, confidence: bool = False):
+    """Collect every finished block of an in-memory run into one mask (and confidence)."""
+    mask = np.zeros((height, width), np.uint8)
+    conf = np.zeros((height, width), np.float32) if confidence else None
+    for y0, m, c, _ in stitcher.pop():
+        mask[y0 : y0 + m.shape[0]] = m
+        if conf is not None and c is not None:
+            conf[y0 : y0 + c.shape[0]] = c
+    return mask, conf
