@@ -319,7 +319,7 @@ def predict(
     def on_event(o):
         if as_json:
             typer.echo(o.to_json())
-        elif o.status == "failed":
+        if o.status == "failed":
             ui.error(f"{o.path}: {o.error}")
         elif o.status == "planned":
             ui.info(f"would segment {o.path} -> {o.output}")

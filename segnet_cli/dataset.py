@@ -26,13 +26,24 @@ class Pair:
     mask: Path
 
 
-def _index_by_stem(folder: Path) -> dict[str, Path]:
+def index_by_stem(folder: Path) -> dict[str, Path]:
+    """Image files under ``folder`` (recursive) by relative path without suffix.
+
+    Hidden files and folders (``.ipynb_checkpoints``, segnet's own temporaries and locks)
+    are skipped. When two files share a stem (``a.png`` and ``a.tif``) the first in sorted
+    order wins.
+    """
     out: dict[str, Path] = {}
     for p in sorted(folder.rglob("*")):
-        if p.is_file() and is_image_path(p) and not p.name.startswith("."):
-            key = str(p.relative_to(folder).with_suffix(""))
-            out.setdefault(key, p)
+        rel = p.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if p.is_file() and is_image_path(p):
+            out.setdefault(str(rel.with_suffix("")), p)
     return out
+
+
+_index_by_stem = index_by_stem
 
 
 def find_pairs(
@@ -122,9 +133,49 @@ class VerifyReport:
 
 
 def load_mask(path: Path, classes: ClassTable, rgb_palette: bool = False) -> np.ndarray:
+    """Read a label mask as class indices (a colour mask through the class palette)."""
     if rgb_palette:
         return read_rgb_mask(path, classes.palette())
     return read_mask(path)
+
+
+def read_label_mask(path: Path, classes: ClassTable, rgb_palette: bool = False) -> np.ndarray:
+    """``load_mask`` that also refuses JPEG index masks.
+
+    Raises:
+        ImageReadError: unreadable, colour when indices were expected, or a JPEG (its lossy
+            compression invents values at every class edge, so the labels are not the truth).
+    """
+    if path.suffix.lower() in (".jpg", ".jpeg") and not rgb_palette:
+        raise ImageReadError(
+            "mask is a JPEG: lossy compression changes class indices at edges", path
+        )
+    return load_mask(path, classes, rgb_palette)
+
+
+def label_values(mask: np.ndarray, classes: ClassTable) -> tuple[np.ndarray, list[int]]:
+    """Pixel counts of every value ``0..num_classes-1`` and the values that are not allowed.
+
+    Allowed values are the classes and void. Negative values (signed TIFF masks) are
+    reported too rather than crashing the count.
+    """
+    k = classes.num_classes
+    flat = mask.reshape(-1)
+    if np.issubdtype(flat.dtype, np.floating):
+        bad_float = ~np.isfinite(flat) | (flat != np.round(flat))
+        if bad_float.any():
+            return np.zeros(k, np.int64), sorted({float(v) for v in flat[bad_float][:5]})
+    flat = flat.astype(np.int64)
+    negative = flat < 0
+    bad: list[int] = sorted(int(v) for v in np.unique(flat[negative])[:5])
+    values = np.bincount(flat[~negative], minlength=k)
+    bad += [
+        int(v) for v in np.nonzero(values)[0] if v >= k and (classes.void is None or v != classes.void)
+    ]
+    counts = values[:k].copy()
+    if classes.void is not None and classes.void < k:
+        counts[classes.void] = 0  # a void inside the class range is still ignored
+    return counts, bad
 
 
 def verify(
@@ -159,11 +210,7 @@ def verify(
             report.problems.append(str(exc))
             img = None
         try:
-            if pair.mask.suffix.lower() in (".jpg", ".jpeg") and not rgb_masks:
-                raise ImageReadError(
-                    "mask is a JPEG: lossy compression changes class indices at edges", pair.mask
-                )
-            mask = load_mask(pair.mask, classes, rgb_masks)
+            mask = read_label_mask(pair.mask, classes, rgb_masks)
         except ImageReadError as exc:
             report.problems.append(str(exc))
             mask = None
@@ -176,20 +223,18 @@ def verify(
                 f"{pair.image.name} is {img.shape[1]}x{img.shape[0]}"
             )
         if mask is not None:
-            values = np.bincount(mask.reshape(-1).astype(np.int64), minlength=k)
-            bad = [
-                v for v in np.nonzero(values)[0] if v >= k and (classes.void is None or v != classes.void)
-            ]
+            values, bad = label_values(mask, classes)
             if bad:
                 report.problems.append(
                     f"{pair.mask}: values {', '.join(map(str, bad[:5]))} are outside classes "
                     f"0..{k - 1}" + (f" and void {classes.void}" if classes.void is not None else "")
                 )
-            counts += values[:k]
-            labelled = int(values[:k].sum())
-            image_counts[values[:k] > 0] += labelled
-            if classes.void is not None and classes.void < len(values):
-                report.void_pixels += int(values[classes.void])
+            counts += values
+            # Eigen & Fergus: a class's frequency is over the (labelled) pixels of the images
+            # where it appears.
+            image_counts[values > 0] += int(values.sum())
+            if classes.void is not None:
+                report.void_pixels += int(np.count_nonzero(mask == classes.void))
         if progress is not None:
             progress(i + 1, len(pairs))
     if len(report.channels) > 1:

@@ -39,6 +39,15 @@ def resolve_model_path(model: str | Path | None) -> Path:
     return path
 
 
+def validate_tiling(tiling: TilingConfig, stride: int) -> None:
+    """Reject impossible tiling options up front (a usage error, not a per-image failure)."""
+    if tiling.blend not in ("center", "gaussian"):
+        raise UsageError(f"--blend must be 'center' or 'gaussian', not {tiling.blend!r}")
+    if tiling.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    TileGrid.make(1 << 20, 1 << 20, tiling.tile, tiling.halo, stride)
+
+
 def select_device(device: str | None) -> str | None:
     """Validate ``--device`` (``cpu``, ``gpu``, ``gpu:N``) and return a TF device string."""
     if device is None or device == "auto":

@@ -39,17 +39,6 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 TMP_PREFIX = ".segnet-tmp-"
 
 
-def set_pixel_limit(max_pixels: int | None) -> None:
-    """Set Pillow's decompression-bomb limit; ``None`` keeps Pillow's default (~179 Mpx).
-
-    The guard always stays on: a larger limit is a user's explicit choice.
-    """
-    from PIL import Image
-
-    if max_pixels is not None:
-        Image.MAX_IMAGE_PIXELS = int(max_pixels)
-
-
 def read_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     """Read an image file as an ``(H, W, C)`` array in its stored dtype.
 
@@ -84,17 +73,25 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     return arr
 
 
+_PIL_DEFAULT_LIMIT: int | None = None
+
+
 def _limit(max_pixels: int | None) -> int | None:
+    """The pixel limit in force: the given one, else Pillow's own default."""
+    global _PIL_DEFAULT_LIMIT
     from PIL import Image
 
-    return max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
+    if _PIL_DEFAULT_LIMIT is None:
+        _PIL_DEFAULT_LIMIT = Image.MAX_IMAGE_PIXELS
+    return max_pixels if max_pixels is not None else _PIL_DEFAULT_LIMIT
 
 
 def _read_pillow(path: Path, max_pixels: int | None) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     limit = _limit(max_pixels)
-    old = Image.MAX_IMAGE_PIXELS
+    # Pillow's guard is a process-wide setting. It is set, never restored: reader threads of
+    # one run share one limit, and a save/restore pair would race between threads.
     Image.MAX_IMAGE_PIXELS = limit
     try:
         with warnings.catch_warnings():
@@ -120,8 +117,6 @@ def _read_pillow(path: Path, max_pixels: int | None) -> np.ndarray:
         raise ImageReadError("permission denied", path) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageReadError(f"cannot decode ({exc})", path) from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = old
 
 
 def _pil_to_array(im) -> np.ndarray:

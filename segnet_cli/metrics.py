@@ -10,7 +10,8 @@ All figures come from a single confusion matrix accumulated over every pixel of 
 
 A class with no ground-truth pixels has no recall and is left out of C; its IoU is left out
 of mIoU unless it was predicted (then its IoU is 0 and counts), matching the common
-practice of ignoring classes absent from both truth and prediction.
+practice of ignoring classes absent from both truth and prediction. This is what the SegNet
+and FCN scoring scripts do (``nanmean`` over ``diag / (rows + cols - diag)``).
 """
 
 from __future__ import annotations
@@ -56,12 +57,13 @@ class Scores:
     pixels: int
 
     def as_dict(self, names=None) -> dict:
+        """A JSON-ready dict; undefined figures (NaN) become ``None``, since JSON has no NaN."""
         names = list(names) if names is not None else [str(i) for i in range(len(self.per_class_iou))]
         return {
-            "global_accuracy": self.global_accuracy,
-            "class_accuracy": self.class_accuracy,
-            "mean_iou": self.mean_iou,
-            "fw_iou": self.fw_iou,
+            "global_accuracy": _none_if_nan(self.global_accuracy),
+            "class_accuracy": _none_if_nan(self.class_accuracy),
+            "mean_iou": _none_if_nan(self.mean_iou),
+            "fw_iou": _none_if_nan(self.fw_iou),
             "pixels": self.pixels,
             "per_class": [
                 {
@@ -74,8 +76,20 @@ class Scores:
         }
 
 
-def scores(cm: np.ndarray) -> Scores:
-    """Compute G, C, per-class IoU, mIoU and fwIoU from a confusion matrix."""
+def _none_if_nan(v: float) -> float | None:
+    return None if v is None or np.isnan(v) else float(v)
+
+
+def scores(cm: np.ndarray, ignore: int | None = None) -> Scores:
+    """Compute G, C, per-class IoU, mIoU and fwIoU from a confusion matrix.
+
+    Args:
+        cm: ``cm[true, predicted]`` pixel counts, void already dropped.
+        ignore: a class index inside the matrix that is void (a model whose outputs include
+            the void class). Its row holds no pixels once void is dropped; pixels predicted
+            as it are errors of their true class, but it gets no IoU or accuracy of its own
+            and stays out of every mean.
+    """
     cm = np.asarray(cm, dtype=np.float64)
     tp = np.diag(cm)
     gt = cm.sum(axis=1)
@@ -85,9 +99,12 @@ def scores(cm: np.ndarray) -> Scores:
         recall = np.where(gt > 0, tp / gt, np.nan)
         union = gt + pr - tp
         iou = np.where(union > 0, tp / union, np.nan)
+    if ignore is not None and 0 <= ignore < len(iou):
+        recall[ignore] = iou[ignore] = np.nan
     g = float(tp.sum() / total) if total else float("nan")
-    c = float(np.nanmean(recall)) if np.any(gt > 0) else float("nan")
-    miou = float(np.nanmean(iou)) if np.any(union > 0) else float("nan")
+    # Guard the means: nanmean of nothing but NaN warns and gives NaN anyway.
+    c = float(np.nanmean(recall)) if np.any(~np.isnan(recall)) else float("nan")
+    miou = float(np.nanmean(iou)) if np.any(~np.isnan(iou)) else float("nan")
     fw = float(np.nansum(gt / total * np.nan_to_num(iou))) if total else float("nan")
     return Scores(g, c, miou, fw, iou.tolist(), recall.tolist(), int(total))
 

@@ -46,6 +46,7 @@ from segnet_cli.errors import (
     EXIT_SOME_FAILED,
     OutputError,
     SegnetError,
+    UsageError,
 )
 from segnet_cli.imageio import (
     atomic_path,
@@ -117,10 +118,13 @@ def plan(config: PredictConfig, on_event=None) -> tuple[list[Job], list[Outcome]
     Returns:
         ``(jobs, outcomes, model_sha, settings)``: jobs hold claims that the caller releases.
     """
-    from segnet_cli.engine import model_fingerprint, resolve_model_path
+    from segnet_cli.engine import PRECISIONS, model_fingerprint, resolve_model_path, validate_tiling
 
     model_path = resolve_model_path(config.model)
-    read_info(model_path)  # a foreign or corrupt model fails here, before any work
+    info = read_info(model_path)  # a foreign or corrupt model fails here, before any work
+    validate_tiling(config.tiling, info.stride)
+    if config.precision not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}")
     model_sha = model_fingerprint(model_path)
     t = config.tiling
     settings = settings_key(

@@ -1,0 +1,91 @@
+"""SegNet model: any size in, same size out; metadata and .keras round trips."""
+
+from __future__ import annotations
+
+import zipfile
+
+import numpy as np
+import pytest
+
+from segnet_cli.errors import ModelFileError
+from segnet_cli.model import Architecture
+from segnet_cli.modelfile import read_info
+
+
+def test_architecture_numbers():
+    full = Architecture()
+    assert full.widths() == (64, 128, 256, 512, 512)
+    assert full.convs() == (2, 2, 3, 3, 3) and sum(full.convs()) == 13
+    assert full.stride == 32
+    slim = Architecture(width=0.25, stages=3)
+    assert slim.widths() == (16, 32, 64) and slim.stride == 8
+    # A receptive field grows with depth: 5 stages see far more than 3.
+    assert full.receptive_field > slim.receptive_field > 40
+
+
+def test_full_vgg16_segnet_structure():
+    import keras
+
+    from segnet_cli.model import build_segnet
+
+    model = build_segnet(Architecture(width=1.0, stages=5, num_classes=11))
+    convs = [l for l in model.layers if isinstance(l, keras.layers.Conv2D)]
+    assert len(convs) == 13 + 13 + 1  # encoder, mirrored decoder, 1x1 classifier
+    assert convs[-1].kernel_size == (1, 1)
+    assert not any(isinstance(l, keras.layers.UpSampling2D) for l in model.layers)
+    assert sum(type(l).__name__ == "MaxUnpooling2D" for l in model.layers) == 5
+    # The paper's SegNet has ~29.4M parameters (VGG16's 13 convs, mirrored).
+    assert 29_000_000 < model.count_params() < 30_000_000
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4, 6])
+@pytest.mark.parametrize("hw", [(1, 1), (3, 3), (37, 53), (1, 300), (64, 64)])
+def test_any_size_in_same_size_out(channels, hw):
+    from segnet_cli.model import build_segnet
+
+    model = build_segnet(Architecture(width=0.0625, stages=3, in_channels=channels, num_classes=4))
+    x = np.random.default_rng(0).random((2, *hw, channels)).astype(np.float32)
+    y = model(x, training=False)
+    assert tuple(y.shape) == (2, *hw, 4)
+    assert np.isfinite(np.asarray(y)).all()
+
+
+def test_keras_round_trip_identical_outputs(tiny_model, tmp_path):
+    import keras
+
+    from segnet_cli.model import load_model
+
+    model, info = load_model(tiny_model)
+    assert info.class_names == ("background", "disc", "square") and info.stride == 8
+    # Plain Keras loads the same file with safe mode on (custom layers registered on import).
+    import segnet_cli.layers  # noqa: F401
+
+    plain = keras.saving.load_model(str(tiny_model), safe_mode=True, compile=False)
+    x = np.random.default_rng(2).random((1, 37, 53, 3)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(plain(x)))
+    # No Lambda layers anywhere.
+    assert not any(type(l).__name__ == "Lambda" for l in model.layers)
+
+
+def test_missing_corrupt_foreign_model_files(tmp_path, tiny_model):
+    from segnet_cli.model import load_model
+
+    with pytest.raises(ModelFileError, match="not found"):
+        read_info(tmp_path / "nope.keras")
+    bad = tmp_path / "bad.keras"
+    bad.write_bytes(b"not a zip at all")
+    with pytest.raises(ModelFileError, match="corrupt or foreign") as e:
+        load_model(bad)
+    assert str(bad) in str(e.value)
+    foreign = tmp_path / "foreign.keras"
+    with zipfile.ZipFile(foreign, "w") as zf:
+        zf.writestr("config.json", "{}")
+    with pytest.raises(ModelFileError, match="without segnet metadata"):
+        read_info(foreign)
+    # Metadata fine but the weights archive truncated: a one-line error naming the file.
+    data = tiny_model.read_bytes()
+    cut = tmp_path / "cut.keras"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError) as e:
+        load_model(cut)
+    assert str(cut) in str(e.value) and "\n" not in str(e.value)

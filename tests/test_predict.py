@@ -1,0 +1,237 @@
+"""`segnet predict` end to end: sizes, formats, resumability, atomicity, failures, signals."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import make_model_file, shapes_image, write_png
+from segnet_cli.batch import Claim
+from segnet_cli.cli import app
+from segnet_cli.imageio import TMP_PREFIX
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture()
+def photos(tmp_path) -> Path:
+    """A folder of good images of many sizes, modes and formats, one nested."""
+    d = tmp_path / "in"
+    img, _ = shapes_image(37, 53)
+    write_png(d / "odd.png", img)
+    write_png(d / "line.png", shapes_image(1, 300)[0])
+    write_png(d / "nested" / "deep" / "col.png", shapes_image(300, 1)[0])
+    Image.fromarray(shapes_image(64, 80, 2)[0]).save(d / "photo.jpg", quality=90)
+    Image.fromarray((np.random.default_rng(0).random((45, 33)) * 65535).astype(np.uint16)).save(d / "gray16.png")
+    Image.fromarray(shapes_image(41, 41)[0]).convert("P").save(d / "pal.png")
+    Image.fromarray(np.dstack([shapes_image(20, 30)[0], np.full((20, 30), 128, np.uint8)])).save(d / "rgba.png")
+    Image.fromarray(shapes_image(50, 70)[0]).save(d / "bitmap.bmp")
+    import tifffile
+
+    tifffile.imwrite(d / "scan.tif", shapes_image(70, 90)[0], compression="zlib")
+    return d
+
+
+def masks_in(out: Path) -> dict[str, np.ndarray]:
+    return {
+        str(p.relative_to(out)): np.asarray(Image.open(p))
+        for p in sorted(out.rglob("*.png"))
+        if not p.name.startswith(".")
+    }
+
+
+def test_predict_folder_all_formats_sizes(photos, tmp_path, tiny_model):
+    out = tmp_path / "out"
+    r = run("predict", photos, "--out", out, "--model", tiny_model, "--overlay")
+    assert r.exit_code == 0, r.output
+    masks = masks_in(out)
+    expect = {
+        "odd.png": (37, 53), "line.png": (1, 300), "nested/deep/col.png": (300, 1),
+        "photo.png": (64, 80), "gray16.png": (45, 33), "pal.png": (41, 41), "rgba.png": (20, 30),
+        "bitmap.png": (50, 70), "scan.png": (70, 90),
+    }
+    assert {k: v.shape for k, v in masks.items() if "overlay" not in k} == expect
+    im = Image.open(out / "odd.png")
+    assert im.mode == "P" and im.getpalette()[3:6] == [230, 25, 75]
+    assert max(int(m.max()) for m in masks.values()) < 3
+    assert (out / "odd.overlay.jpg").exists()
+    assert "9 done" in r.output
+
+
+def test_predict_equals_engine_whole_and_tiled(tmp_path, tiny_model):
+    from segnet_cli.config import TilingConfig
+    from segnet_cli.engine import Segmenter
+    from segnet_cli.imageio import read_image, to_model_input
+
+    img, _ = shapes_image(157, 211, seed=4)
+    src = write_png(tmp_path / "in" / "a.png", img)
+    out = tmp_path / "out"
+    r = run("predict", src, "--out", out, "--model", tiny_model, "--tile", 64, "--halo", 16, "-b", 3)
+    assert r.exit_code == 0, r.output
+    seg = Segmenter(tiny_model)
+    x = to_model_input(read_image(src), 3)
+    expected, _ = seg.segment(x, TilingConfig(tile=64, halo=16, batch_size=1))
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "a.png")), expected)
+
+
+def test_rerun_skips_then_model_change_and_overwrite_redo(photos, tmp_path, tiny_model):
+    out = tmp_path / "out"
+    assert run("predict", photos, "--out", out, "--model", tiny_model).exit_code == 0
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    r = run("predict", photos, "--out", out, "--model", tiny_model, "--json")
+    assert r.exit_code == 0
+    lines = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
+    assert {l["status"] for l in lines[:-1]} == {"skipped"}
+    assert lines[-1]["summary"]["done"] == 0 and lines[-1]["summary"]["skipped"] == 9
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == before
+    # Another model: every mask is stale.
+    other = make_model_file(tmp_path / "other.keras", seed=1)
+    r = run("predict", photos, "--out", out, "--model", other)
+    assert r.exit_code == 0 and "9 done" in r.output
+    # Changed input content: only that one is redone.
+    write_png(photos / "odd.png", shapes_image(37, 53, seed=9)[0])
+    r = run("predict", photos, "--out", out, "--model", other, "--json")
+    done = [json.loads(l) for l in r.stdout.splitlines() if '"status": "done"' in l]
+    assert [Path(d["path"]).name for d in done] == ["odd.png"]
+    r = run("predict", photos, "--out", out, "--model", other, "--overwrite")
+    assert "9 done" in r.output
+
+
+def test_dry_run_writes_nothing(photos, tmp_path, tiny_model):
+    out = tmp_path / "out"
+    r = run("predict", photos, "--out", out, "--model", tiny_model, "--dry-run", "--json")
+    assert r.exit_code == 0
+    planned = [json.loads(l) for l in r.stdout.splitlines() if '"planned"' in l]
+    assert len(planned) == 9
+    assert not out.exists() or not list(out.rglob("*.png"))
+
+
+def test_bad_inputs_are_isolated(photos, tmp_path, tiny_model):
+    (photos / "zero.png").write_bytes(b"")
+    (photos / "text.jpg").write_text("not a jpeg")
+    good = (photos / "odd.png").read_bytes()
+    (photos / "trunc.png").write_bytes(good[: len(good) // 3])
+    import tifffile
+
+    tifffile.imwrite(photos / "trunc.tif", np.zeros((64, 64, 3), np.uint8))
+    data = (photos / "trunc.tif").read_bytes()
+    (photos / "trunc.tif").write_bytes(data[:200])
+    (photos / "dir.png").mkdir()
+    os.symlink(photos / "gone.png", photos / "broken.png")
+    Image.fromarray(np.zeros((300, 300), np.uint8)).save(photos / "bomb.png")
+    out = tmp_path / "out"
+    r = run("predict", photos, "--out", out, "--model", tiny_model, "--max-pixels", 60000, "--json")
+    assert r.exit_code == 1
+    events = {Path(e["path"]).name: e for e in map(json.loads, r.stdout.splitlines()[:-1])}
+    for name in ["zero.png", "text.jpg", "trunc.png", "trunc.tif", "dir.png", "broken.png", "bomb.png"]:
+        assert events[name]["status"] == "failed", name
+        assert events[name]["error"], name
+    assert sum(e["status"] == "done" for e in events.values()) == 9
+    summary = json.loads(r.stdout.splitlines()[-1])["summary"]
+    assert summary == {**summary, "done": 9, "failed": 7, "return_code": 1}
+    assert "zero.png" in r.stderr and "empty" in r.stderr  # human messages on stderr
+
+
+def test_usage_errors_exit_2(tmp_path, tiny_model):
+    r = run("predict", tmp_path / "nothing*.png", "--out", tmp_path / "o", "--model", tiny_model)
+    assert r.exit_code == 2 and "no input matched" in r.output
+    src = write_png(tmp_path / "a.png", shapes_image(8, 8)[0])
+    r = run("predict", src, "--out", tmp_path / "o", "--model", tmp_path / "none.keras")
+    assert r.exit_code == 2 and "none.keras" in r.output
+    r = run("predict", src, "--out", tmp_path / "o", "--model", tiny_model, "--tile", 8, "--halo", 8)
+    assert r.exit_code == 2
+    r = run("predict", src, "--out", tmp_path / "o", "--model", tiny_model, "--precision", "int8")
+    assert r.exit_code == 2
+    r = run("predict", "--out", tmp_path / "o")
+    assert r.exit_code == 2
+
+
+def test_disk_full_leaves_no_partial_file(photos, tmp_path, tiny_model, monkeypatch):
+    import segnet_cli.imageio as imageio
+
+    real_replace = os.replace
+
+    def full(src, dst):
+        if str(dst).endswith("odd.png"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(imageio.os, "replace", full)
+    out = tmp_path / "out"
+    r = run("predict", photos, "--out", out, "--model", tiny_model)
+    assert r.exit_code == 1
+    assert "No space left on device" in r.output and "odd.png" in r.output
+    assert not (out / "odd.png").exists()
+    assert not [p for p in out.rglob("*") if p.name.startswith(TMP_PREFIX)]
+
+
+def test_stale_temporaries_removed_and_claimed_outputs_skipped(photos, tmp_path, tiny_model):
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / f"{TMP_PREFIX}999999999-odd.png.abc.png"
+    stale.write_bytes(b"half a png")
+    claim = Claim(out, out / "odd.png")  # as if another run were writing odd.png now
+    assert claim.acquire()
+    try:
+        r = run("predict", photos, "--out", out, "--model", tiny_model, "--json")
+    finally:
+        claim.release()
+    assert r.exit_code == 0
+    assert not stale.exists()
+    ev = {Path(e["path"]).name: e for e in map(json.loads, r.stdout.splitlines()[:-1])}
+    assert ev["odd.png"]["status"] == "skipped" and "another" in ev["odd.png"]["reason"]
+    assert not (out / "odd.png").exists()
+
+
+def _segnet_cmd():
+    return [sys.executable, "-m", "segnet_cli"]
+
+
+def test_real_subprocess_and_sigterm_midway_then_resume(tmp_path, tiny_model):
+    """A real `segnet` process: SIGTERM mid-batch exits 143, leaves only whole masks; a
+    re-run finishes the rest."""
+    src = tmp_path / "in"
+    for i in range(40):
+        write_png(src / f"img{i:02d}.png", shapes_image(512, 512, seed=i)[0])
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(
+        [*_segnet_cmd(), "predict", str(src), "--out", str(out), "--model", str(tiny_model)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out.exists() and list(out.glob("img*.png"))):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    written = sorted(out.glob("img*.png"))
+    if proc.returncode == 0:
+        pytest.skip("the batch finished before the signal arrived")
+    assert proc.returncode == 143, err.decode()
+    assert 0 < len(written) < 40
+    for p in written:  # every mask on disk is complete and valid
+        assert np.asarray(Image.open(p)).shape == (512, 512)
+    assert not [p for p in out.rglob("*") if p.name.startswith(TMP_PREFIX)]
+    done = subprocess.run(
+        [*_segnet_cmd(), "predict", str(src), "--out", str(out), "--model", str(tiny_model), "--json"],
+        capture_output=True, env=env, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    summary = json.loads(done.stdout.decode().splitlines()[-1])["summary"]
+    assert summary["done"] == 40 - len(written) and summary["skipped"] == len(written)
+    assert len(list(out.glob("img*.png"))) == 40
