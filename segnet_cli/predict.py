@@ -20,7 +20,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,7 +116,9 @@ def plan(config: PredictConfig, on_event=None) -> tuple[list[Job], list[Outcome]
     """Decide, before loading any model, what each input needs: work, skip, or failure.
 
     Returns:
-        ``(jobs, outcomes, model_sha, settings)``: jobs hold claims that the caller releases.
+        ``(jobs, outcomes, model_sha, settings)``. Claims are taken later, one input at a
+        time as it enters the pipeline, so a huge folder never holds more than a queue's
+        worth of locks (or file descriptors).
     """
     from segnet_cli.engine import PRECISIONS, model_fingerprint, resolve_model_path, validate_tiling
 
@@ -158,25 +160,13 @@ def plan(config: PredictConfig, on_event=None) -> tuple[list[Job], list[Outcome]
         except OSError as exc:
             outcomes.append(Outcome(str(item.path), None, "failed", error=f"cannot read: {exc.strerror}"))
             continue
-        claim = Claim(config.out, m)
-        if not config.dry_run:
-            try:
-                got = claim.acquire()
-            except OSError as exc:
-                raise OutputError(f"cannot write to the output folder: {exc.strerror}", config.out) from None
-            if not got:
-                outcomes.append(
-                    Outcome(str(item.path), str(m), "skipped", error=None,
-                            extra={"reason": "another segnet run is writing this mask"})
-                )
-                continue
         if not config.overwrite and read_provenance(m) == prov:
-            claim.release()
             outcomes.append(
                 Outcome(str(item.path), str(m), "skipped", extra={"reason": "up to date"})
             )
             continue
         ov = overlay_path(config.out, item) if config.overlay else None
+        claim = Claim(config.out, m)  # acquired only when the input enters the pipeline
         jobs.append(Job(item, m, ov, claim, prov))
     return jobs, outcomes, model_sha, settings
 
@@ -270,6 +260,14 @@ def _run_jobs(config, jobs, guard, emit, counts, progress, log) -> int | None:
         if progress is not None:
             progress.advance(1)
 
+    def skip(job: Job, reason: str) -> None:
+        with lock:
+            counts["skipped"] += 1
+        job.claim.release()
+        emit(Outcome(str(job.item.path), str(job.mask), "skipped", extra={"reason": reason}))
+        if progress is not None:
+            progress.advance(1)
+
     # ---- stage 1: readers
     def read(job: Job):
         raw = read_image(job.item.path, config.max_pixels)
@@ -302,7 +300,7 @@ def _run_jobs(config, jobs, guard, emit, counts, progress, log) -> int | None:
     wthread.start()
 
     pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="segnet-reader")
-    ahead: OrderedDict[int, Future] = OrderedDict()
+    ahead: deque[tuple[Job, Future]] = deque()
     next_submit = 0
     active: list[Job] = []  # images with tiles not yet stitched
     pending: dict[tuple, list] = {}  # window shape -> [(job, tile, pixels)]
@@ -311,8 +309,21 @@ def _run_jobs(config, jobs, guard, emit, counts, progress, log) -> int | None:
     def submit_more() -> None:
         nonlocal next_submit
         while next_submit < len(jobs) and len(ahead) < depth and not guard.stop:
-            ahead[next_submit] = pool.submit(read, jobs[next_submit])
+            job = jobs[next_submit]
             next_submit += 1
+            try:
+                got = job.claim.acquire()
+            except OSError as exc:
+                finish(job, "failed", f"cannot lock the output: {exc.strerror or exc}")
+                continue
+            if not got:
+                skip(job, "another segnet run is writing this mask")
+                continue
+            # Re-check under the claim: an overlapping run may have finished it meanwhile.
+            if not config.overwrite and read_provenance(job.mask) == job.provenance:
+                skip(job, "up to date")
+                continue
+            ahead.append((job, pool.submit(read, job)))
 
     def run_group(group) -> None:
         batch = np.stack([p for _, _, p in group])
@@ -332,13 +343,10 @@ def _run_jobs(config, jobs, guard, emit, counts, progress, log) -> int | None:
 
     try:
         submit_more()
-        i = 0
-        while i < len(jobs):
+        while ahead:
             if guard.stop:
                 break
-            fut = ahead.pop(i)
-            job = jobs[i]
-            i += 1
+            job, fut = ahead.popleft()
             submit_more()
             try:
                 raw, image = fut.result()
@@ -375,7 +383,7 @@ def _run_jobs(config, jobs, guard, emit, counts, progress, log) -> int | None:
         else:
             flush_all()
     finally:
-        for fut in ahead.values():
+        for _, fut in ahead:
             fut.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
         write_q.put(None)

@@ -235,3 +235,24 @@ def test_real_subprocess_and_sigterm_midway_then_resume(tmp_path, tiny_model):
     summary = json.loads(done.stdout.decode().splitlines()[-1])["summary"]
     assert summary["done"] == 40 - len(written) and summary["skipped"] == len(written)
     assert len(list(out.glob("img*.png"))) == 40
+
+
+def test_two_overlapping_runs_never_write_the_same_mask(tmp_path, tiny_model):
+    src = tmp_path / "in"
+    for i in range(24):
+        write_png(src / f"img{i:02d}.png", shapes_image(384, 384, seed=i)[0])
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [*_segnet_cmd(), "predict", str(src), "--out", str(out), "--model", str(tiny_model), "--json"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [r[1].decode()[-500:] for r in results]
+    done_sets = []
+    for stdout, _ in results:
+        events = [json.loads(l) for l in stdout.decode().splitlines()]
+        done_sets.append({e["path"] for e in events[:-1] if e["status"] == "done"})
+        # Whatever a run did not do, it skipped for a stated reason.
+        assert all(e["status"] in ("done", "skipped") for e in events[:-1])
+    assert not (done_sets[0] & done_sets[1])  # no mask written twice
+    assert len(done_sets[0] | done_sets[1]) == 24
+    assert len(list(out.glob("img*.png"))) == 24
