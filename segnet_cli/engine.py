@@ -48,6 +48,21 @@ def validate_tiling(tiling: TilingConfig, stride: int) -> None:
     TileGrid.make(1 << 20, 1 << 20, tiling.tile, tiling.halo, stride)
 
 
+def select_devices(device: str | None) -> list[str | None]:
+    """The devices a Segmenter runs on.
+
+    ``None``/``auto``: every visible GPU when there are several (batches are split across
+    them), otherwise TensorFlow's own placement (``[None]``). ``cpu``, ``gpu`` or ``gpu:N``:
+    that one device.
+    """
+    import tensorflow as tf
+
+    if device is None or device == "auto":
+        gpus = tf.config.list_logical_devices("GPU")
+        return [g.name for g in gpus] if len(gpus) > 1 else [None]
+    return [select_device(device)]
+
+
 def select_device(device: str | None) -> str | None:
     """Validate ``--device`` (``cpu``, ``gpu``, ``gpu:N``) and return a TF device string."""
     if device is None or device == "auto":
@@ -92,7 +107,7 @@ class Segmenter:
         from segnet_cli.model import load_model
 
         self.precision = precision
-        self.device = select_device(device)
+        self.devices = select_devices(device)
         model, _ = load_model(self.path)
         if precision != "float32":
             model = self._rebuild(model, precision)
@@ -110,6 +125,10 @@ class Segmenter:
             return tf.cast(model(x, training=False), tf.float32)
 
         self._infer = infer
+        # Trace once now, on a tiny input: the signature is shape-polymorphic, so this one
+        # trace serves every tile shape and no batch pays for tracing later.
+        s = self.stride
+        self.logits(np.zeros((1, s, s, c), np.float32))
         del keras
 
     def _rebuild(self, model, precision: str):
@@ -144,14 +163,22 @@ class Segmenter:
         return self.info.stride
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        """Logits ``(B, H, W, K)`` float32 for a batch of same-sized float32 tiles in [0, 1]."""
+        """Logits ``(B, H, W, K)`` float32 for a batch of same-sized float32 tiles in [0, 1].
+
+        On several devices the batch is split into one chunk per device; each chunk is
+        dispatched before any result is read back, so the devices compute concurrently.
+        """
         import tensorflow as tf
 
-        x = tf.convert_to_tensor(np.ascontiguousarray(batch, dtype=np.float32))
-        if self.device:
-            with tf.device(self.device):
-                return self._infer(x).numpy()
-        return self._infer(x).numpy()
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        devices = self.devices[: max(1, len(batch))]
+        if len(devices) == 1 and devices[0] is None:
+            return self._infer(tf.convert_to_tensor(batch)).numpy()
+        outs = []
+        for dev, chunk in zip(devices, np.array_split(batch, len(devices))):
+            with tf.device(dev):
+                outs.append(self._infer(tf.convert_to_tensor(chunk)))
+        return np.concatenate([o.numpy() for o in outs], axis=0)
 
     def grid(self, height: int, width: int, tiling: TilingConfig) -> TileGrid:
         return TileGrid.make(height, width, tiling.tile, tiling.halo, self.stride)

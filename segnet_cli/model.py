@@ -64,6 +64,37 @@ class Architecture:
         return rf
 
 
+def conv_flops(arch: Architecture, height: int, width: int) -> int:
+    """Multiply-add FLOPs (2 per MAC) of all convolutions for one ``height`` x ``width`` input.
+
+    Pooling, batch norm, ReLU and unpooling are memory-bound and left out: this is the work
+    the matrix units do, which is what a GFLOP/s figure compares with a matrix product.
+    """
+    k2 = arch.kernel * arch.kernel
+    widths, convs = arch.widths(), arch.convs()
+    sizes = []
+    h, w = height, width
+    for _ in widths:
+        sizes.append((h, w))
+        h, w = -(-h // 2), -(-w // 2)
+    total = 0
+    cin = arch.in_channels
+    for (h, w), c, n in zip(sizes, widths, convs):
+        for _ in range(n):
+            total += 2 * h * w * k2 * cin * c
+            cin = c
+    for s in range(len(widths), 0, -1):
+        h, w = sizes[s - 1]
+        c, n = widths[s - 1], convs[s - 1]
+        out_c = widths[s - 2] if s > 1 else widths[0]
+        for i in range(n, 0, -1):
+            cout = out_c if i == 1 else c
+            total += 2 * h * w * k2 * cin * cout
+            cin = cout
+    total += 2 * height * width * cin * arch.num_classes
+    return total
+
+
 def build_segnet(arch: Architecture, mean=None, std=None, name: str = "segnet"):
     """Build an (uncompiled) SegNet Keras model.
 

@@ -233,7 +233,11 @@ def run_predict(config: PredictConfig, on_event=None, progress=None, log=None) -
         skipped=counts["skipped"],
         failed=counts["failed"],
         seconds=timer(),
-        details={"interrupted": interrupted, "model_sha256": model_sha},
+        details={
+            "interrupted": interrupted,
+            "model_sha256": model_sha,
+            "model_load_seconds": round(counts.get("model_load_seconds", 0.0), 3),
+        },
     )
 
 
@@ -242,10 +246,12 @@ def _run_jobs(config, jobs, guard, emit, counts, progress, log) -> int | None:
     from segnet_cli.engine import Segmenter, crop
     from segnet_cli.tiling import Stitcher, TileGrid, stitch_all
 
+    t_load = time.perf_counter()
     seg = Segmenter(config.model, config.precision, config.device)
+    counts["model_load_seconds"] = time.perf_counter() - t_load
     info = seg.info
     tiling = config.tiling
-    bs = max(1, tiling.batch_size)
+    bs = max(1, tiling.batch_size) * len(seg.devices)  # one batch per device
     depth = max(1, config.queue_depth)
     if progress is not None:
         progress.start(len(jobs), 0)
@@ -410,4 +416,4 @@ def summary_line(report: Report) -> str:
     return s
 
 
-__all__ = ["run_predict", "plan", "summary_line", "mask_path", "read_provenance", "time"]
+__all__ = ["run_predict", "plan", "summary_line", "mask_path", "read_provenance"]

@@ -89,3 +89,25 @@ def test_missing_corrupt_foreign_model_files(tmp_path, tiny_model):
     with pytest.raises(ModelFileError) as e:
         load_model(cut)
     assert str(cut) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_conv_flops_matches_keras_layer_shapes():
+    """The analytic FLOP count equals the sum over the built model's Conv2D layers."""
+    import keras
+
+    from segnet_cli.model import build_segnet, conv_flops
+
+    arch = Architecture(width=0.125, stages=4, in_channels=3, num_classes=5)
+    model = build_segnet(arch)
+    h, w = 45, 61
+    x = keras.Input(batch_shape=(1, h, w, 3))
+    # Walk the graph at a concrete size: output shapes of each conv at 45x61.
+    probe = keras.Model(model.inputs, [l.output for l in model.layers if isinstance(l, keras.layers.Conv2D)])
+    outs = probe(np.zeros((1, h, w, 3), np.float32))
+    total = 0
+    convs = [l for l in model.layers if isinstance(l, keras.layers.Conv2D)]
+    for layer, out in zip(convs, outs):
+        kh, kw, cin, cout = layer.kernel.shape
+        total += 2 * out.shape[1] * out.shape[2] * kh * kw * cin * cout
+    assert conv_flops(arch, h, w) == total
+    del x

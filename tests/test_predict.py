@@ -256,3 +256,18 @@ def test_two_overlapping_runs_never_write_the_same_mask(tmp_path, tiny_model):
     assert not (done_sets[0] & done_sets[1])  # no mask written twice
     assert len(done_sets[0] | done_sets[1]) == 24
     assert len(list(out.glob("img*.png"))) == 24
+
+
+def test_device_option_and_split_batches_agree(tmp_path, tiny_model):
+    """`--device cpu` runs there; a batch split across several devices gives the same logits."""
+    from segnet_cli.engine import Segmenter
+
+    seg = Segmenter(tiny_model, device="cpu")
+    assert seg.devices == ["/CPU:0"]
+    x = np.random.default_rng(0).random((3, 40, 56, 3)).astype(np.float32)
+    one = seg.logits(x)
+    seg.devices = ["/CPU:0", "/CPU:0"]  # the multi-GPU code path, on the CPU
+    np.testing.assert_allclose(seg.logits(x), one, rtol=1e-5, atol=1e-5)
+    r = run("predict", write_png(tmp_path / "a.png", shapes_image(20, 20)[0]), "--out", tmp_path / "o",
+            "--model", tiny_model, "--device", "gpu:7")
+    assert r.exit_code == 2 and "GPU" in r.output

@@ -1,0 +1,196 @@
+"""How close does `segnet predict` get to the model itself? Prints its figures.
+
+In one run, for a folder of CamVid-size images and for one large image:
+
+* raw model throughput: the same tiles, already in memory as float32 batches, through
+  ``Segmenter.logits`` (the exact function predict uses), timed after a warm-up;
+* end-to-end throughput of ``run_predict`` (read, decode, tile, batch, stitch, encode, write
+  atomically), in-process so the interpreter and TensorFlow start-up are excluded; the
+  one-off start-up of a real ``segnet predict`` process is reported separately;
+* their ratio (target: >= 0.9 at default settings on the CPU);
+* the model's achieved GFLOP/s (analytic convolution FLOPs / raw time) next to the machine's
+  float32 matrix-product GFLOP/s measured with TensorFlow (target: >= 70% of it).
+
+Usage:
+    python bench/throughput.py [--model PATH] [--images DIR|N] [--large 4000x3000]
+                               [--precision float32] [--batch-size N] [--repeat 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def matmul_gflops(tf, n: int = 4096, dtype: str = "float32", reps: int = 5) -> float:
+    """Best-of-``reps`` GFLOP/s of an n x n matrix product in TensorFlow."""
+    a = tf.random.normal((n, n), dtype=dtype)
+    b = tf.random.normal((n, n), dtype=dtype)
+
+    @tf.function
+    def mm(a, b):
+        return tf.reduce_sum(tf.linalg.matmul(a, b))
+
+    mm(a, b).numpy()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        mm(a, b).numpy()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def make_images(folder: Path, n: int, h: int = 360, w: int = 480) -> list[Path]:
+    """Synthetic road-like images when no real folder is given (PNG, like CamVid)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        img = np.zeros((h, w, 3), np.uint8)
+        img[: h // 3] = (128, 128, 128)
+        img[h // 3 : 2 * h // 3] = (128, 0, 0)
+        img[2 * h // 3 :] = (128, 64, 128)
+        img = np.clip(img + rng.integers(-30, 30, img.shape), 0, 255).astype(np.uint8)
+        p = folder / f"img{i:04d}.png"
+        Image.fromarray(img).save(p)
+        paths.append(p)
+    return paths
+
+
+def raw_model_seconds(seg, paths, tiling, reps: int = 1) -> tuple[float, int, int]:
+    """Time the model alone on the tiles predict would make; returns (s, tiles, flops)."""
+    from segnet_cli.engine import crop
+    from segnet_cli.imageio import read_image, to_model_input
+    from segnet_cli.model import Architecture, conv_flops
+
+    arch = Architecture(**{k: seg.info.architecture[k] for k in ("width", "stages", "in_channels", "num_classes")})
+    groups: dict[tuple, list[np.ndarray]] = {}
+    for p in paths:
+        x = to_model_input(read_image(p), seg.info.in_channels)
+        grid = seg.grid(x.shape[0], x.shape[1], tiling)
+        for t in grid.tiles():
+            px = crop(x, t)
+            groups.setdefault(px.shape, []).append(px)
+    batches = []
+    for tiles in groups.values():
+        for i in range(0, len(tiles), tiling.batch_size):
+            batches.append(np.stack(tiles[i : i + tiling.batch_size]))
+    flops = sum(conv_flops(arch, b.shape[1], b.shape[2]) * b.shape[0] for b in batches)
+    ntiles = sum(b.shape[0] for b in batches)
+    for b in batches[:2]:
+        seg.logits(b)  # warm-up: trace and allocate
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        for b in batches:
+            seg.logits(b)
+        best = min(best, time.perf_counter() - t)
+    return best, ntiles, flops
+
+
+def end_to_end_seconds(model, inputs, out: Path, tiling, precision, reps: int = 1) -> tuple[float, float]:
+    """Best (total, model-load) seconds of in-process ``run_predict`` runs."""
+    from segnet_cli.config import PredictConfig
+    from segnet_cli.predict import run_predict
+
+    best, load = float("inf"), 0.0
+    for _ in range(reps):
+        cfg = PredictConfig(
+            inputs=tuple(str(p) for p in inputs), out=out, model=model, tiling=tiling,
+            precision=precision, overwrite=True,
+        )
+        t = time.perf_counter()
+        report = run_predict(cfg)
+        total = time.perf_counter() - t
+        if total < best:
+            best, load = total, report.details["model_load_seconds"]
+        assert report.failed == 0, report
+    return best, load
+
+
+def startup_seconds(model: Path | None, image: Path, out: Path) -> float:
+    cmd = [sys.executable, "-m", "segnet_cli", "predict", str(image), "--out", str(out), "--overwrite", "-q"]
+    if model:
+        cmd += ["--model", str(model)]
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=None, help="model file (default: bundled)")
+    ap.add_argument("--images", default="40", help="a folder of images, or a number of synthetic 360x480 ones")
+    ap.add_argument("--large", default="4000x3000", help="size of the large image, WxH")
+    ap.add_argument("--precision", default="float32")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--repeat", type=int, default=1, help="best of N timings")
+    args = ap.parse_args()
+
+    from segnet_cli.tfload import import_tf
+
+    tf = import_tf()
+    from dataclasses import replace
+
+    from segnet_cli.config import TilingConfig
+    from segnet_cli.engine import Segmenter
+
+    tiling = TilingConfig()
+    if args.batch_size:
+        tiling = replace(tiling, batch_size=args.batch_size)
+    seg = Segmenter(args.model, args.precision)
+    tmp = Path(tempfile.mkdtemp(prefix="segnet-bench-"))
+    if args.images.isdigit():
+        paths = make_images(tmp / "folder", int(args.images))
+        src = f"{args.images} synthetic 360x480 PNGs"
+    else:
+        folder = Path(args.images)
+        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        src = f"{len(paths)} images from {folder}"
+    w, h = (int(v) for v in args.large.lower().split("x"))
+    from PIL import Image
+
+    large = tmp / "large" / "large.png"
+    large.parent.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(large, compress_level=1)
+
+    print(f"model: {seg.path.name}  precision: {args.precision}  tile {tiling.tile} halo {tiling.halo} batch {tiling.batch_size}")
+    print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU(s), GPUs: {len(tf.config.list_physical_devices('GPU'))}")
+    ceiling = matmul_gflops(tf)
+    bf16 = matmul_gflops(tf, dtype="bfloat16") if args.precision == "bfloat16" else None
+    print(f"matrix product ceiling (TF, 4096^2 float32): {ceiling:.0f} GFLOP/s" + (f"; bfloat16 {bf16:.0f}" if bf16 else ""))
+    print()
+    rows = []
+    for name, inputs, n_img in (("folder", paths, len(paths)), ("large image", [large], 1)):
+        raw_s, ntiles, flops = raw_model_seconds(seg, inputs, tiling, args.repeat)
+        total_s, load_s = end_to_end_seconds(
+            args.model, inputs, tmp / "out" / name.replace(" ", "_"), tiling, args.precision, args.repeat
+        )
+        e2e_s = total_s - load_s  # the pipeline; loading the model is a one-off per run
+        px = sum(np.prod(Image.open(p).size) for p in inputs)
+        gflops = flops / raw_s / 1e9
+        rows.append((name, n_img, ntiles, raw_s, e2e_s, px, gflops))
+        print(f"{name}: {src if name == 'folder' else f'{w}x{h} PNG'}, {ntiles} tiles")
+        print(f"  raw model   : {raw_s:7.2f} s  {n_img / raw_s:6.2f} images/s  {px / raw_s / 1e6:6.2f} Mpixel/s")
+        print(f"  end to end  : {e2e_s:7.2f} s  {n_img / e2e_s:6.2f} images/s  {px / e2e_s / 1e6:6.2f} Mpixel/s"
+              f"  (+ {load_s:.2f} s loading the model once per run)")
+        print(f"  ratio       : {raw_s / e2e_s:.3f} of the raw model (target >= 0.9)")
+        print(f"  model GFLOP/s: {gflops:.0f} = {gflops / (bf16 or ceiling):.0%} of the matrix-product ceiling (target >= 70%)")
+    st = startup_seconds(args.model, paths[0], tmp / "out" / "startup")
+    print(f"\none-off start-up of a `segnet predict` process on one image (interpreter, TensorFlow, model): {st:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
