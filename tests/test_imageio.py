@@ -28,7 +28,7 @@ def test_formats_modes_and_depths(tmp_path):
         "c.png": Image.fromarray(rgb[:, :, 0]),  # L
         "d.png": Image.fromarray(np.dstack([rgb, np.full((6, 5), 255, np.uint8)])),  # RGBA
         "e.png": Image.fromarray(rgb).convert("P"),
-        "f.png": Image.fromarray((rgb[:, :, 0].astype(np.uint16) * 257)),  # 16-bit
+        "f.png": Image.fromarray(rgb[:, :, 0].astype(np.uint16) * 257),  # 16-bit
     }
     for name, im in cases.items():
         im.save(tmp_path / name)

@@ -29,11 +29,11 @@ def test_full_vgg16_segnet_structure():
     from segnet_cli.model import build_segnet
 
     model = build_segnet(Architecture(width=1.0, stages=5, num_classes=11))
-    convs = [l for l in model.layers if isinstance(l, keras.layers.Conv2D)]
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
     assert len(convs) == 13 + 13 + 1  # encoder, mirrored decoder, 1x1 classifier
     assert convs[-1].kernel_size == (1, 1)
-    assert not any(isinstance(l, keras.layers.UpSampling2D) for l in model.layers)
-    assert sum(type(l).__name__ == "MaxUnpooling2D" for l in model.layers) == 5
+    assert not any(isinstance(layer, keras.layers.UpSampling2D) for layer in model.layers)
+    assert sum(type(layer).__name__ == "MaxUnpooling2D" for layer in model.layers) == 5
     # The paper's SegNet has ~29.4M parameters (VGG16's 13 convs, mirrored).
     assert 29_000_000 < model.count_params() < 30_000_000
 
@@ -64,7 +64,7 @@ def test_keras_round_trip_identical_outputs(tiny_model, tmp_path):
     x = np.random.default_rng(2).random((1, 37, 53, 3)).astype(np.float32)
     np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(plain(x)))
     # No Lambda layers anywhere.
-    assert not any(type(l).__name__ == "Lambda" for l in model.layers)
+    assert not any(type(layer).__name__ == "Lambda" for layer in model.layers)
 
 
 def test_missing_corrupt_foreign_model_files(tmp_path, tiny_model):
@@ -102,10 +102,10 @@ def test_conv_flops_matches_keras_layer_shapes():
     h, w = 45, 61
     x = keras.Input(batch_shape=(1, h, w, 3))
     # Walk the graph at a concrete size: output shapes of each conv at 45x61.
-    probe = keras.Model(model.inputs, [l.output for l in model.layers if isinstance(l, keras.layers.Conv2D)])
+    probe = keras.Model(model.inputs, [layer.output for layer in model.layers if isinstance(layer, keras.layers.Conv2D)])
     outs = probe(np.zeros((1, h, w, 3), np.float32))
     total = 0
-    convs = [l for l in model.layers if isinstance(l, keras.layers.Conv2D)]
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
     for layer, out in zip(convs, outs):
         kh, kw, cin, cout = layer.kernel.shape
         total += 2 * out.shape[1] * out.shape[2] * kh * kw * cin * cout

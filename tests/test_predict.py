@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_model_file, shapes_image, write_png
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import make_model_file, shapes_image, write_png
 from segnet_cli.batch import Claim
 from segnet_cli.cli import app
 from segnet_cli.imageio import TMP_PREFIX
@@ -95,8 +95,8 @@ def test_rerun_skips_then_model_change_and_overwrite_redo(photos, tmp_path, tiny
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
     r = run("predict", photos, "--out", out, "--model", tiny_model, "--json")
     assert r.exit_code == 0
-    lines = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
-    assert {l["status"] for l in lines[:-1]} == {"skipped"}
+    lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert {line["status"] for line in lines[:-1]} == {"skipped"}
     assert lines[-1]["summary"]["done"] == 0 and lines[-1]["summary"]["skipped"] == 9
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == before
     # Another model: every mask is stale.
@@ -106,7 +106,7 @@ def test_rerun_skips_then_model_change_and_overwrite_redo(photos, tmp_path, tiny
     # Changed input content: only that one is redone.
     write_png(photos / "odd.png", shapes_image(37, 53, seed=9)[0])
     r = run("predict", photos, "--out", out, "--model", other, "--json")
-    done = [json.loads(l) for l in r.stdout.splitlines() if '"status": "done"' in l]
+    done = [json.loads(line) for line in r.stdout.splitlines() if '"status": "done"' in line]
     assert [Path(d["path"]).name for d in done] == ["odd.png"]
     r = run("predict", photos, "--out", out, "--model", other, "--overwrite")
     assert "9 done" in r.output
@@ -116,7 +116,7 @@ def test_dry_run_writes_nothing(photos, tmp_path, tiny_model):
     out = tmp_path / "out"
     r = run("predict", photos, "--out", out, "--model", tiny_model, "--dry-run", "--json")
     assert r.exit_code == 0
-    planned = [json.loads(l) for l in r.stdout.splitlines() if '"planned"' in l]
+    planned = [json.loads(line) for line in r.stdout.splitlines() if '"planned"' in line]
     assert len(planned) == 9
     assert not out.exists() or not list(out.rglob("*.png"))
 
@@ -249,7 +249,7 @@ def test_two_overlapping_runs_never_write_the_same_mask(tmp_path, tiny_model):
     assert [p.returncode for p in procs] == [0, 0], [r[1].decode()[-500:] for r in results]
     done_sets = []
     for stdout, _ in results:
-        events = [json.loads(l) for l in stdout.decode().splitlines()]
+        events = [json.loads(line) for line in stdout.decode().splitlines()]
         done_sets.append({e["path"] for e in events[:-1] if e["status"] == "done"})
         # Whatever a run did not do, it skipped for a stated reason.
         assert all(e["status"] in ("done", "skipped") for e in events[:-1])

@@ -82,7 +82,7 @@ def test_stitch_round_trip_of_position_only_logits(mode, hw):
     assert st.finished
     mask = np.full((h, w), 255, np.uint8)
     starts = []
-    for y0, m, c, _ in blocks:
+    for y0, m, _c, _ in blocks:
         starts.append(y0)
         mask[y0 : y0 + m.shape[0]] = m
     assert starts == sorted(starts)  # finished rows come out top to bottom
