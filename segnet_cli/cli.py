@@ -299,7 +299,10 @@ def predict(
     from segnet_cli import ui
     from segnet_cli.config import PredictConfig, TilingConfig
 
-    ui.configure(quiet or as_json and False, log_file)
+    try:
+        ui.configure(quiet, log_file)
+    except SegnetError as exc:
+        raise _fail(exc) from None
     given = {"precision": precision, "device": device, "queue_depth": queue_depth}
     cfg = PredictConfig(
         inputs=tuple(inputs),
@@ -338,7 +341,7 @@ def predict(
             "seconds": round(report.seconds, 3), "return_code": report.return_code,
             "interrupted": bool(report.details.get("interrupted")),
         }}))
-    ui.info(summary_line(report)) if report.failed == 0 else ui.console().print(summary_line(report), markup=False)
+    ui.summary(summary_line(report))
     raise typer.Exit(report.return_code)
 
 

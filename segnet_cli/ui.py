@@ -26,10 +26,19 @@ def console() -> Console:
 
 
 def configure(quiet: bool = False, log_file: Path | None = None) -> None:
+    """Set up one command's output: ``--quiet`` and ``--log-file`` (appended, line-buffered)."""
     global _quiet, _log_file
     _quiet = quiet
+    if _log_file is not None:
+        _log_file.close()
+        _log_file = None
     if log_file is not None:
-        _log_file = open(log_file, "a", buffering=1, encoding="utf-8")
+        try:
+            _log_file = open(log_file, "a", buffering=1, encoding="utf-8")
+        except OSError as exc:
+            from segnet_cli.errors import UsageError
+
+            raise UsageError(f"cannot open the log file: {exc.strerror or exc}", log_file) from None
 
 
 def _to_log_file(text: str) -> None:
@@ -42,6 +51,12 @@ def info(text: str) -> None:
     _to_log_file(text)
     if not _quiet:
         console().print(text, markup=False)
+
+
+def summary(text: str) -> None:
+    """The closing summary of a run: shown even with ``--quiet``, and logged."""
+    _to_log_file(text)
+    console().print(text, markup=False)
 
 
 def error(text: str) -> None:
