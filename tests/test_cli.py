@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import shapes_image, write_png
 from typer.testing import CliRunner
 
-from conftest import shapes_image, write_png
 from segnet_cli import __version__
 from segnet_cli.cli import app
 
