@@ -47,7 +47,7 @@ def _version(value: bool) -> None:
         line = f"segnet {__version__}"
         try:
             info = read_info(default_model_path())
-            val = info.training.get("val") or {}
+            val = info.validation() or {}
             if val:
                 line += (
                     f" (bundled model: {default_model_path().name}, CamVid val mIoU "
@@ -366,7 +366,9 @@ def info(
     if as_json:
         typer.echo(meta.to_json())
         raise typer.Exit(0)
-    c = ui.console()
+    from rich.console import Console
+
+    c = Console(highlight=False)  # the description is the command's output: stdout
     c.print(f"model: {path}", markup=False)
     arch = meta.architecture
     c.print(
@@ -376,15 +378,16 @@ def info(
         markup=False,
     )
     c.print(f"input scaling: {meta.scaling.mode}, mean {meta.scaling.mean}, std {meta.scaling.std}", markup=False)
-    val = meta.training.get("val") or {}
+    val = meta.validation() or {}
     for i, (n, rgb) in enumerate(zip(meta.class_names, meta.palette)):
         iou = (val.get("per_class_iou") or [None] * len(meta.class_names))[i]
         extra = f"  val IoU {iou * 100:.1f}" if iou is not None else ""
         c.print(f"  {i:3d}  [rgb({rgb[0]},{rgb[1]},{rgb[2]})]■[/]  {n}{extra}")
     if val:
         c.print(
-            f"val: mIoU {val['mean_iou'] * 100:.1f}, G {val['global_accuracy'] * 100:.1f}, "
-            f"C {val['class_accuracy'] * 100:.1f}",
+            f"validation: mIoU {val['mean_iou'] * 100:.1f}, G {val['global_accuracy'] * 100:.1f}, "
+            f"C {val['class_accuracy'] * 100:.1f}"
+            + (f" (epoch {val['epoch']})" if val.get("epoch") else ""),
             markup=False,
         )
     raise typer.Exit(0)

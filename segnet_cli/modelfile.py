@@ -53,6 +53,25 @@ class ModelInfo:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def validation(self) -> dict | None:
+        """Validation figures of this model: ``training["val"]`` if recorded, else the best
+        epoch of the training history (mean_iou, global_accuracy, class_accuracy,
+        per_class_iou, epoch)."""
+        val = self.training.get("val")
+        if val:
+            return dict(val)
+        rows = [r for r in self.training.get("history", []) if r.get("val_miou") is not None]
+        if not rows:
+            return None
+        best = max(rows, key=lambda r: r["val_miou"])
+        return {
+            "mean_iou": best["val_miou"],
+            "global_accuracy": best.get("val_g"),
+            "class_accuracy": best.get("val_c"),
+            "per_class_iou": best.get("val_iou"),
+            "epoch": best.get("epoch"),
+        }
+
     def to_json(self) -> str:
         data = asdict(self)
         data = {"format": FORMAT, "format_version": FORMAT_VERSION, **data}
