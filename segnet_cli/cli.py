@@ -21,7 +21,7 @@ from typing import Annotated, Optional
 import typer
 
 from segnet_cli import __version__
-from segnet_cli.errors import SegnetError
+from segnet_cli.errors import EXIT_USAGE, SegnetError
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 all done (or nothing to do); 1 some inputs failed; 2 usage error or no "
@@ -162,7 +162,7 @@ def verify(
 
 @app.command()
 def train(
-    images: Annotated[Path, typer.Argument(help="Training images folder (or list file).")],
+    images: Annotated[Optional[Path], typer.Argument(help="Training images folder (or list file); optional with --resume.")] = None,
     masks: Annotated[Optional[Path], typer.Option("--masks", help="Training masks folder (default: <images>annot).")] = None,
     val: Annotated[Optional[Path], typer.Option("--val", help="Validation images folder; the best model is chosen on it.")] = None,
     val_masks: Annotated[Optional[Path], typer.Option("--val-masks", help="Validation masks (default: <val>annot).")] = None,
@@ -186,6 +186,7 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")] = False,
     max_minutes: Annotated[Optional[float], typer.Option(help="Stop after the epoch that passes this wall time.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Decoding threads (default: tf.data's choice).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and the summary.")] = False,
 ) -> None:
     """Train SegNet on image/mask folders (verifies the data first; resumable)."""
@@ -213,9 +214,13 @@ def train(
         "val_every": val_every,
         "max_minutes": max_minutes,
         "seed": seed,
+        "workers": workers,
         "crop": _parse_pair(crop, "--crop") if crop else None,
         "scale": _parse_pair(scale, "--scale", float) if scale else None,
     }
+    if images is None and not resume:
+        ui.error("give the training images folder (it is optional only with --resume)")
+        raise typer.Exit(EXIT_USAGE)
     cfg = TrainConfig(
         images=images,
         rgb_masks=rgb_masks,
@@ -354,7 +359,6 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print the model's metadata as JSON.")] = False,
 ) -> None:
     """Describe a model file: classes, colours, input, architecture and validation figures."""
-    from segnet_cli import ui
     from segnet_cli.config import default_model_path
     from segnet_cli.modelfile import read_info
 

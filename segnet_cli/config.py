@@ -64,12 +64,14 @@ class TileConfig:
     model: Path | None = None
     tiling: TilingConfig = TilingConfig()
     probabilities: str | None = None  # None, "confidence" or "classes"
+    probability_dtype: str = "float16"  # or "uint8" (probability x 255)
     compression: str = "zlib"
     out_tile: int = 256
     max_memory_mb: float | None = None
     plan_only: bool = False
     overwrite: bool = False
     precision: str = "float32"
+    device: str | None = None
     nodata_class: int = 255
     max_pixels: int | None = None
 
@@ -90,7 +92,7 @@ class TrainConfig:
     stages: int = 5
     crop: tuple[int, int] = (224, 224)
     batch_size: int = 8
-    epochs: int = 60
+    epochs: int | None = None  # None: 60 for a new run, the run's own total with --resume
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
     warmup_epochs: int = 2
@@ -105,14 +107,19 @@ class TrainConfig:
     seed: int = 0
     max_minutes: float | None = None
     cache_mb: float = 2048.0
+    workers: int | None = None  # decoding threads; None: tf.data's choice (AUTOTUNE)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Options of ``segnet eval``."""
+    """Options of ``segnet eval``.
+
+    ``masks`` defaults to ``<images>annot``; ``pred`` scores a folder of saved masks instead
+    of running the model; ``classes`` defaults to the model's (or CamVid with ``pred``).
+    """
 
     images: Path | None
-    masks: Path
+    masks: Path | None = None
     model: Path | None = None
     pred: Path | None = None
     classes: str | None = None
@@ -122,6 +129,9 @@ class EvalConfig:
     plot: Path | None = None
     precision: str = "float32"
     rgb_masks: bool = False
+    save_masks: Path | None = None
+    device: str | None = None
+    max_pixels: int | None = None
 
 
 @dataclass(frozen=True)

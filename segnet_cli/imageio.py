@@ -244,7 +244,7 @@ def read_mask(path: str | Path) -> np.ndarray:
                 return np.asarray(im)
             if im.mode in ("RGB", "RGBA"):
                 raise ImageReadError(
-                    f"mask is {im.mode} colour, not class indices (give a palette to map colours)",
+                    f"mask is {im.mode} colour, not class indices (pass --rgb-masks to map colours through the class palette)",
                     path,
                 )
             return np.asarray(im.convert("L"))

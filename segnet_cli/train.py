@@ -13,15 +13,22 @@ Files in the run folder (``--out``):
 * ``model.keras``: the final model (best on validation if there was one, else the last).
 * ``history.csv`` / ``history.json``: loss, validation mIoU, G and C per epoch.
 
-Every file is written atomically, so a kill at any moment leaves the previous epoch's files.
+Every file is written atomically, so a kill at any moment (SIGTERM, SIGKILL, Ctrl-C) leaves
+the previous epoch's files. The data stream is a pure function of the seed and the epoch
+(``epoch_plan``: order and per-crop stateless augmentation seeds), so a resumed run trains on
+exactly the crops the uninterrupted run would have seen and reaches the same weights. A
+``flock`` on the folder keeps two trainers from sharing one run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import io
 import json
 import math
+import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -31,12 +38,16 @@ import numpy as np
 from segnet_cli.classes import ClassTable, load_classes
 from segnet_cli.config import Report, TrainConfig
 from segnet_cli.dataset import Pair, find_pairs, load_mask, require_ok, verify
-from segnet_cli.errors import UsageError
+from segnet_cli.errors import LockedError, ModelFileError, UsageError
 from segnet_cli.imageio import atomic_path, read_image, to_model_input
 from segnet_cli.metrics import confusion, scores
 from segnet_cli.modelfile import InputScaling, ModelInfo, read_info
 
+#: Epochs of a new run when ``TrainConfig.epochs`` is not given.
+DEFAULT_EPOCHS = 60
+
 CHECKPOINT = "checkpoint.keras"
+LOCK = ".segnet-train.lock"
 BEST = "best.keras"
 FINAL = "model.keras"
 
@@ -86,15 +97,38 @@ def load_class_weights(spec: str, computed: np.ndarray, k: int) -> np.ndarray:
     return w
 
 
+def epoch_plan(n: int, steps: int, batch_size: int, seed: int, epoch: int):
+    """The crops of one epoch: which pairs, in which order, with which augmentation seeds.
+
+    A pure function of ``(seed, epoch)``: a resumed run draws exactly the crops the killed
+    run would have drawn, whatever the number of decoding threads.
+
+    Returns:
+        ``(indices, seeds)``: ``steps * batch_size`` pair indices (a permutation, the
+        remainder dropped) and one ``(2,)`` int64 stateless-RNG seed per crop.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    need = steps * batch_size
+    order = np.concatenate([rng.permutation(n) for _ in range(-(-need // n))])[:need]
+    seeds = rng.integers(0, 2**31 - 1, size=(need, 2), dtype=np.int64)
+    return order.astype(np.int64), seeds
+
+
 def make_dataset(
     pairs: list[Pair],
     classes: ClassTable,
     channels: int,
     weights: np.ndarray,
     config: TrainConfig,
-    training: bool = True,
+    first_epoch: int = 0,
 ):
-    """A ``tf.data`` pipeline: parallel decoding, optional cache, augmentation, prefetch.
+    """The training ``tf.data`` pipeline from ``first_epoch`` to ``config.epochs``.
+
+    Parallel decoding (``config.workers`` threads, default: tf.data's choice), decoded pairs
+    cached in memory when they fit in ``config.cache_mb`` (stored dtype, so uint8 photos
+    take a quarter of float32), augmentation, batching, prefetch. Each epoch's order and
+    each crop's augmentation come from ``epoch_plan``, so the stream is deterministic and a
+    resumed run continues it exactly. The dataset holds ``steps`` batches per epoch.
 
     Yields ``(image, label, pixel_weight)``; labels outside the classes (void, crop padding)
     are set to 0 with weight 0, so the loss ignores them.
@@ -102,41 +136,40 @@ def make_dataset(
     import tensorflow as tf
 
     k = classes.num_classes
+    void = classes.void
     images = [str(p.image) for p in pairs]
     masks = [str(p.mask) for p in pairs]
+    steps = max(1, len(pairs) // config.batch_size)
 
-    def load(i):
-        i = int(i)
-        x = to_model_input(read_image(images[i]), channels, images[i])
-        y = load_mask(Path(masks[i]), classes, config.rgb_masks).astype(np.int32)
-        return x.astype(np.float32), y
-
-    def tf_load(i):
-        x, y = tf.numpy_function(load, [i], (tf.float32, tf.int32))
-        x.set_shape((None, None, channels))
-        y.set_shape((None, None))
-        return x, y
-
-    ds = tf.data.Dataset.range(len(pairs))
-    ds = ds.map(tf_load, num_parallel_calls=tf.data.AUTOTUNE)
-    # Cache decoded pairs when they fit: decoding then costs nothing after the first epoch.
     est_mb = 0.0
     if pairs:
         x0 = read_image(pairs[0].image)
-        est_mb = len(pairs) * x0.shape[0] * x0.shape[1] * (channels * 4 + 4) / 2**20
-    if est_mb <= config.cache_mb:
-        ds = ds.cache()
-    if not training:
-        return ds
+        est_mb = len(pairs) * x0.shape[0] * x0.shape[1] * (x0[0, 0].nbytes + 1) / 2**20
+    cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = (
+        {} if est_mb <= config.cache_mb else None
+    )
+
+    def load(i):
+        i = int(i)
+        raw = cache.get(i) if cache is not None else None
+        if raw is None:
+            raw = (read_image(images[i]), load_mask(Path(masks[i]), classes, config.rgb_masks))
+            if cache is not None:
+                cache[i] = raw
+        x = to_model_input(raw[0], channels, images[i])
+        return x.astype(np.float32), raw[1].astype(np.int32)
 
     ch, cw = config.crop
     lo, hi = config.scale
     wtab = tf.constant(np.asarray(weights, np.float32))
-    seed = config.seed
 
-    def augment(x, y):
+    def augment(i, seed):
+        x, y = tf.numpy_function(load, [i], (tf.float32, tf.int32))
+        x.set_shape((None, None, channels))
+        y.set_shape((None, None))
+        rs = tf.random.experimental.stateless_split(seed, num=7)
         shape = tf.shape(x)
-        s = tf.random.uniform((), lo, hi)
+        s = tf.random.stateless_uniform((), rs[0], lo, hi)
         nh = tf.maximum(1, tf.cast(tf.round(tf.cast(shape[0], tf.float32) * s), tf.int32))
         nw = tf.maximum(1, tf.cast(tf.round(tf.cast(shape[1], tf.float32) * s), tf.int32))
         x = tf.image.resize(x, (nh, nw), method="bilinear")
@@ -146,23 +179,25 @@ def make_dataset(
         x = tf.pad(x, [[0, ph], [0, pw], [0, 0]])
         y = tf.pad(y, [[0, ph], [0, pw]], constant_values=-1)
         hh, ww = tf.shape(y)[0], tf.shape(y)[1]
-        oy = tf.random.uniform((), 0, hh - ch + 1, dtype=tf.int32)
-        ox = tf.random.uniform((), 0, ww - cw + 1, dtype=tf.int32)
+        oy = tf.random.stateless_uniform((), rs[1], 0, hh - ch + 1, dtype=tf.int32)
+        ox = tf.random.stateless_uniform((), rs[2], 0, ww - cw + 1, dtype=tf.int32)
         x = x[oy : oy + ch, ox : ox + cw]
         y = y[oy : oy + ch, ox : ox + cw]
         if config.flip:
-            flip = tf.random.uniform(()) < 0.5
+            flip = tf.random.stateless_uniform((), rs[3]) < 0.5
             x = tf.cond(flip, lambda: x[:, ::-1], lambda: x)
             y = tf.cond(flip, lambda: y[:, ::-1], lambda: y)
         if config.jitter > 0:
             j = config.jitter
-            x = x * tf.random.uniform((), 1 - 2 * j, 1 + 2 * j)  # contrast-like gain
-            x = x + tf.random.uniform((), -j, j)  # brightness
+            x = x * tf.random.stateless_uniform((), rs[4], 1 - 2 * j, 1 + 2 * j)  # gain
+            x = x + tf.random.stateless_uniform((), rs[5], -j, j)  # brightness
             if channels == 3:
                 grey = tf.reduce_mean(x, axis=-1, keepdims=True)
-                x = grey + (x - grey) * tf.random.uniform((), 1 - 2 * j, 1 + 2 * j)
+                x = grey + (x - grey) * tf.random.stateless_uniform((), rs[6], 1 - 2 * j, 1 + 2 * j)
             x = tf.clip_by_value(x, 0.0, 1.0)
         valid = (y >= 0) & (y < k)
+        if void is not None and void < k:
+            valid &= y != void  # a void inside the class range is still ignored
         label = tf.where(valid, y, 0)
         w = tf.where(valid, tf.gather(wtab, label), 0.0)
         x.set_shape((ch, cw, channels))
@@ -170,10 +205,17 @@ def make_dataset(
         w.set_shape((ch, cw))
         return x, label, w
 
-    ds = ds.shuffle(max(len(pairs), 1), seed=seed, reshuffle_each_iteration=True).repeat()
-    ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(config.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return ds
+    plans = [
+        epoch_plan(len(pairs), steps, config.batch_size, config.seed, e)
+        for e in range(first_epoch, max(config.epochs, first_epoch))
+    ]
+    order = np.concatenate([p[0] for p in plans]) if plans else np.zeros(0, np.int64)
+    seeds = np.concatenate([p[1] for p in plans]) if plans else np.zeros((0, 2), np.int64)
+    workers = config.workers if config.workers else tf.data.AUTOTUNE
+    ds = tf.data.Dataset.from_tensor_slices((order, seeds))
+    # deterministic=True keeps the order whatever thread finishes first.
+    ds = ds.map(augment, num_parallel_calls=workers, deterministic=True)
+    return ds.batch(config.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
 def evaluate_arrays(model, items, k: int, void: int | None, batch: int = 4) -> np.ndarray:
@@ -227,28 +269,81 @@ def _write_history(out: Path, history: list[dict]) -> None:
             tmp.write_text(buf.getvalue())
 
 
+@contextlib.contextmanager
+def _run_lock(out: Path):
+    """Hold an exclusive ``flock`` on the run folder: two trainers must never share one.
+
+    The kernel drops the lock when the process dies (even by SIGKILL), so a killed run
+    never blocks its own ``--resume``.
+
+    Raises:
+        LockedError: another live ``segnet train`` holds the folder.
+    """
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise LockedError("another `segnet train` is running in this run folder", out) from None
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _remove_stale_temporaries(out: Path, max_age: float = 3600.0) -> None:
+    """Remove model temporaries a killed save left behind (``.checkpoint.*.tmp.keras``).
+
+    Only old ones: a save takes seconds, and a trainer from before the run lock existed
+    could still be writing its own.
+    """
+    now = time.time()
+    for p in out.glob(".*.tmp.keras"):
+        try:
+            if now - p.stat().st_mtime > max_age:
+                p.unlink()
+        except OSError:
+            pass
+
+
 def run_train(config: TrainConfig, progress=None, log=print) -> Report:
     """Train a SegNet as ``config`` says and return a report.
+
+    With ``config.resume`` the run's settings come from its checkpoint (only ``out``,
+    ``epochs``, ``max_minutes`` and ``workers`` are taken from ``config``) and training
+    continues exactly: same weights, optimizer state, schedule step and data stream.
 
     Args:
         config: the training options.
         progress: optional object with ``start(total_steps, done_steps)``,
-            ``step(done_steps, loss)`` and ``stop()`` (the CLI passes a rich bar).
+            ``step(loss)`` and ``stop()`` (the CLI passes a rich bar).
         log: where one-line human messages go.
 
     Raises:
         UsageError, DatasetError: bad options or a dataset with problems.
+        LockedError: another trainer is using the run folder.
     """
+    out = Path(config.out)
+    if config.resume and not (out / CHECKPOINT).exists():
+        raise UsageError("nothing to resume: no checkpoint.keras in the run folder", out)
+    if not config.resume and config.images is None:
+        raise UsageError("give the training IMAGES folder (or --resume a run)")
+    out.mkdir(parents=True, exist_ok=True)
+    with _run_lock(out):
+        _remove_stale_temporaries(out)
+        return _train(config, progress, log)
+
+
+def _train(config: TrainConfig, progress, log) -> Report:
     t0 = time.time()
     out = Path(config.out)
     ckpt = out / CHECKPOINT
     state: dict = {}
     if config.resume:
-        if not ckpt.exists():
-            raise UsageError("nothing to resume: no checkpoint.keras in the run folder", out)
         state = read_info(ckpt).training
         saved = state.get("config", {})
-        # The run's settings come from the checkpoint; only the epoch budget may grow.
+        # The run's settings come from the checkpoint, so it goes on exactly as it began.
         fields = {k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}
         for key in ("images", "masks", "val_images", "val_masks", "out"):
             if fields.get(key) is not None:
@@ -256,17 +351,26 @@ def run_train(config: TrainConfig, progress=None, log=print) -> Report:
         for key in ("crop", "scale"):
             if key in fields:
                 fields[key] = tuple(fields[key])
+        # Where the run is, how long to run and how many threads to use are about this
+        # invocation, not the run: the folder may have moved, the machine may differ.
+        # ``epochs`` given with --resume is the new total; not given, the run's own.
         config = replace(
             TrainConfig(**fields),
-            epochs=max(config.epochs, int(saved.get("epochs", 0))),
+            out=out,
+            epochs=config.epochs if config.epochs is not None else int(saved.get("epochs", 0)),
             resume=True,
             max_minutes=config.max_minutes,
+            workers=config.workers,
         )
     elif ckpt.exists():
         raise UsageError(
             "run folder already has a checkpoint: pass --resume to continue it, or another --out",
             out,
         )
+    if config.epochs is None:
+        config = replace(config, epochs=DEFAULT_EPOCHS)
+    if config.epochs < 1:
+        raise UsageError("--epochs must be at least 1")
 
     classes = load_classes(config.classes, config.void)
     k = classes.num_classes
@@ -303,13 +407,26 @@ def run_train(config: TrainConfig, progress=None, log=print) -> Report:
     if len(pairs) < config.batch_size:
         raise UsageError(f"{len(pairs)} training pairs are fewer than the batch size")
 
+    # The epochs the learning-rate schedule was built for (it lives in the optimizer).
+    planned = int(
+        state.get("schedule_epochs") or state.get("config", {}).get("epochs") or config.epochs
+    )
     scope = _strategy_scope()
     scope.__enter__()
     if config.resume:
         import segnet_cli.layers  # noqa: F401
 
-        model = keras.saving.load_model(str(ckpt), compile=True, safe_mode=True)
+        try:
+            model = keras.saving.load_model(str(ckpt), compile=True, safe_mode=True)
+        except Exception as exc:  # Keras raises many types for a broken archive
+            raise ModelFileError(f"cannot load the checkpoint: {exc}", ckpt) from None
         log(f"resuming after epoch {state['epoch']} (optimizer step {int(model.optimizer.iterations.numpy())})")
+        if config.epochs > planned > 0:
+            # The schedule is part of the optimizer state; rebuilding it would jump the rate.
+            log(
+                f"the learning-rate schedule was planned for {planned} epochs; "
+                f"epochs {planned + 1}-{config.epochs} run at its final rate"
+            )
     else:
         model = build_segnet(arch, mean, std)
         total = steps * config.epochs
@@ -339,7 +456,7 @@ def run_train(config: TrainConfig, progress=None, log=print) -> Report:
         )
         for p in val_pairs
     ]
-    train_ds = make_dataset(pairs, classes, channels, weights, config)
+    train_ds = make_dataset(pairs, classes, channels, weights, config, start_epoch)
 
     def info_for(training: dict) -> ModelInfo:
         return ModelInfo(
@@ -354,8 +471,9 @@ def run_train(config: TrainConfig, progress=None, log=print) -> Report:
             void_class=classes.void,
         )
 
+    # Absolute paths, so that --resume works from any working directory.
     config_json = {
-        k_: (str(v) if isinstance(v, Path) else v) for k_, v in asdict(config).items()
+        k_: (str(v.absolute()) if isinstance(v, Path) else v) for k_, v in asdict(config).items()
     }
 
     class EpochEnd(keras.callbacks.Callback):
@@ -379,17 +497,13 @@ def run_train(config: TrainConfig, progress=None, log=print) -> Report:
             nonlocal best, spent
             ep = epoch + 1
             row = {"epoch": ep, "loss": round(float((logs or {}).get("loss", float("nan"))), 5)}
-            row["lr"] = float(
-                keras.ops.convert_to_numpy(
-                    self.model.optimizer.learning_rate
-                    if not callable(self.model.optimizer._learning_rate)
-                    else self.model.optimizer._learning_rate(self.model.optimizer.iterations)
-                )
-            )
+            # Keras 3's ``learning_rate`` is the schedule's value at the current step.
+            row["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
             is_best = False
             if val_items and (ep % config.val_every == 0 or ep == config.epochs):
                 cm = evaluate_arrays(self.model, val_items, k, classes.void)
-                sc = scores(cm)
+                in_range_void = classes.void if classes.void is not None and classes.void < k else None
+                sc = scores(cm, ignore=in_range_void)
                 row.update(
                     val_miou=round(sc.mean_iou, 5),
                     val_g=round(sc.global_accuracy, 5),
@@ -404,6 +518,7 @@ def run_train(config: TrainConfig, progress=None, log=print) -> Report:
             training = {
                 "epoch": ep,
                 "epochs": config.epochs,
+                "schedule_epochs": planned,
                 "history": history,
                 "best_miou": best,
                 "seconds": round(spent, 1),
@@ -429,7 +544,6 @@ def run_train(config: TrainConfig, progress=None, log=print) -> Report:
                 self.model.stop_training = True
 
     cb = EpochEnd()
-    out.mkdir(parents=True, exist_ok=True)
     if start_epoch >= config.epochs:
         log(f"already trained {start_epoch} of {config.epochs} epochs: nothing to do")
     else:
@@ -485,8 +599,6 @@ def run_train(config: TrainConfig, progress=None, log=print) -> Report:
 
 def _strategy_scope():
     """``MirroredStrategy`` when more than one GPU is visible; otherwise a no-op scope."""
-    import contextlib
-
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")

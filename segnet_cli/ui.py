@@ -104,13 +104,15 @@ class Progress:
         self._start_done = 0
 
     def __enter__(self) -> Progress:
-        self.start(self.total, 0)
+        if self.total:
+            self.start(self.total, 0)
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
     def start(self, total: int, done: int = 0) -> None:
+        self.stop()  # a restart replaces the bar instead of leaving a stale one behind
         self.total, self.done, self._start_done = int(total), int(done), int(done)
         self._t0 = time.time()
         if _quiet:

@@ -1,0 +1,269 @@
+"""`segnet train` on a tiny generated dataset: loss, model file, exact resume, kill, weights.
+
+Everything is tiny (a 2-stage SegNet of width 0.0625, 37x53 images, 31x29 crops, batch 2),
+so a training run costs a few seconds on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import shapes_image, write_png
+from typer.testing import CliRunner
+
+from segnet_cli.cli import app
+from segnet_cli.config import TrainConfig
+from segnet_cli.errors import DatasetError, LockedError, UsageError
+from segnet_cli.modelfile import read_info
+from segnet_cli.train import CHECKPOINT, LOCK, epoch_plan, load_class_weights, run_train
+
+runner = CliRunner()
+COLOURS = [[10, 10, 10], [230, 25, 75], [60, 180, 75]]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Six training pairs (37x53, and one smaller than the crop) and two validation pairs."""
+    root = tmp_path_factory.mktemp("shapes")
+    sizes = [(37, 53)] * 5 + [(25, 27)]
+    for i, (h, w) in enumerate(sizes):
+        img, mask = shapes_image(h, w, seed=i)
+        write_png(root / "train" / f"s{i}.png", img)
+        write_png(root / "trainannot" / f"s{i}.png", mask)
+    for i in range(2):
+        img, mask = shapes_image(41, 29, seed=10 + i)
+        write_png(root / "val" / f"v{i}.png", img)
+        write_png(root / "valannot" / f"v{i}.png", mask)
+    (root / "classes.json").write_text(json.dumps({"classes": [
+        {"name": n, "color": c} for n, c in zip(("ground", "disc", "square"), COLOURS)
+    ]}))
+    return root
+
+
+def tiny(data: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(
+        images=data / "train", out=out, classes=str(data / "classes.json"), width=0.0625,
+        stages=2, crop=(31, 29), batch_size=2, epochs=2, learning_rate=0.01, warmup_epochs=1,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def quiet(_msg: str) -> None:
+    pass
+
+
+def checkpoint_optimizer(path: Path):
+    import keras
+
+    import segnet_cli.layers  # noqa: F401
+
+    return keras.saving.load_model(str(path), compile=True).optimizer
+
+
+def with_val(data: Path, out: Path, **kw) -> TrainConfig:
+    return tiny(data, out, val_images=data / "val", val_masks=data / "valannot", **kw)
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory) -> Path:
+    """A 2-epoch run with validation, never interrupted (shared: a run costs seconds)."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    report = run_train(with_val(data, out), log=quiet)
+    assert report.return_code == 0 and report.details["epochs"] == 2
+    return out
+
+
+def test_two_epochs_lower_the_loss_and_ship_a_ready_model(data, straight):
+    import keras
+
+    from segnet_cli.classes import load_classes
+    from segnet_cli.config import TilingConfig
+    from segnet_cli.dataset import find_pairs, verify
+    from segnet_cli.engine import Segmenter
+    from segnet_cli.model import load_model
+    from segnet_cli.train import channel_stats
+
+    out = straight
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[1]["loss"] < history[0]["loss"]
+    assert all(0 <= h["val_miou"] <= 1 and len(h["val_iou"]) == 3 for h in history)
+    csv_lines = (out / "history.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("epoch,loss,lr") and len(csv_lines) == 3
+    # The schedule's rate, read through the optimizer's public property, decays.
+    assert history[0]["lr"] > history[1]["lr"] > 0
+    for name in ("checkpoint.keras", "best.keras", "model.keras"):
+        assert (out / name).exists(), name
+
+    model, info = load_model(out / "model.keras")
+    assert info.class_names == ("ground", "disc", "square")
+    assert [list(c) for c in info.palette] == COLOURS
+    pairs, _ = find_pairs(data / "train")
+    mean, std = channel_stats(pairs, 3)
+    assert list(info.scaling.mean) == mean and list(info.scaling.std) == std
+    assert info.architecture["stages"] == 2 and info.stride == 4
+    # The shipped model carries no optimizer state (the checkpoint does).
+    assert getattr(keras.saving.load_model(str(out / "model.keras"), compile=True), "optimizer", None) is None
+    assert checkpoint_optimizer(out / "checkpoint.keras") is not None
+    # 'auto' class weights are verify's median-frequency weights, recorded in the file.
+    vr = verify(pairs, load_classes("3"))
+    assert info.training["class_weights"] == pytest.approx(vr.weights.tolist())
+    # Ready for predict: the engine segments an odd-sized image at full size.
+    seg = Segmenter(out / "model.keras")
+    img, _ = shapes_image(23, 31, seed=5)
+    mask, _ = seg.segment(img.astype(np.float32) / 255, TilingConfig())
+    assert mask.shape == (23, 31) and mask.max() < 3
+
+
+def test_interrupted_run_resumes_exactly(data, straight, tmp_path):
+    """1 epoch, stop, --resume: the same weights and optimizer state as 2 epochs straight."""
+    out = tmp_path / "resumed"
+    # A zero time budget stops after the first epoch, as a kill after its checkpoint would.
+    r = run_train(with_val(data, out, max_minutes=0), log=quiet)
+    assert r.details["stopped_early"] and read_info(out / CHECKPOINT).training["epoch"] == 1
+    assert int(checkpoint_optimizer(out / CHECKPOINT).iterations.numpy()) == 3  # 6 pairs / 2
+
+    messages: list[str] = []
+    # Only the folder is given: the settings (validation included) come from the checkpoint,
+    # and the epochs are the run's own total (2), not the default of a new run.
+    r = run_train(TrainConfig(images=None, out=out, resume=True), log=messages.append)
+    assert r.details["epochs"] == 2 and r.done == 1
+    assert any("resuming after epoch 1 (optimizer step 3)" in m for m in messages)
+    state = read_info(out / CHECKPOINT).training
+    assert [h["epoch"] for h in state["history"]] == [1, 2]
+    assert "val_miou" in state["history"][1]
+
+    a = checkpoint_optimizer(straight / CHECKPOINT)
+    b = checkpoint_optimizer(out / CHECKPOINT)
+    assert int(b.iterations.numpy()) == int(a.iterations.numpy()) == 2 * 3
+    # The schedule continued from its step: same rate after the same number of steps.
+    assert float(b.learning_rate) == pytest.approx(float(a.learning_rate))
+    for va, vb in zip(a.variables, b.variables):
+        np.testing.assert_allclose(va.numpy(), vb.numpy(), rtol=1e-6, atol=1e-7)
+    hist_a = read_info(straight / CHECKPOINT).training["history"]
+    for key in ("loss", "lr", "val_miou"):
+        assert [h[key] for h in state["history"]] == pytest.approx([h[key] for h in hist_a])
+
+    # Nothing left to do at the planned total; a bigger --epochs extends the run.
+    r = run_train(TrainConfig(images=None, out=out, resume=True), log=quiet)
+    assert r.done == 0
+    r = run_train(TrainConfig(images=data / "train", out=out, resume=True, epochs=3), log=messages.append)
+    assert r.done == 1 and read_info(out / CHECKPOINT).training["epoch"] == 3
+    assert any("planned for 2 epochs" in m for m in messages)
+
+
+def test_resume_and_checkpoint_guards(data, tmp_path):
+    with pytest.raises(UsageError, match="nothing to resume"):
+        run_train(tiny(data, tmp_path / "empty", resume=True), log=quiet)
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / CHECKPOINT).write_bytes(b"x")
+    with pytest.raises(UsageError, match="--resume"):
+        run_train(tiny(data, tmp_path / "used"), log=quiet)
+    # A run folder held by another live trainer is refused before anything is read.
+    import fcntl
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    fd = os.open(busy / LOCK, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(LockedError, match="another"):
+            run_train(tiny(data, busy), log=quiet)
+    finally:
+        os.close(fd)
+    with pytest.raises(UsageError, match="IMAGES"):
+        run_train(replace(tiny(data, tmp_path / "x"), images=None), log=quiet)
+    # Through the CLI both are usage errors (exit 2) with the reason on stderr.
+    r = runner.invoke(app, ["train", str(data / "train"), "--resume", "--out", str(tmp_path / "e2")])
+    assert r.exit_code == 2 and "nothing to resume" in r.stderr
+    r = runner.invoke(app, ["train", str(data / "train"), "--out", str(tmp_path / "used")])
+    assert r.exit_code == 2 and "already has a checkpoint" in r.stderr
+
+
+def test_class_weight_options(data, tmp_path):
+    computed = np.array([0.5, 1.0, 2.0])
+    assert load_class_weights("auto", computed, 3).tolist() == [0.5, 1.0, 2.0]
+    assert load_class_weights("none", computed, 3).tolist() == [1.0, 1.0, 1.0]
+    f = tmp_path / "w.txt"
+    f.write_text("0.1, 2\n3.5\n")
+    assert load_class_weights(str(f), computed, 3).tolist() == pytest.approx([0.1, 2, 3.5])
+    j = tmp_path / "w.json"
+    j.write_text("[1, 0, 4]")
+    assert load_class_weights(str(j), computed, 3).tolist() == [1, 0, 4]
+    short = tmp_path / "w2.json"
+    short.write_text("[1, 2]")
+    with pytest.raises(UsageError, match="2 values"):
+        load_class_weights(str(short), computed, 3)
+    with pytest.raises(UsageError, match="cannot read"):
+        load_class_weights(str(tmp_path / "missing.txt"), computed, 3)
+    # The CLI refuses a weights file of the wrong length before any training.
+    r = runner.invoke(app, ["train", str(data / "train"), "--classes", "3", "--out",
+                            str(tmp_path / "r"), "--class-weights", str(short)])
+    assert r.exit_code == 2 and "2 values" in r.stderr
+
+
+def test_train_refuses_a_dataset_with_problems(data, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(data / "train", bad / "train")
+    shutil.copytree(data / "trainannot", bad / "trainannot")
+    (bad / "trainannot" / "s0.png").unlink()
+    with pytest.raises(DatasetError) as exc:
+        run_train(replace(tiny(data, tmp_path / "r"), images=bad / "train"), log=quiet)
+    assert any("s0.png" in p for p in exc.value.problems)
+    assert not (tmp_path / "r" / CHECKPOINT).exists()
+
+
+def test_epoch_plan_is_a_function_of_seed_and_epoch():
+    a_idx, a_seed = epoch_plan(7, 3, 2, seed=0, epoch=4)
+    b_idx, b_seed = epoch_plan(7, 3, 2, seed=0, epoch=4)
+    assert a_idx.tolist() == b_idx.tolist() and (a_seed == b_seed).all()
+    assert len(set(a_idx.tolist())) == 6  # a permutation, the remainder dropped
+    c_idx, _ = epoch_plan(7, 3, 2, seed=0, epoch=5)
+    d_idx, _ = epoch_plan(7, 3, 2, seed=1, epoch=4)
+    assert c_idx.tolist() != a_idx.tolist() or d_idx.tolist() != a_idx.tolist()
+
+
+def test_sigterm_mid_run_leaves_a_resumable_checkpoint(data, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [
+        sys.executable, "-m", "segnet_cli", "train", str(data / "train"), "--out", str(out),
+        "--classes", "3", "--width", "0.0625", "--stages", "2", "--crop", "31x29", "-b", "2",
+        "--epochs", "500", "--quiet",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.time() + 180
+        while not (out / CHECKPOINT).exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.time() < deadline, "no checkpoint within 3 minutes"
+            time.sleep(0.2)
+        time.sleep(0.5)  # well into a later epoch, perhaps mid-save
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGTERM
+    state = read_info(out / CHECKPOINT).training
+    done = state["epoch"]
+    assert done >= 1 and [h["epoch"] for h in state["history"]] == list(range(1, done + 1))
+    # Resume for one more epoch: the count and the optimizer's step continue.
+    r = run_train(TrainConfig(images=data / "train", out=out, resume=True, epochs=done + 1), log=quiet)
+    assert r.done == 1
+    state = read_info(out / CHECKPOINT).training
+    assert [h["epoch"] for h in state["history"]] == list(range(1, done + 2))
+    assert state["epochs"] == done + 1 and state["schedule_epochs"] == 500
+    assert int(checkpoint_optimizer(out / CHECKPOINT).iterations.numpy()) == (done + 1) * 3
