@@ -233,6 +233,12 @@ class SignalGuard:
                 self._old[s] = signal.signal(s, self._handle)
         return self
 
+    def reinstall(self) -> None:
+        """Put the guard's handlers back (libraries such as Ray replace SIGTERM's)."""
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(s, self._handle)
+
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
             signal.signal(signum, signal.SIG_DFL)

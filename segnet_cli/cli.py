@@ -292,6 +292,8 @@ def predict(
     precision: PrecisionOpt = None,
     device: DeviceOpt = None,
     queue_depth: Annotated[Optional[int], typer.Option("--queue-depth", help="Images decoded ahead of the model.")] = None,
+    engine: Annotated[Optional[str], typer.Option("--engine", help="local (this machine) or ray (a Ray cluster; pip install 'segnet-cli[ray]').")] = None,
+    address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster for --engine ray (host:port or ray://host:port); default RAY_ADDRESS, else a local cluster.")] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     log_file: LogOpt = None,
@@ -308,7 +310,16 @@ def predict(
         ui.configure(quiet, log_file)
     except SegnetError as exc:
         raise _fail(exc) from None
-    given = {"precision": precision, "device": device, "queue_depth": queue_depth}
+    if address and engine != "ray":
+        ui.error("--address needs --engine ray")
+        raise typer.Exit(EXIT_USAGE)
+    given = {
+        "precision": precision,
+        "device": device,
+        "queue_depth": queue_depth,
+        "engine": engine,
+        "address": address,
+    }
     cfg = PredictConfig(
         inputs=tuple(inputs),
         out=out,

@@ -50,7 +50,8 @@ class PredictConfig:
     dry_run: bool = False
     precision: str = "float32"
     device: str | None = None
-    engine: str = "local"
+    engine: str = "local"  # "local" or "ray"
+    address: str | None = None  # Ray cluster for engine "ray" (default: RAY_ADDRESS or local)
     queue_depth: int = 4
     json: bool = False
 

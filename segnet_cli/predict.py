@@ -184,6 +184,12 @@ def run_predict(config: PredictConfig, on_event=None, progress=None, log=None) -
         A report whose ``return_code`` is 0 (all done or skipped), 1 (some failed) or
         130/143 (interrupted).
     """
+    if config.engine == "ray":
+        from segnet_cli.ray_engine import run_predict_ray
+
+        return run_predict_ray(config, on_event, progress, log, address=config.address)
+    if config.engine != "local":
+        raise UsageError(f"--engine must be 'local' or 'ray', not {config.engine!r}")
     timer = Timer()
     emit = on_event or (lambda o: None)
     if not config.dry_run:

@@ -159,6 +159,10 @@ def test_usage_errors_exit_2(tmp_path, tiny_model):
     assert r.exit_code == 2
     r = run("predict", "--out", tmp_path / "o")
     assert r.exit_code == 2
+    r = run("predict", src, "--out", tmp_path / "o", "--model", tiny_model, "--engine", "spark")
+    assert r.exit_code == 2 and "--engine" in r.output
+    r = run("predict", src, "--out", tmp_path / "o", "--model", tiny_model, "--address", "h:1")
+    assert r.exit_code == 2 and "--engine ray" in r.output
 
 
 def test_disk_full_leaves_no_partial_file(photos, tmp_path, tiny_model, monkeypatch):
