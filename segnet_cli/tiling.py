@@ -324,7 +324,6 @@ class Stitcher:
             # Grid row r is complete.
             if self.mode == "center":
                 b = self._bands.pop(r, None) or self._center_band(r)
-                self._bands.pop(r, None)
                 self._ready.append((g.rows[r].core_start, b["mask"], b.get("conf"), b.get("prob")))
                 self._next_row = g.rows[r].core_end
             else:
