@@ -178,19 +178,25 @@ class Claim:
                 self._fd = None
 
 
-def remove_dead_temporaries(folder: Path) -> int:
+def remove_dead_temporaries(folder: Path, pattern: str = "*", recursive: bool = True) -> int:
     """Remove temporaries (``TMP_PREFIX``) whose writing process is gone; returns how many.
 
-    Temporaries carry their writer's pid, so a live concurrent run's files are left alone.
+    Temporaries carry their writer's pid, so a live concurrent run's files (and this
+    process's own) are left alone.
+
+    Args:
+        folder: where to look.
+        pattern: what follows ``TMP_PREFIX`` in the names to consider (e.g. ``"*-out.tif.*"``
+            to touch only one output's temporaries).
+        recursive: also look in subfolders.
     """
     n = 0
     if not folder.is_dir():
         return 0
-    for p in folder.rglob(f"{TMP_PREFIX}*"):
+    found = folder.rglob if recursive else folder.glob
+    for p in found(f"{TMP_PREFIX}{pattern}"):
         pid = _pid_of(p.name)
-        if pid is not None and pid != os.getpid() and _alive(pid):
-            continue
-        if pid == os.getpid():
+        if pid is None or pid == os.getpid() or _alive(pid):
             continue
         try:
             p.unlink()
