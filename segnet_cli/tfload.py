@@ -39,6 +39,10 @@ def import_tf():
 
         tf.config.list_physical_devices("GPU")  # the CUDA probe prints here
         import keras  # noqa: F401
+
+        # Python-side TF warnings (e.g. "retracing" when a process builds several models)
+        # are for TF developers; segnet reports its own errors.
+        tf.get_logger().setLevel("ERROR")
     finally:
         if saved is not None:
             sys.stderr.flush()
