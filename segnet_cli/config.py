@@ -75,6 +75,8 @@ class TileConfig:
     device: str | None = None
     nodata_class: int = 255
     max_pixels: int | None = None
+    engine: str = "local"  # "local" or "ray"
+    address: str | None = None  # Ray cluster for engine "ray" (default: RAY_ADDRESS or local)
 
 
 @dataclass(frozen=True)

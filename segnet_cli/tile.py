@@ -20,17 +20,19 @@ Outputs are written to a temporary file beside the target and renamed only when 
 the mask records its provenance (input hash, model hash, settings) in its ImageDescription,
 so a re-run skips it when up to date; a ``Claim`` keeps two runs off the same output; SIGINT
 and SIGTERM stop between batches and leave nothing partial.
+
+``--engine ray`` (``segnet_cli.ray_tile``) spreads the grid's rows over the actors of a Ray
+cluster: they run the same ``stitch_rows`` and the driver writes the same ``open_outputs``.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import queue
 import resource
 import threading
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -47,7 +49,7 @@ from segnet_cli.errors import (
     OutputError,
     UsageError,
 )
-from segnet_cli.imageio import TMP_PREFIX, atomic_path, match_channels, to_model_input
+from segnet_cli.imageio import atomic_path, match_channels, to_model_input
 from segnet_cli.modelfile import ModelInfo, read_info
 from segnet_cli.tiff import (
     OUTPUT_COMPRESSIONS,
@@ -619,31 +621,20 @@ def up_to_date(plan: TilePlan, prov: Provenance) -> bool:
 def remove_dead_temporaries_of(final: Path) -> int:
     """Remove temporaries of ``final`` left by dead runs (only this output's, not the folder's).
 
-    ``batch.remove_dead_temporaries`` walks a whole folder tree, which is right for predict's
-    output folder but not for the folder a gigapixel input sits in.
+    Predict cleans its whole output folder; the folder a gigapixel input sits in may hold
+    other things, so only this output's names are touched.
     """
-    from segnet_cli.batch import _alive, _pid_of
+    from segnet_cli.batch import remove_dead_temporaries
 
-    n = 0
-    if not final.parent.is_dir():
-        return 0
-    for p in final.parent.glob(f"{TMP_PREFIX}*-{final.name}.*"):
-        pid = _pid_of(p.name)
-        if pid is None or pid == os.getpid() or _alive(pid):
-            continue
-        try:
-            p.unlink()
-            n += 1
-        except OSError:
-            pass
-    return n
+    return remove_dead_temporaries(final.parent, f"*-{final.name}.*", recursive=False)
 
 
 def run_tile(config: TileConfig, progress=None, log=None) -> Report:
     """Segment one (huge) image into a tiled, georeferenced mask TIFF, streaming.
 
     Args:
-        config: the options.
+        config: the options; ``config.engine`` picks this machine (``local``) or a Ray
+            cluster (``ray``, see ``segnet_cli.ray_tile``).
         progress: optional ``ui.Progress``-like object (``start``, ``advance``).
         log: optional callable for one-line human messages.
 
@@ -654,6 +645,32 @@ def run_tile(config: TileConfig, progress=None, log=None) -> Report:
     Raises:
         SegnetError: the input, model, options or output are unusable (see ``plan_tile``),
             ``LockedError`` when another run is writing the same output.
+    """
+    if config.engine == "ray":
+        from segnet_cli.ray_tile import run_tile_ray
+
+        return run_tile_ray(config, progress, log)
+    if config.engine != "local":
+        raise UsageError(f"--engine must be 'local' or 'ray', not {config.engine!r}")
+    return run_planned(
+        config, _stream, progress, log, "interrupted: no output written (temporary files removed)"
+    )
+
+
+def run_planned(config: TileConfig, stream, progress=None, log=None, interrupted_note: str = "") -> Report:
+    """What every engine does around its run: plan, claim, skip if up to date, stop on signals.
+
+    Args:
+        config: the options.
+        stream: ``(plan, config, provenance, guard, progress, log) -> stats`` computes and
+            writes the outputs (atomically) and returns timing figures for the report; it
+            raises ``Interrupted`` (``guard.check()``) to stop.
+        progress: optional ``ui.Progress``-like object.
+        log: optional callable for one-line human messages.
+        interrupted_note: logged when a signal stopped the run.
+
+    Returns:
+        The report (see ``run_tile``).
     """
     from segnet_cli.engine import model_fingerprint
 
@@ -688,10 +705,10 @@ def run_tile(config: TileConfig, progress=None, log=None) -> Report:
                 details["reason"] = "up to date"
                 return Report(skipped=1, seconds=time.perf_counter() - t0, details=details)
             guard.check()
-            stats = _stream(plan, config, prov, guard, progress, log)
+            stats = stream(plan, config, prov, guard, progress, log)
     except Interrupted as exc:
-        if log:
-            log("interrupted: no output written (temporary files removed)")
+        if log and interrupted_note:
+            log(interrupted_note)
         details["interrupted"] = exc.signum
         return Report(
             return_code=exc.exit_code, seconds=time.perf_counter() - t0, details=details
@@ -774,53 +791,160 @@ def _prob_block(conf: np.ndarray, dtype: str) -> np.ndarray:
     return conf.astype(np.float16)
 
 
-def _stream(plan: TilePlan, config: TileConfig, prov: Provenance, guard, progress, log) -> dict:
-    """The streaming run itself; returns timing figures."""
-    from segnet_cli.engine import Segmenter
-    from segnet_cli.tiling import Stitcher
-
-    source, grid, tiling = plan.source, plan.grid, plan.tiling
-    if log:
-        log(f"loading model {plan.model_path}")
-    seg = Segmenter(plan.model_path, config.precision, config.device)
-    if seg.stride != grid.stride or seg.num_classes != plan.model.num_classes:
-        raise UsageError("the model changed since it was planned")
-    guard.check()
-    k = seg.num_classes
-    prob = config.probabilities
-    stitcher = Stitcher(
-        grid, k, tiling.blend, confidence=prob == "confidence", probabilities=prob == "classes"
-    )
+def effective_nodata(source: SourceInfo, log=None) -> float | None:
+    """The input's nodata value as the bands show it (``None``: no pixel is nodata)."""
     nodata = source.nodata
     if nodata is not None and source.palette:
         # A palette image's nodata is a colour-map index, gone once bands are expanded to RGB.
         if log:
             log("input nodata ignored: it names a palette index, not a colour")
-        nodata = None
-    nodata_out = str(config.nodata_class) if nodata is not None else None
-    common = {
-        "software": f"segnet {__version__}",
-        "description": prov.to_json(),
-    }
+        return None
+    return nodata
+
+
+def stitch_rows(
+    seg,
+    grid: TileGrid,
+    bands,
+    *,
+    blend: str,
+    batch_size: int,
+    source_path: Path,
+    probabilities: str | None,
+    probability_dtype: str,
+    nodata: float | None,
+    nodata_class: int,
+    stats: dict | None = None,
+    on_batch=None,
+):
+    """Run every grid row through the model and yield finished output rows, top to bottom.
+
+    This is the one place where ``segnet tile`` turns pixels into mask rows, whichever engine
+    runs it (``ray_tile`` runs it on a slice of the grid), so both give the same bytes:
+    same windows, same batches (each grid row batched on its own), same stitching, same
+    nodata rule, same probability encoding.
+
+    Args:
+        seg: a ``Segmenter``.
+        grid: the tiles to run, row by row.
+        bands: ``next() -> (y0, band)`` for each grid row in order, in the grid's row
+            coordinates, and ``release()`` once a band is no longer used (``_BandPrefetcher``).
+        blend: the stitcher's mode.
+        batch_size: tiles per model batch.
+        source_path: the input (for error messages).
+        probabilities: ``None``, ``confidence`` or ``classes``.
+        probability_dtype: ``float16`` or ``uint8``.
+        nodata: the input's nodata value (``effective_nodata``), or ``None``.
+        nodata_class: the mask value of nodata pixels.
+        stats: when given, ``model_seconds`` is added to it.
+        on_batch: called with each batch's tiles once they are stitched (progress, signals).
+
+    Yields:
+        ``(y0, mask, prob)``: rows ``[y0, y0 + len(mask))`` as uint8 class indices, and their
+        probability raster in ``probability_dtype`` (``None`` without ``probabilities``).
+
+    Raises:
+        OutputError: the stitcher did not finish (an internal error).
+    """
+    from segnet_cli.tiling import Stitcher
+
+    prob = probabilities
+    stitcher = Stitcher(
+        grid, seg.num_classes, blend, confidence=prob == "confidence", probabilities=prob == "classes"
+    )
+    channels = seg.info.in_channels
+    bs = max(1, batch_size)
+    for r in range(len(grid.rows)):
+        b0, band = bands.next()
+
+        def pixels(tile, band=band, b0=b0):
+            y0, x0, y1, x1 = tile.window
+            return to_model_input(band[y0 - b0 : y1 - b0, x0:x1], channels, source_path)
+
+        t_model = time.perf_counter()
+        for tiles, logits in seg.run_tiles(((t, pixels(t)) for t in grid.row_tiles(r)), bs):
+            if stats is not None:
+                stats["model_seconds"] += time.perf_counter() - t_model
+            for tile, lg in zip(tiles, logits):
+                stitcher.add(tile, lg)
+            del logits
+            if on_batch is not None:
+                on_batch(tiles)
+            t_model = time.perf_counter()
+        for y0, mask, conf, probs in stitcher.pop():
+            if nodata is not None:
+                nod = _nodata_mask(band[y0 - b0 : y0 - b0 + mask.shape[0]], nodata)
+                if nod is not None and nod.any():
+                    mask = np.where(nod, np.uint8(nodata_class), mask)
+                    if conf is not None:
+                        conf = np.where(nod, 0.0, conf)
+                    if probs is not None:
+                        probs = np.where(nod[..., None], 0.0, probs)
+            p = None
+            if prob is not None:
+                p = _prob_block(probs if prob == "classes" else conf, probability_dtype)
+            yield y0, mask, p
+        # Drop every reference to the band (the closure's too) before the reader may start
+        # the next one: two bands alive at most.
+        del band, pixels
+        bands.release()
+    if not stitcher.finished:
+        raise OutputError("internal error: the stitcher did not finish", source_path)
+
+
+class OutputRows:
+    """The rows of the output rasters, written in order (see ``open_outputs``)."""
+
+    def __init__(self, mask_rows: RowBlocks, prob_rows: RowBlocks | None) -> None:
+        self._mask = mask_rows
+        self._prob = prob_rows
+        self._finished = False
+
+    def add(self, mask: np.ndarray, prob: np.ndarray | None = None) -> None:
+        """The next rows: class indices, and their probabilities when a raster is written."""
+        self._mask.add(mask)
+        if self._prob is not None:
+            self._prob.add(prob)
+
+    def finish(self) -> None:
+        """Flush the last partial row of tiles and close the files (idempotent)."""
+        if not self._finished:
+            self._finished = True
+            self._mask.finish()
+            if self._prob is not None:
+                self._prob.finish()
+
+
+@contextmanager
+def open_outputs(plan: TilePlan, config: TileConfig, prov: Provenance, palette, nodata: bool):
+    """Open the output TIFF(s) as temporaries; rename them into place when the body succeeds.
+
+    The mask is uint8 with the model's colour map, the probability raster (if asked for)
+    float16 or uint8; both tiled and compressed as configured, with the input's resolution
+    and georeferencing, ``Software`` and the provenance in ``ImageDescription``.
+
+    Args:
+        plan: the plan (output paths, sizes, BigTIFF decisions).
+        config: the options.
+        prov: recorded in each file's ImageDescription.
+        palette: the model's class colours.
+        nodata: the input declares nodata: the mask then declares ``nodata_class`` as its own.
+
+    Yields:
+        An ``OutputRows`` to feed rows to; it is finished on leaving the block. On an
+        exception the writers are stopped and the temporaries deleted.
+    """
+    source, k = plan.source, plan.model.num_classes
+    prob = config.probabilities
+    common = {"software": f"segnet {__version__}", "description": prov.to_json()}
     if source.resolution is not None:
         common["resolution"] = source.resolution
         common["resolutionunit"] = source.resolution_unit or 1
-    bs = max(1, tiling.batch_size)
-    channels = seg.info.in_channels
-    stats = {"model_seconds": 0.0, "read_wait_seconds": 0.0, "write_wait_seconds": 0.0}
-    total_px = source.pixels
-    done_px = 0
-    if progress is not None:
-        progress.start(len(grid), 0)
-    t_start = time.perf_counter()
-
-    reader = open_reader(source, config.max_pixels)
+    nodata_out = str(config.nodata_class) if nodata else None
     with ExitStack() as stack:
-        stack.callback(reader.close)
         tmp_mask = stack.enter_context(atomic_path(plan.output))
         tmp_prob = stack.enter_context(atomic_path(plan.prob_output)) if plan.prob_output else None
         writers: list[TiledTiffWriter] = []
-        prefetch = None
         try:
             mask_writer = TiledTiffWriter(
                 tmp_mask,
@@ -830,11 +954,10 @@ def _stream(plan: TilePlan, config: TileConfig, prov: Provenance, guard, progres
                 config.compression,
                 plan.bigtiff,
                 photometric="palette",
-                colormap=colormap(seg.info.palette),
+                colormap=colormap(palette),
                 **{**common, "extratags": output_extratags(source, nodata_out)},
             )
             writers.append(mask_writer)
-            mask_rows = RowBlocks(mask_writer, config.out_tile)
             prob_rows = None
             if tmp_prob is not None:
                 shape = (source.height, source.width) + ((k,) if prob == "classes" else ())
@@ -851,61 +974,75 @@ def _stream(plan: TilePlan, config: TileConfig, prov: Provenance, guard, progres
                 )
                 writers.append(prob_writer)
                 prob_rows = RowBlocks(prob_writer, config.out_tile)
-            prefetch = _BandPrefetcher(reader, [(r.window_start, r.window_end) for r in grid.rows])
-            for r in range(len(grid.rows)):
-                b0, band = prefetch.next()
-
-                def pixels(tile, band=band, b0=b0):
-                    y0, x0, y1, x1 = tile.window
-                    return to_model_input(band[y0 - b0 : y1 - b0, x0:x1], channels, source.path)
-
-                t_model = time.perf_counter()
-                for tiles, logits in seg.run_tiles(((t, pixels(t)) for t in grid.row_tiles(r)), bs):
-                    stats["model_seconds"] += time.perf_counter() - t_model
-                    for tile, lg in zip(tiles, logits):
-                        stitcher.add(tile, lg)
-                        cy0, cx0, cy1, cx1 = tile.core
-                        done_px += (cy1 - cy0) * (cx1 - cx0)
-                    del logits
-                    if progress is not None:
-                        rate = done_px / max(1e-9, time.perf_counter() - t_start) / 1e6
-                        progress.advance(len(tiles), extra=f"{rate:.2f} Mpx/s")
-                    guard.check()
-                    t_model = time.perf_counter()
-                tw = time.perf_counter()
-                for y0, mask, conf, probs in stitcher.pop():
-                    if nodata is not None:
-                        nod = _nodata_mask(band[y0 - b0 : y0 - b0 + mask.shape[0]], nodata)
-                        if nod is not None and nod.any():
-                            mask = np.where(nod, np.uint8(config.nodata_class), mask)
-                            if conf is not None:
-                                conf = np.where(nod, 0.0, conf)
-                            if probs is not None:
-                                probs = np.where(nod[..., None], 0.0, probs)
-                    mask_rows.add(mask)
-                    if prob_rows is not None:
-                        p = probs if prob == "classes" else conf
-                        prob_rows.add(_prob_block(p, config.probability_dtype))
-                stats["write_wait_seconds"] += time.perf_counter() - tw
-                # Drop every reference to the band (the closure's too) before the reader may
-                # start the next one: two bands alive at most.
-                del band, pixels
-                prefetch.release()
-            if not stitcher.finished:
-                raise OutputError("internal error: the stitcher did not finish", plan.output)
-            tw = time.perf_counter()
-            mask_rows.finish()
-            if prob_rows is not None:
-                prob_rows.finish()
-            stats["write_wait_seconds"] += time.perf_counter() - tw
+            rows = OutputRows(RowBlocks(mask_writer, config.out_tile), prob_rows)
+            yield rows
+            rows.finish()
         except BaseException:
             for w in writers:
                 w.abort()
             raise
-        finally:
-            if prefetch is not None:
-                stats["read_wait_seconds"] = prefetch.wait_seconds
-                prefetch.close()
+
+
+def _stream(plan: TilePlan, config: TileConfig, prov: Provenance, guard, progress, log) -> dict:
+    """The streaming run itself; returns timing figures."""
+    from segnet_cli.engine import Segmenter
+
+    source, grid, tiling = plan.source, plan.grid, plan.tiling
+    if log:
+        log(f"loading model {plan.model_path}")
+    seg = Segmenter(plan.model_path, config.precision, config.device)
+    if seg.stride != grid.stride or seg.num_classes != plan.model.num_classes:
+        raise UsageError("the model changed since it was planned")
+    guard.check()
+    nodata = effective_nodata(source, log)
+    stats = {"model_seconds": 0.0, "read_wait_seconds": 0.0, "write_wait_seconds": 0.0}
+    total_px = source.pixels
+    done_px = 0
+    if progress is not None:
+        progress.start(len(grid), 0)
+    t_start = time.perf_counter()
+
+    def on_batch(tiles) -> None:
+        nonlocal done_px
+        for tile in tiles:
+            cy0, cx0, cy1, cx1 = tile.core
+            done_px += (cy1 - cy0) * (cx1 - cx0)
+        if progress is not None:
+            rate = done_px / max(1e-9, time.perf_counter() - t_start) / 1e6
+            progress.advance(len(tiles), extra=f"{rate:.2f} Mpx/s")
+        guard.check()
+
+    reader = open_reader(source, config.max_pixels)
+    prefetch = None
+    try:
+        with open_outputs(plan, config, prov, seg.info.palette, nodata is not None) as outputs:
+            prefetch = _BandPrefetcher(reader, [(r.window_start, r.window_end) for r in grid.rows])
+            rows = stitch_rows(
+                seg,
+                grid,
+                prefetch,
+                blend=tiling.blend,
+                batch_size=tiling.batch_size,
+                source_path=source.path,
+                probabilities=config.probabilities,
+                probability_dtype=config.probability_dtype,
+                nodata=nodata,
+                nodata_class=config.nodata_class,
+                stats=stats,
+                on_batch=on_batch,
+            )
+            for _y0, mask, prob in rows:
+                tw = time.perf_counter()
+                outputs.add(mask, prob)
+                stats["write_wait_seconds"] += time.perf_counter() - tw
+            tw = time.perf_counter()
+            outputs.finish()
+            stats["write_wait_seconds"] += time.perf_counter() - tw
+    finally:
+        if prefetch is not None:
+            stats["read_wait_seconds"] = prefetch.wait_seconds
+            prefetch.close()
+        reader.close()
     wall = time.perf_counter() - t_start
     stats.update(
         {
@@ -932,6 +1069,11 @@ def summary_lines(report: Report) -> list[str]:
     ]
     if d.get("prob_output"):
         lines.append(f"wrote {d['prob_output']}")
+    if d.get("engine") == "ray":
+        from segnet_cli.ray_tile import summary_line
+
+        lines.append(summary_line(d))
+        return lines
     est = plan.get("memory_bytes", {}).get("total")
     if d.get("peak_rss_bytes"):
         lines.append(
@@ -945,6 +1087,11 @@ def summary_lines(report: Report) -> list[str]:
 
 __all__ = [
     "run_tile",
+    "run_planned",
+    "stitch_rows",
+    "open_outputs",
+    "OutputRows",
+    "effective_nodata",
     "plan_tile",
     "TilePlan",
     "MemoryEstimate",

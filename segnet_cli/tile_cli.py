@@ -27,7 +27,7 @@ from segnet_cli.cli import (
     _quiet_tf,
     _tiling,
 )
-from segnet_cli.errors import SegnetError
+from segnet_cli.errors import EXIT_USAGE, SegnetError
 
 
 def tile_command(
@@ -49,6 +49,8 @@ def tile_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo the mask even if it is up to date.")] = False,
     precision: PrecisionOpt = None,
     device: DeviceOpt = None,
+    engine: Annotated[Optional[str], typer.Option("--engine", help="local (this machine) or ray (spread the tile rows over a Ray cluster's actors; pip install 'segnet-cli[ray]').")] = None,
+    address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster for --engine ray (host:port or ray://host:port); default RAY_ADDRESS, else a local cluster.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan or the run's report as JSON on stdout.")] = False,
     quiet: QuietOpt = False,
     log_file: LogOpt = None,
@@ -59,7 +61,8 @@ def tile_command(
     does (same masks), and the mask written tile by tile, so memory depends on the image's
     width and the tile size, not on its height. Resolution and GeoTIFF tags are copied; input
     nodata pixels get --nodata-class. The output appears only when complete; a re-run skips
-    an up-to-date mask; Ctrl-C stops cleanly.
+    an up-to-date mask; Ctrl-C stops cleanly. --engine ray spreads the rows of tiles over a
+    Ray cluster (same mask); an interrupted ray run resumes from its finished rows.
     """
     from segnet_cli import ui
     from segnet_cli.config import TileConfig, TilingConfig
@@ -68,12 +71,20 @@ def tile_command(
         ui.configure(quiet, log_file)
     except SegnetError as exc:
         raise _fail(exc) from None
+    if address and engine != "ray":
+        ui.error("--address needs --engine ray")
+        raise typer.Exit(EXIT_USAGE)
+    if engine not in (None, "local", "ray"):
+        ui.error(f"--engine must be 'local' or 'ray', not {engine!r}")
+        raise typer.Exit(EXIT_USAGE)
     given = {
         "probability_dtype": prob_dtype,
         "compression": compression,
         "out_tile": out_tile,
         "nodata_class": nodata_class,
         "precision": precision,
+        "engine": engine,
+        "address": address,
     }
     cfg = TileConfig(
         input=image,
@@ -97,10 +108,16 @@ def tile_command(
             the_plan = plan_tile(cfg)
         except SegnetError as exc:
             raise _fail(exc) from None
+        data, lines = the_plan.as_dict(), the_plan.lines()
+        if cfg.engine == "ray":
+            from segnet_cli.ray_tile import plan_dict, plan_lines
+
+            data["ray"] = plan_dict(the_plan)
+            lines += plan_lines(the_plan)
         if as_json:
-            typer.echo(json.dumps(the_plan.as_dict()))
+            typer.echo(json.dumps(data))
         else:
-            for line in the_plan.lines():
+            for line in lines:
                 typer.echo(line)
         raise typer.Exit(0)
 
