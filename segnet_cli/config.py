@@ -81,7 +81,12 @@ class TileConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Options of ``segnet train``; the defaults are the recipe of the bundled model."""
+    """Options of ``segnet train``.
+
+    The defaults follow the SegNet paper where it is explicit (median-frequency weights at
+    full strength, void ignored) and a slim CPU-sized model otherwise. The bundled model's
+    exact command, which departs from some of these, is in ``weights/README.md``.
+    """
 
     images: Path
     masks: Path | None = None
