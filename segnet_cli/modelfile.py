@@ -144,3 +144,29 @@ def add_info(path: str | Path, info: ModelInfo) -> None:
         if MEMBER in zf.namelist():
             raise ModelFileError("already has segnet metadata", path)
         zf.writestr(MEMBER, info.to_json())
+
+
+def replace_info(path: str | Path, info: ModelInfo) -> None:
+    """Rewrite a model file with new metadata, atomically; the weights are copied unchanged.
+
+    Used to record figures measured after training (e.g. ``segnet eval`` on a validation
+    split) in the file that ``segnet info`` describes.
+    """
+    import os
+    import tempfile
+
+    path = Path(path)
+    read_info(path)  # must already be a segnet model file
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.keras", dir=path.parent)
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(path) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as dst:
+            for item in src.infolist():
+                if item.filename != MEMBER:
+                    dst.writestr(item, src.read(item.filename))
+            dst.writestr(MEMBER, info.to_json())
+        os.chmod(tmp, os.stat(path).st_mode & 0o777)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

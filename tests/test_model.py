@@ -111,3 +111,22 @@ def test_conv_flops_matches_keras_layer_shapes():
         total += 2 * out.shape[1] * out.shape[2] * kh * kw * cin * cout
     assert conv_flops(arch, h, w) == total
     del x
+
+
+def test_replace_info_keeps_weights(tiny_model, tmp_path):
+    import dataclasses
+    import shutil
+
+    from segnet_cli.model import load_model
+    from segnet_cli.modelfile import replace_info
+
+    copy = tmp_path / "m.keras"
+    shutil.copyfile(tiny_model, copy)
+    info = read_info(copy)
+    val = {"mean_iou": 0.5, "global_accuracy": 0.8, "class_accuracy": 0.6, "per_class_iou": [0.5] * 3}
+    replace_info(copy, dataclasses.replace(info, training={"val": val}))
+    assert read_info(copy).validation() == val
+    a, _ = load_model(tiny_model)
+    b, _ = load_model(copy)
+    x = np.random.default_rng(0).random((1, 16, 24, 3)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(a(x)), np.asarray(b(x)))
