@@ -25,8 +25,9 @@ class TilingConfig:
     """How an image is split into tiles (see ``segnet_cli.tiling``).
 
     ``predict``, ``tile`` and ``eval`` share these defaults, so they produce the same masks.
-    The halo was chosen by measurement against whole-image inference (README, "Tiling");
-    a halo of half the receptive field makes the result identical.
+    Measured with the bundled model on real street scenes (README, "Tiling"): 1024/128
+    agrees with whole-image inference on 99.994% of pixels at 1.78x compute on large images;
+    a halo of half the receptive field (192 here) makes the result identical, at 2.56x.
     """
 
     tile: int = 1024
