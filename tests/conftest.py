@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -93,3 +95,28 @@ def shapes_image(h: int, w: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]
     img[sq] = (40, 200, 60)
     mask[sq] = 2
     return img, mask
+
+
+@contextmanager
+def local_ray_cluster() -> Iterator:
+    """A 2-CPU local Ray cluster for a test module, shut down after it.
+
+    An already running session (someone else's) is used and left running. Skips the caller
+    when Ray is not installed.
+    """
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(
+        num_cpus=2,
+        object_store_memory=80 * 2**20,  # result rows are tiny: pixels never enter the store
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="WARNING",
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

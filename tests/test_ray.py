@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shapes_image, write_png
+from conftest import local_ray_cluster, shapes_image, write_png
 from PIL import Image
 
 from segnet_cli.config import PredictConfig, TilingConfig
@@ -33,22 +33,8 @@ GOOD = ("odd.png", "line.png", "a.png", "b.png", "c.png", "sub/nested.png")
 def ray_cluster(ray_out):
     """A 2-CPU local cluster, started after ``ray_out`` (whose engine starts its own) and
     shut down after the module."""
-    ray = pytest.importorskip("ray")
-    pytest.importorskip("ray.data")
-    if ray.is_initialized():  # someone else's session: use it, leave it running
+    with local_ray_cluster() as ray:
         yield ray
-        return
-    ray.init(
-        num_cpus=2,
-        object_store_memory=80 * 2**20,  # rows are tiny: pixels never enter the store
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="WARNING",
-    )
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from conftest import shapes_image
+from conftest import local_ray_cluster, shapes_image
 from typer.testing import CliRunner
 
 from segnet_cli.cli import app
@@ -78,22 +78,8 @@ def local_gaussian(src, tiny_model, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ray_cluster():
     """One 2-CPU local cluster for the module, shut down after it."""
-    ray = pytest.importorskip("ray")
-    pytest.importorskip("ray.data")
-    if ray.is_initialized():  # someone else's session: use it, leave it running
+    with local_ray_cluster() as ray:
         yield ray
-        return
-    ray.init(
-        num_cpus=2,
-        object_store_memory=80 * 2**20,  # result rows are tiny: pixels never enter the store
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="WARNING",
-    )
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
 
 
 def tags_of(path: Path) -> dict:
