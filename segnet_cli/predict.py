@@ -171,6 +171,37 @@ def plan(config: PredictConfig, on_event=None) -> tuple[list[Job], list[Outcome]
     return jobs, outcomes, model_sha, settings
 
 
+def begin(config: PredictConfig, emit, timer: Timer, **details):
+    """What every engine does before segmenting: plan, report skips and failures found while
+    planning, and answer a dry run or a run with nothing to do without loading any model.
+
+    Returns:
+        ``(jobs, counts, model_sha, early_report)``; ``early_report`` is not None when the run
+        ends here. ``details`` are added to that report's details.
+    """
+    jobs, outcomes, model_sha, _settings = plan(config)
+    counts = {"done": 0, "skipped": 0, "failed": 0}
+    for o in outcomes:
+        counts[o.status] += 1
+        emit(o)
+    early = None
+    if config.dry_run:
+        for job in jobs:
+            emit(Outcome(str(job.item.path), str(job.mask), "planned"))
+        early = {"planned": len(jobs), "dry_run": True}
+    elif not jobs:
+        early = {"nothing_to_do": True}
+    if early is None:
+        return jobs, counts, model_sha, None
+    return jobs, counts, model_sha, Report(
+        return_code=EXIT_SOME_FAILED if counts["failed"] else EXIT_OK,
+        skipped=counts["skipped"],
+        failed=counts["failed"],
+        seconds=timer(),
+        details={**early, **details},
+    )
+
+
 def run_predict(config: PredictConfig, on_event=None, progress=None, log=None) -> Report:
     """Segment every input of ``config`` and write its mask.
 
@@ -197,32 +228,9 @@ def run_predict(config: PredictConfig, on_event=None, progress=None, log=None) -
         removed = remove_dead_temporaries(config.out)
         if removed and log:
             log(f"removed {removed} temporary file(s) left by an interrupted run")
-    jobs, outcomes, model_sha, settings = plan(config)
-    for o in outcomes:
-        emit(o)
-    counts = {"done": 0, "skipped": 0, "failed": 0}
-    for o in outcomes:
-        counts[o.status] += 1
-    if config.dry_run:
-        for job in jobs:
-            o = Outcome(str(job.item.path), str(job.mask), "planned")
-            emit(o)
-        return Report(
-            return_code=EXIT_OK if not counts["failed"] else EXIT_SOME_FAILED,
-            done=0,
-            skipped=counts["skipped"],
-            failed=counts["failed"],
-            seconds=timer(),
-            details={"planned": len(jobs), "dry_run": True},
-        )
-    if not jobs:
-        return Report(
-            return_code=EXIT_SOME_FAILED if counts["failed"] else EXIT_OK,
-            skipped=counts["skipped"],
-            failed=counts["failed"],
-            seconds=timer(),
-            details={"nothing_to_do": True},
-        )
+    jobs, counts, model_sha, early = begin(config, emit, timer)
+    if early is not None:
+        return early
     interrupted = None
     try:
         with SignalGuard() as guard:

@@ -260,7 +260,7 @@ def run_predict_ray(
         UsageError: Ray is not installed, the cluster cannot be reached, or a bad option.
         SegnetError: as ``predict.plan`` (no input, a bad model file, ...).
     """
-    from segnet_cli.predict import check_writable, plan
+    from segnet_cli.predict import begin, check_writable
 
     ray = import_ray()  # before any work: a missing extra is a usage error, even for --dry-run
     device_mode(config.device)  # a bad --device fails before a cluster is started
@@ -268,30 +268,10 @@ def run_predict_ray(
     emit = on_event or (lambda o: None)
     if not config.dry_run:
         check_writable(config.out)
-    jobs, outcomes, model_sha, _settings = plan(config)
-    counts = {"done": 0, "skipped": 0, "failed": 0}
-    for o in outcomes:
-        counts[o.status] += 1
-        emit(o)
-    if config.dry_run:
-        for job in jobs:
-            emit(Outcome(str(job.item.path), str(job.mask), "planned"))
-        return Report(
-            return_code=EXIT_SOME_FAILED if counts["failed"] else EXIT_OK,
-            skipped=counts["skipped"],
-            failed=counts["failed"],
-            seconds=timer(),
-            details={"planned": len(jobs), "dry_run": True, "engine": "ray"},
-        )
-    if not jobs:
-        # Nothing to segment: no cluster is started or contacted.
-        return Report(
-            return_code=EXIT_SOME_FAILED if counts["failed"] else EXIT_OK,
-            skipped=counts["skipped"],
-            failed=counts["failed"],
-            seconds=timer(),
-            details={"nothing_to_do": True, "engine": "ray"},
-        )
+    # A dry run, or nothing to segment: no cluster is started or contacted.
+    jobs, counts, model_sha, early = begin(config, emit, timer, engine="ray")
+    if early is not None:
+        return early
 
     details: dict = {"engine": "ray", "model_sha256": model_sha}
     started = not ray.is_initialized()
