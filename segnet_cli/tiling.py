@@ -241,24 +241,18 @@ class Stitcher:
         self.confidence = confidence or probabilities
         self.probabilities = probabilities
         self._pending = {r: set(range(len(grid.cols))) for r in range(len(grid.rows))}
-        self._next_row = 0  # first mask row not yet returned
-        self._band_start = 0
-        self._band: dict[str, np.ndarray] = {}
-        self._windows: dict[tuple[int, int], np.ndarray] = {}
+        self._done_rows = 0  # grid rows finished and handed to ``pop``
         self._ready: list = []
-        self._alloc_band(0)
-
-    def _alloc_band(self, r: int) -> None:
-        g = self.grid
-        if self.mode == "gaussian":
-            # Float sums for the rows tiles still cover; grown on demand, trimmed as rows finish.
-            self._band = {
-                "sum": np.zeros((0, g.width, self.k), np.float32),
-                "w": np.zeros((0, g.width), np.float32),
-            }
-            self._band_start = 0
-            return
+        # Center mode: one class-index band per grid row in flight (a batch may hold tiles
+        # of the next row). Gaussian mode: float sums for the rows that tiles still cover,
+        # starting at ``_band_start``; grown on demand, trimmed as rows finish.
         self._bands: dict[int, dict[str, np.ndarray]] = {}
+        self._band_start = 0
+        self._band = {
+            "sum": np.zeros((0, grid.width, num_classes), np.float32),
+            "w": np.zeros((0, grid.width), np.float32),
+        }
+        self._windows: dict[tuple[int, int], np.ndarray] = {}
 
     def _center_band(self, r: int) -> dict[str, np.ndarray]:
         """The class-index band of grid row ``r`` (rows of the batch may arrive early)."""
@@ -323,9 +317,8 @@ class Stitcher:
                 return
             # Grid row r is complete.
             if self.mode == "center":
-                b = self._bands.pop(r, None) or self._center_band(r)
+                b = self._bands.pop(r)
                 self._ready.append((g.rows[r].core_start, b["mask"], b.get("conf"), b.get("prob")))
-                self._next_row = g.rows[r].core_end
             else:
                 # Rows above the next grid row's windows receive no more tiles: final.
                 nxt = g.rows[r + 1].window_start if r + 1 < len(g.rows) else g.height
@@ -340,11 +333,10 @@ class Stitcher:
                     self._ready.append((y0, mask, conf, prob))
                     self._band = {"sum": s[n:].copy(), "w": w[n:].copy()}
                     self._band_start = nxt
-                self._next_row = nxt
             self._done_rows = r + 1
 
     def _current_row(self) -> int | None:
-        r = getattr(self, "_done_rows", 0)
+        r = self._done_rows
         return r if r < len(self.grid.rows) else None
 
     def pop(self) -> list[tuple[int, np.ndarray, np.ndarray | None, np.ndarray | None]]:
@@ -355,10 +347,6 @@ class Stitcher:
     @property
     def finished(self) -> bool:
         return self._current_row() is None
-
-    def peak_bytes(self) -> int:
-        """Bytes of the largest band this stitcher holds (for the memory planner)."""
-        return band_bytes(self.grid, self.k, self.mode, self.confidence, self.probabilities)
 
 
 def band_bytes(
