@@ -76,8 +76,12 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
 _PIL_DEFAULT_LIMIT: int | None = None
 
 
-def _limit(max_pixels: int | None) -> int | None:
-    """The pixel limit in force: the given one, else Pillow's own default."""
+def pixel_limit(max_pixels: int | None) -> int | None:
+    """The decompression-bomb limit for a read: the given one, else Pillow's own default.
+
+    Pillow's default is captured once, so a limit set for one run never leaks into the
+    next call that asks for the default.
+    """
     global _PIL_DEFAULT_LIMIT
     from PIL import Image
 
@@ -89,7 +93,7 @@ def _limit(max_pixels: int | None) -> int | None:
 def _read_pillow(path: Path, max_pixels: int | None) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    limit = _limit(max_pixels)
+    limit = pixel_limit(max_pixels)
     # Pillow's guard is a process-wide setting. It is set, never restored: reader threads of
     # one run share one limit, and a save/restore pair would race between threads.
     Image.MAX_IMAGE_PIXELS = limit
@@ -145,9 +149,8 @@ def _read_tiff(path: Path, max_pixels: int | None) -> np.ndarray:
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
-            shape = page.shape
-            h, w = _tiff_hw(page)
-            limit = _limit(max_pixels)
+            h, w = int(page.imagelength), int(page.imagewidth)
+            limit = pixel_limit(max_pixels)
             if limit is not None and h * w > limit:
                 raise ImageTooLargeError(
                     f"{w}x{h} is over the pixel limit of {limit}; use `segnet tile` for huge "
@@ -161,7 +164,6 @@ def _read_tiff(path: Path, max_pixels: int | None) -> np.ndarray:
                 arr = (cmap[:, arr].transpose(1, 2, 0) // scale).astype(np.uint8)
             elif arr.ndim == 3 and page.planarconfig == tifffile.PLANARCONFIG.SEPARATE:
                 arr = np.moveaxis(arr, 0, -1)
-            del shape
             return arr
     except ImageReadError:
         raise
@@ -169,10 +171,6 @@ def _read_tiff(path: Path, max_pixels: int | None) -> np.ndarray:
         raise ImageReadError("permission denied", path) from None
     except Exception as exc:  # tifffile raises many types for broken files
         raise ImageReadError(f"cannot decode TIFF ({type(exc).__name__}: {exc})", path) from None
-
-
-def _tiff_hw(page) -> tuple[int, int]:
-    return int(page.imagelength), int(page.imagewidth)
 
 
 def scale_to_unit(arr: np.ndarray) -> np.ndarray:

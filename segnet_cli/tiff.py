@@ -189,6 +189,9 @@ def _is_tiff(path: Path) -> bool:
 def _inspect_pillow(path: Path) -> SourceInfo:
     from PIL import Image, UnidentifiedImageError
 
+    # Only the header is read here: the size is checked against the run's own pixel limit
+    # by the caller, and ``read_image`` re-arms Pillow's guard before decoding any pixels.
+    Image.MAX_IMAGE_PIXELS = None
     try:
         with Image.open(path) as im:
             w, h, mode, fmt = im.width, im.height, im.mode, (im.format or "image").lower()

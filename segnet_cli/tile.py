@@ -49,7 +49,7 @@ from segnet_cli.errors import (
     OutputError,
     UsageError,
 )
-from segnet_cli.imageio import atomic_path, match_channels, to_model_input
+from segnet_cli.imageio import atomic_path, match_channels, pixel_limit, to_model_input
 from segnet_cli.modelfile import ModelInfo, read_info
 from segnet_cli.tiff import (
     OUTPUT_COMPRESSIONS,
@@ -490,9 +490,7 @@ def plan_tile(config: TileConfig) -> TilePlan:
     # Fail now, not after loading the model, if the bands cannot become the model's input.
     match_channels(np.zeros((1, 1, source.band_channels), np.uint8), info.in_channels, source.path)
     if source.layout == "whole":
-        from PIL import Image
-
-        limit = config.max_pixels if config.max_pixels is not None else Image.MAX_IMAGE_PIXELS
+        limit = pixel_limit(config.max_pixels)
         if limit is not None and source.pixels > limit:
             raise ImageTooLargeError(
                 f"{source.width}x{source.height} cannot be read window by window "

@@ -130,3 +130,15 @@ def test_unwritable_folder_is_a_clear_error(tmp_path):
         assert list(ro.iterdir()) == []
     finally:
         ro.chmod(0o700)
+
+
+def test_pixel_limit_of_one_read_does_not_leak(tmp_path):
+    from segnet_cli.imageio import pixel_limit
+
+    p = tmp_path / "img.png"
+    Image.fromarray(np.zeros((300, 300), np.uint8)).save(p)
+    with pytest.raises(ImageTooLargeError):
+        read_image(p, max_pixels=1000)
+    default = pixel_limit(None)
+    assert default is not None and default > 300 * 300
+    assert read_image(p).shape == (300, 300, 1)  # the next default read is not limited to 1000
