@@ -44,6 +44,7 @@ from segnet_cli.config import PredictConfig, Report
 from segnet_cli.errors import (
     EXIT_OK,
     EXIT_SOME_FAILED,
+    ImageReadError,
     OutputError,
     SegnetError,
     UsageError,
@@ -89,14 +90,26 @@ class Job:
     mask: Path
     overlay: Path | None
     claim: Claim
-    provenance: Provenance | None = None
+    model_sha: str = ""
+    settings: str = ""
+    provenance: Provenance | None = None  # computed on first need (see ensure_provenance)
     timer: Timer = field(default_factory=Timer)
     raw: np.ndarray | None = None
     image: np.ndarray | None = None
     stitcher: object = None
     grid: object = None
     remaining: int = 0
-    dpi: tuple | None = None
+
+    def ensure_provenance(self) -> Provenance:
+        """Hash the input (once) and return the provenance its mask will record.
+
+        Planning hashes only inputs whose mask already exists (to decide a skip); new inputs
+        are hashed by the reader threads, in parallel and just before decoding, so a first
+        run over a big folder starts at once and reads each file while it is in the cache.
+        """
+        if self.provenance is None:
+            self.provenance = Provenance(file_digest(self.item.path), self.model_sha, self.settings)
+        return self.provenance
 
 
 def check_writable(out: Path) -> None:
@@ -155,19 +168,21 @@ def plan(config: PredictConfig, on_event=None) -> tuple[list[Job], list[Outcome]
             )
             outcomes.append(Outcome(str(item.path), None, "failed", error=why))
             continue
-        try:
-            prov = Provenance(file_digest(item.path), model_sha, settings)
-        except OSError as exc:
-            outcomes.append(Outcome(str(item.path), None, "failed", error=f"cannot read: {exc.strerror}"))
-            continue
-        if not config.overwrite and read_provenance(m) == prov:
-            outcomes.append(
-                Outcome(str(item.path), str(m), "skipped", extra={"reason": "up to date"})
-            )
-            continue
         ov = overlay_path(config.out, item) if config.overlay else None
         claim = Claim(config.out, m)  # acquired only when the input enters the pipeline
-        jobs.append(Job(item, m, ov, claim, prov))
+        job = Job(item, m, ov, claim, model_sha, settings)
+        if not config.overwrite and m.exists():
+            try:
+                up_to_date = read_provenance(m) == job.ensure_provenance()
+            except OSError as exc:
+                outcomes.append(Outcome(str(item.path), None, "failed", error=f"cannot read: {exc.strerror}"))
+                continue
+            if up_to_date:
+                outcomes.append(
+                    Outcome(str(item.path), str(m), "skipped", extra={"reason": "up to date"})
+                )
+                continue
+        jobs.append(job)
     return jobs, outcomes, model_sha, settings
 
 
@@ -290,6 +305,10 @@ def _run_jobs(config, jobs, guard, emit, counts, progress, log) -> int | None:
 
     # ---- stage 1: readers
     def read(job: Job):
+        try:
+            job.ensure_provenance()
+        except OSError as exc:
+            raise ImageReadError(f"cannot read: {exc.strerror or exc}", job.item.path) from None
         raw = read_image(job.item.path, config.max_pixels)
         return raw, to_model_input(raw, info.in_channels, job.item.path)
 
@@ -340,9 +359,15 @@ def _run_jobs(config, jobs, guard, emit, counts, progress, log) -> int | None:
                 skip(job, "another segnet run is writing this mask")
                 continue
             # Re-check under the claim: an overlapping run may have finished it meanwhile.
-            if not config.overwrite and read_provenance(job.mask) == job.provenance:
-                skip(job, "up to date")
-                continue
+            if not config.overwrite and job.mask.exists():
+                try:
+                    up_to_date = read_provenance(job.mask) == job.ensure_provenance()
+                except OSError as exc:
+                    finish(job, "failed", f"cannot read: {exc.strerror or exc}")
+                    continue
+                if up_to_date:
+                    skip(job, "up to date")
+                    continue
             ahead.append((job, pool.submit(read, job)))
 
     def run_group(group) -> None:

@@ -364,18 +364,28 @@ def _stream(ray, config: PredictConfig, jobs, actors: ActorPlan, guard, emit, co
 
     from segnet_cli.engine import resolve_model_path
 
-    items = [
-        {
-            "i": k,
-            # Absolute paths: actors do not share the driver's working directory.
-            "path": str(job.item.path.absolute()),
-            "mask": str(job.mask.absolute()),
-            "overlay": str(job.overlay.absolute()) if job.overlay is not None else "",
-            "provenance": job.provenance.to_json(),
-            "source": job.item.path.name,
-        }
-        for k, job in enumerate(jobs)
-    ]
+    items = []
+    for k, job in enumerate(jobs):
+        try:
+            # Hashed here, not while planning, for inputs that had no mask yet.
+            provenance = job.ensure_provenance().to_json()
+        except OSError as exc:
+            counts["failed"] += 1
+            emit(Outcome(str(job.item.path), None, "failed", error=f"cannot read: {exc.strerror or exc}"))
+            continue
+        items.append(
+            {
+                "i": k,
+                # Absolute paths: actors do not share the driver's working directory.
+                "path": str(job.item.path.absolute()),
+                "mask": str(job.mask.absolute()),
+                "overlay": str(job.overlay.absolute()) if job.overlay is not None else "",
+                "provenance": provenance,
+                "source": job.item.path.name,
+            }
+        )
+    if not items:
+        return None
     ds = ray.data.from_items(items).map_batches(
         SegmentActor,
         batch_size=BATCH_SIZE,
@@ -395,7 +405,7 @@ def _stream(ray, config: PredictConfig, jobs, actors: ActorPlan, guard, emit, co
         },
     )
     if progress is not None:
-        progress.start(len(jobs), 0)
+        progress.start(len(jobs), len(jobs) - len(items))  # unreadable ones are already done
     seen: set[int] = set()
     interrupted = None
     with _quiet_ray_data():

@@ -154,7 +154,7 @@ def test_actor_rows_done_failed_skipped(folder, local_out, tiny_model, tmp_path)
             "path": np.array([str(j.item.path) for j in js], object),
             "mask": np.array([str(j.mask) for j in js], object),
             "overlay": np.array([""] * len(js), object),
-            "provenance": np.array([j.provenance.to_json() for j in js], object),
+            "provenance": np.array([j.ensure_provenance().to_json() for j in js], object),
             "source": np.array([j.item.path.name for j in js], object),
         }
 
