@@ -6,82 +6,164 @@ Both layers are written the Keras way (``__init__``/``build``/``call``/``get_con
 registered serializable), so a model using them saves to ``.keras`` and loads with
 ``safe_mode=True`` and no Lambda layers.
 
+What the pooling remembers: for each pooled value, its position inside its own window
+(0..k*k-1, row-major), as ``uint8``. The paper stores "max-pooling indices"; a window
+position is the same information in one byte per value, instead of an int64 index into the
+whole batch, and it needs no integer division or scatter to use. Ties go to the first
+maximum in row-major order, as ``tf.nn.max_pool_with_argmax`` does.
+
+Why the pooling and unpooling are written as reshapes and selects, compiled with XLA:
+``max_pool_with_argmax`` plus ``scatter_nd`` cost this slim SegNet more time on a CPU than its
+13 full-resolution convolutions' worth of memory traffic should (measured: 105 ms of a
+274 ms forward pass at 2x360x480). Seen as a ``(B, H/k, k, W/k, k, C)`` view, pooling is a
+max over two axes and unpooling a select broadcast over them; XLA fuses each into one pass
+over memory (14 ms together). Only these element-wise steps are compiled: the convolutions
+stay on oneDNN/cuDNN, which XLA on a CPU does not beat.
+
 Why the unpooling takes the *pre-pool tensor* as an input: "SAME" pooling rounds odd sizes up
-(45 -> 23), so "twice the pooled size" (46) is wrong for every odd size. Scattering into the
+(45 -> 23), so "twice the pooled size" (46) is wrong for every odd size. Unpooling into the
 exact pre-pool shape makes any height and width work, 1x1 and primes included.
 
-Why indices are int64 and include the batch: the flat index of a (4, 360, 480, 64) tensor is
-already ~44M, past float32's exact integers (2^24), and CPU and GPU kernels once disagreed on
-the per-image convention; ``include_batch_in_index=True`` is the one both honour.
-
-Why ``supports_jit = False``: ``MaxPoolWithArgmax`` has no XLA kernel, and Keras resolves
-``jit_compile="auto"`` to True on a GPU unless a layer declares it cannot be compiled.
+Why ``supports_jit = False``: it keeps Keras from compiling the *whole* model with XLA when it
+trains on a GPU (``jit_compile="auto"``); the convolutions are better served by cuDNN and the
+layers already compile their own element-wise work.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import keras
 import tensorflow as tf
+
+_COMPILE = contextvars.ContextVar("segnet_compile_windows", default=True)
+
+
+@contextlib.contextmanager
+def compiled_windows(enabled: bool) -> Iterator[None]:
+    """Trace the pooling and unpooling with (default) or without XLA inside this block.
+
+    XLA compiles once per input shape (0.3-1 s each for this model on a CPU). Inference
+    on a stream of shapes that never repeat is faster without it; ``Segmenter`` decides.
+    The choice is made when a ``tf.function`` traces, so it sticks to that trace.
+    """
+    token = _COMPILE.set(enabled)
+    try:
+        yield
+    finally:
+        _COMPILE.reset(token)
+
+
+def _windows(x, kh: int, kw: int, same: bool):
+    """``x`` as ``(B, H', kh, W', kw, C)`` windows: padded with -inf ("same") or cropped."""
+    shape = tf.shape(x)
+    h, w = shape[1], shape[2]
+    if same:
+        x = tf.pad(
+            x, [[0, 0], [0, -h % kh], [0, -w % kw], [0, 0]], constant_values=float("-inf")
+        )
+    else:
+        x = x[:, : h - h % kh, : w - w % kw, :]
+    shape = tf.shape(x)
+    return tf.reshape(x, (shape[0], shape[1] // kh, kh, shape[2] // kw, kw, shape[3]))
+
+
+def _pool(x, kh: int, kw: int, same: bool):
+    win = _windows(x, kh, kw, same)
+    top = tf.reduce_max(win, axis=(2, 4))
+    last = kh * kw - 1
+    # First maximum in row-major order: walk the positions backwards, earlier ones win.
+    where = tf.fill(tf.shape(top), tf.constant(last, tf.uint8))
+    pooled = win[:, :, last // kw, :, last % kw, :]
+    for pos in range(last - 1, -1, -1):
+        candidate = win[:, :, pos // kw, :, pos % kw, :]
+        hit = tf.equal(candidate, top)
+        where = tf.where(hit, tf.constant(pos, tf.uint8), where)
+        # Select the input itself (not ``top``) so the gradient goes to that one position.
+        pooled = tf.where(hit, candidate, pooled)
+    return pooled, where
+
+
+def _unpool(values, where, reference, kh: int, kw: int):
+    positions = tf.constant(list(range(kh * kw)), tf.uint8, shape=(1, 1, kh, 1, kw, 1))
+    spread = tf.where(
+        tf.equal(where[:, :, None, :, None, :], positions),
+        values[:, :, None, :, None, :],
+        tf.zeros((), values.dtype),
+    )
+    shape = tf.shape(values)
+    out = tf.reshape(spread, (shape[0], shape[1] * kh, shape[2] * kw, shape[3]))
+    h, w = tf.shape(reference)[1], tf.shape(reference)[2]
+    out = out[:, :h, :w, :]
+    # "valid" pooling dropped the last rows/columns: they come back as zeros.
+    return tf.pad(out, [[0, 0], [0, h - tf.shape(out)[1]], [0, w - tf.shape(out)[2]], [0, 0]])
+
+
+# Compiled once per input shape; the traces themselves are shape-relaxed.
+_pool_xla = tf.function(_pool, jit_compile=True, reduce_retracing=True)
+_unpool_xla = tf.function(_unpool, jit_compile=True, reduce_retracing=True)
+
+
+def _pair(value) -> tuple[int, int]:
+    return (int(value),) * 2 if isinstance(value, int) else tuple(int(v) for v in value)
 
 
 @keras.saving.register_keras_serializable(package="segnet")
 class MaxPoolingWithArgmax2D(keras.layers.Layer):
-    """2x2 max pooling that also returns where each maximum came from.
+    """Max pooling over non-overlapping windows that also returns where each maximum was.
 
     Args:
-        pool_size: Height and width of the pooling window.
-        strides: Step of the window; defaults to ``pool_size``.
+        pool_size: Height and width of the pooling window (at most 16x16).
+        strides: Step of the window; must equal ``pool_size`` (defaults to it), because
+            unpooling puts each value back into its own window.
         padding: ``"same"`` (any size works; odd sizes round up) or ``"valid"``.
 
-    Call returns ``(pooled, indices)``: ``indices`` is int64 with the pooled shape and holds,
-    for each pooled value, its flat index into the *whole input batch* tensor.
+    Call returns ``(pooled, where)``: ``where`` is ``uint8`` with the pooled shape and holds,
+    for each pooled value, its row-major position inside its window.
     """
 
     def __init__(self, pool_size=(2, 2), strides=None, padding: str = "same", **kwargs):
         super().__init__(**kwargs)
-        self.pool_size = tuple(pool_size) if not isinstance(pool_size, int) else (pool_size,) * 2
-        strides = self.pool_size if strides is None else strides
-        self.strides = tuple(strides) if not isinstance(strides, int) else (strides,) * 2
+        self.pool_size = _pair(pool_size)
+        self.strides = self.pool_size if strides is None else _pair(strides)
         self.padding = padding.lower()
+        if self.strides != self.pool_size:
+            raise ValueError("MaxPoolingWithArgmax2D needs strides equal to pool_size")
+        if self.padding not in ("same", "valid"):
+            raise ValueError(f"padding must be 'same' or 'valid', not {padding!r}")
+        if self.pool_size[0] * self.pool_size[1] > 256 or min(self.pool_size) < 1:
+            raise ValueError(f"pool_size {self.pool_size} is out of range")
         self.supports_jit = False
 
     def build(self, input_shape):
         self.built = True
 
     def call(self, inputs):
-        pooled, indices = tf.nn.max_pool_with_argmax(
-            inputs,
-            ksize=(1, *self.pool_size, 1),
-            strides=(1, *self.strides, 1),
-            padding=self.padding.upper(),
-            output_dtype=tf.int64,
-            include_batch_in_index=True,
-        )
-        # The indices carry no gradient; the pooled output does (the op registers one).
-        return pooled, tf.stop_gradient(indices)
+        pool = _pool_xla if _COMPILE.get() else _pool
+        pooled, where = pool(inputs, *self.pool_size, self.padding == "same")
+        shape, _ = self.compute_output_shape(inputs.shape)
+        pooled.set_shape(shape)
+        where.set_shape(shape)
+        # The positions carry no gradient; the pooled output does.
+        return pooled, tf.stop_gradient(where)
 
-    def _out_dim(self, size, k, s):
+    def _out_dim(self, size, k):
         if size is None:
             return None
-        if self.padding == "same":
-            return -(-size // s)
-        return (size - k) // s + 1
+        return -(-size // k) if self.padding == "same" else size // k
 
     def compute_output_shape(self, input_shape):
         b, h, w, c = input_shape
-        shape = (
-            b,
-            self._out_dim(h, self.pool_size[0], self.strides[0]),
-            self._out_dim(w, self.pool_size[1], self.strides[1]),
-            c,
-        )
+        shape = (b, self._out_dim(h, self.pool_size[0]), self._out_dim(w, self.pool_size[1]), c)
         return shape, shape
 
     def compute_output_spec(self, inputs):
         shape, _ = self.compute_output_shape(inputs.shape)
         return (
             keras.KerasTensor(shape, dtype=inputs.dtype),
-            keras.KerasTensor(shape, dtype="int64"),
+            keras.KerasTensor(shape, dtype="uint8"),
         )
 
     def get_config(self):
@@ -94,35 +176,33 @@ class MaxPoolingWithArgmax2D(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="segnet")
 class MaxUnpooling2D(keras.layers.Layer):
-    """Place each value back at the flat index its pooling recorded; zeros elsewhere.
+    """Place each value back at the window position its pooling recorded; zeros elsewhere.
 
-    Call with ``[values, indices, reference]``: ``values`` and ``indices`` have the pooled
+    Args:
+        pool_size: the window of the pooling being undone.
+
+    Call with ``[values, where, reference]``: ``values`` and ``where`` have the pooled
     shape, ``reference`` is the tensor that was pooled (only its dynamic shape is used), so
     the output has exactly the pre-pool height and width.
     """
 
-    def __init__(self, **kwargs):
+    def __init__(self, pool_size=(2, 2), **kwargs):
         super().__init__(**kwargs)
+        self.pool_size = _pair(pool_size)
         self.supports_jit = False
 
     def build(self, input_shape):
         self.built = True
 
     def call(self, inputs):
-        values, indices, reference = inputs
-        out_shape = tf.shape(reference, out_type=tf.int64)
-        flat_size = tf.reduce_prod(out_shape)
-        flat = tf.scatter_nd(
-            tf.reshape(indices, (-1, 1)),
-            tf.reshape(values, (-1,)),
-            tf.reshape(flat_size, (1,)),
-        )
-        out = tf.reshape(flat, out_shape)
+        values, where, reference = inputs
+        unpool = _unpool_xla if _COMPILE.get() else _unpool
+        out = unpool(values, where, reference, *self.pool_size)
         # Static channel count helps the next Conv2D build its kernel.
         out.set_shape(reference.shape[:-1].concatenate(values.shape[-1:]))
         return out
 
-    def compute_output_shape(self, values_shape, indices_shape, reference_shape):
+    def compute_output_shape(self, values_shape, where_shape, reference_shape):
         return (*reference_shape[:-1], values_shape[-1])
 
     def compute_output_spec(self, inputs):
@@ -130,4 +210,6 @@ class MaxUnpooling2D(keras.layers.Layer):
         return keras.KerasTensor((*reference.shape[:-1], values.shape[-1]), dtype=values.dtype)
 
     def get_config(self):
-        return super().get_config()
+        config = super().get_config()
+        config.update({"pool_size": self.pool_size})
+        return config
