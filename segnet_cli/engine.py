@@ -4,14 +4,21 @@
 ``eval`` all go through it, so the same image gives the same mask whichever command runs it:
 same input scaling (stored in the model file), same tile grid, same batching, same blending.
 
-The model runs through one ``tf.function`` with a shape-polymorphic signature
-``(None, None, None, C)``: every tile shape shares one trace, and nothing is XLA-compiled
-(``MaxPoolWithArgmax`` has no XLA kernel). TensorFlow places it on a GPU when one is visible.
+What runs is the model's inference form: the same weights with every batch norm folded into
+its convolution (``model.fold_batch_norm``), built under the requested precision policy.
+
+It runs through ``tf.function``s with a shape-polymorphic signature ``(None, None, None, C)``,
+so every tile shape shares one trace. The convolutions are never XLA-compiled; the pooling
+and unpooling can be (see ``layers``), and XLA compiles those once per shape. So a shape's
+first batch runs the uncompiled trace and only a shape that comes back runs the compiled
+one: a folder of same-size photos pays one compilation, a folder of all-different sizes none.
+TensorFlow places the model on a GPU when one is visible.
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -104,13 +111,13 @@ class Segmenter:
         import keras
         import tensorflow as tf
 
+        from segnet_cli.layers import compiled_windows
         from segnet_cli.model import load_model
 
         self.precision = precision
         self.devices = select_devices(device)
         model, _ = load_model(self.path)
-        if precision != "float32":
-            model = self._rebuild(model, precision)
+        model = self._inference_form(model, precision)
         self.model = model
         c = self.info.in_channels
         if model.input_shape[-1] != c:
@@ -120,39 +127,55 @@ class Segmenter:
             )
         spec = tf.TensorSpec((None, None, None, c), tf.float32)
 
-        @tf.function(input_signature=[spec], jit_compile=False)
-        def infer(x):
-            return tf.cast(model(x, training=False), tf.float32)
+        def traced(compiled: bool):
+            @tf.function(input_signature=[spec], jit_compile=False)
+            def infer(x):
+                with compiled_windows(compiled):
+                    return tf.cast(model(x, training=False), tf.float32)
 
-        self._infer = infer
-        # Trace once now, on a tiny input: the signature is shape-polymorphic, so this one
-        # trace serves every tile shape and no batch pays for tracing later.
-        s = self.stride
-        self.logits(np.zeros((1, s, s, c), np.float32))
+            # Trace now: the signature is shape-polymorphic, so this one trace serves every
+            # tile shape and no batch pays for tracing later.
+            infer.get_concrete_function()
+            return infer
+
+        self._infer_first = traced(False)
+        self._infer_again = traced(True)
+        self._shapes: Counter[tuple[int, ...]] = Counter()
         del keras
 
-    def _rebuild(self, model, precision: str):
-        """The same weights in a model built under a mixed-precision policy."""
+    def _inference_form(self, model, precision: str):
+        """The same weights with batch norm folded in, built under the precision policy."""
         import keras
 
-        from segnet_cli.model import Architecture, build_segnet
+        from segnet_cli.model import Architecture, build_segnet, fold_batch_norm
 
         arch = self.info.architecture
         fields = {k: arch[k] for k in ("width", "stages", "in_channels", "num_classes") if k in arch}
         if len(fields) < 4:
-            raise ModelFileError("model metadata lacks its architecture; use float32", self.path)
+            if precision != "float32":
+                raise ModelFileError(
+                    "model metadata lacks its architecture; use float32", self.path
+                )
+            return model  # run as saved: nothing to rebuild it from
         policy = keras.mixed_precision.global_policy()
-        keras.mixed_precision.set_global_policy(
-            "mixed_bfloat16" if precision == "bfloat16" else "mixed_float16"
-        )
+        if precision != "float32":
+            keras.mixed_precision.set_global_policy(
+                "mixed_bfloat16" if precision == "bfloat16" else "mixed_float16"
+            )
         try:
-            clone = build_segnet(
-                Architecture(**fields), self.info.scaling.mean, self.info.scaling.std
+            folded = build_segnet(
+                Architecture(**fields),
+                self.info.scaling.mean,
+                self.info.scaling.std,
+                batch_norm=False,
             )
         finally:
             keras.mixed_precision.set_global_policy(policy)
-        clone.set_weights(model.get_weights())
-        return clone
+        try:
+            fold_batch_norm(model, folded)
+        except ValueError as exc:
+            raise ModelFileError(f"model does not match its metadata: {exc}", self.path) from None
+        return folded
 
     @property
     def num_classes(self) -> int:
@@ -171,13 +194,15 @@ class Segmenter:
         import tensorflow as tf
 
         batch = np.ascontiguousarray(batch, dtype=np.float32)
+        self._shapes[batch.shape] += 1
+        infer = self._infer_again if self._shapes[batch.shape] > 1 else self._infer_first
         devices = self.devices[: max(1, len(batch))]
         if len(devices) == 1 and devices[0] is None:
-            return self._infer(tf.convert_to_tensor(batch)).numpy()
+            return infer(tf.convert_to_tensor(batch)).numpy()
         outs = []
         for dev, chunk in zip(devices, np.array_split(batch, len(devices))):
             with tf.device(dev):
-                outs.append(self._infer(tf.convert_to_tensor(chunk)))
+                outs.append(infer(tf.convert_to_tensor(chunk)))
         return np.concatenate([o.numpy() for o in outs], axis=0)
 
     def grid(self, height: int, width: int, tiling: TilingConfig) -> TileGrid:

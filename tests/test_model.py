@@ -67,6 +67,43 @@ def test_keras_round_trip_identical_outputs(tiny_model, tmp_path):
     assert not any(type(layer).__name__ == "Lambda" for layer in model.layers)
 
 
+def test_fold_batch_norm_keeps_the_function(tiny_model):
+    """The inference form (no batch norm, biased convolutions) computes the same logits."""
+    import keras
+
+    from segnet_cli.model import build_segnet, fold_batch_norm, load_model
+
+    model, info = load_model(tiny_model)
+    arch = Architecture(**{k: info.architecture[k] for k in ("width", "stages", "in_channels", "num_classes")})
+    folded = build_segnet(arch, info.scaling.mean, info.scaling.std, batch_norm=False)
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
+    fold_batch_norm(model, folded)
+    x = np.random.default_rng(5).random((2, 37, 53, 3)).astype(np.float32)
+    want = np.asarray(model(x, training=False))
+    got = np.asarray(folded(x, training=False))
+    assert np.abs(want).max() > 0.1  # a non-trivial function to compare
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # A model of another shape is refused by name, not silently half-copied.
+    other = build_segnet(Architecture(width=0.0625, stages=4, num_classes=3), batch_norm=False)
+    with pytest.raises(ValueError, match="missing"):
+        fold_batch_norm(model, other)
+
+
+def test_segmenter_runs_the_folded_model_compiled_or_not(tiny_model):
+    """A shape's first batch (plain trace) and later ones (XLA windows) give the saved model's logits."""
+    from segnet_cli.engine import Segmenter
+    from segnet_cli.model import load_model
+
+    seg = Segmenter(tiny_model)
+    model, _ = load_model(tiny_model)
+    x = np.random.default_rng(6).random((2, 37, 53, 3)).astype(np.float32)
+    want = np.asarray(model(x, training=False))
+    first, again = seg.logits(x), seg.logits(x)
+    assert seg._shapes[x.shape] == 2
+    np.testing.assert_allclose(first, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(again, first, rtol=1e-5, atol=1e-5)
+
+
 def test_missing_corrupt_foreign_model_files(tmp_path, tiny_model):
     from segnet_cli.model import load_model
 
