@@ -30,6 +30,7 @@ from segnet_cli.modelfile import ModelInfo, read_info
 from segnet_cli.tiling import Stitcher, Tile, TileGrid, stitch_all
 
 PRECISIONS = ("float32", "bfloat16", "float16")
+OUTPUTS = ("logits", "classes", "confidence")
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
@@ -97,6 +98,9 @@ class Segmenter:
         device: ``None`` (TensorFlow's choice), ``cpu``, ``gpu`` or ``gpu:N``.
     """
 
+    #: Batches of one shape run without XLA before that shape is compiled.
+    compile_after = 1
+
     def __init__(
         self,
         model_path: str | Path | None = None,
@@ -111,7 +115,6 @@ class Segmenter:
         import keras
         import tensorflow as tf
 
-        from segnet_cli.layers import compiled_windows
         from segnet_cli.model import load_model
 
         self.precision = precision
@@ -125,22 +128,10 @@ class Segmenter:
                 f"model takes {model.input_shape[-1]} channels but its metadata says {c}",
                 self.path,
             )
-        spec = tf.TensorSpec((None, None, None, c), tf.float32)
-
-        def traced(compiled: bool):
-            @tf.function(input_signature=[spec], jit_compile=False)
-            def infer(x):
-                with compiled_windows(compiled):
-                    return tf.cast(model(x, training=False), tf.float32)
-
-            # Trace now: the signature is shape-polymorphic, so this one trace serves every
-            # tile shape and no batch pays for tracing later.
-            infer.get_concrete_function()
-            return infer
-
-        self._infer_first = traced(False)
-        self._infer_again = traced(True)
+        self._spec = tf.TensorSpec((None, None, None, c), tf.float32)
+        self._traces: dict[str, object] = {}
         self._shapes: Counter[tuple[int, ...]] = Counter()
+        self._trace("classes")  # the common case, traced now so no batch waits for it
         del keras
 
     def _inference_form(self, model, precision: str):
@@ -177,6 +168,39 @@ class Segmenter:
             raise ModelFileError(f"model does not match its metadata: {exc}", self.path) from None
         return folded
 
+    def _trace(self, output: str):
+        """The ``tf.function`` for one output form.
+
+        Its signature is shape-polymorphic, so one trace serves every tile shape; a scalar
+        ``compiled`` input picks the XLA or the plain pooling at run time, inside the one
+        graph, so both share its convolution kernels (each pays a warm-up per shape).
+        """
+        fn = self._traces.get(output)
+        if fn is not None:
+            return fn
+        import tensorflow as tf
+
+        from segnet_cli.layers import compiled_windows
+
+        model = self.model
+
+        @tf.function(
+            input_signature=[self._spec, tf.TensorSpec((), tf.bool)], jit_compile=False
+        )
+        def infer(x, compiled):
+            with compiled_windows(compiled):
+                logits = tf.cast(model(x, training=False), tf.float32)
+            if output == "logits":
+                return logits
+            classes = tf.cast(tf.argmax(logits, axis=-1, output_type=tf.int32), tf.uint8)
+            if output == "classes":
+                return classes
+            return classes, tf.reduce_max(tf.nn.softmax(logits, axis=-1), axis=-1)
+
+        infer.get_concrete_function()
+        self._traces[output] = infer
+        return infer
+
     @property
     def num_classes(self) -> int:
         return self.info.num_classes
@@ -186,23 +210,42 @@ class Segmenter:
         return self.info.stride
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        """Logits ``(B, H, W, K)`` float32 for a batch of same-sized float32 tiles in [0, 1].
+        """Logits ``(B, H, W, K)`` float32 for a batch of same-sized float32 tiles in [0, 1]."""
+        return self.run(batch, "logits")
+
+    def run(self, batch: np.ndarray, output: str = "logits"):
+        """Run a batch of same-sized float32 tiles in [0, 1] through the model.
+
+        Args:
+            batch: ``(B, H, W, C)`` float32.
+            output: ``"logits"`` (``(B, H, W, K)`` float32), ``"classes"`` (``(B, H, W)``
+                uint8 class indices, the argmax taken where the model runs) or
+                ``"confidence"`` (a ``(classes, winning probability)`` pair).
 
         On several devices the batch is split into one chunk per device; each chunk is
         dispatched before any result is read back, so the devices compute concurrently.
+        A shape's first batch runs without XLA, later ones with it (see the module notes).
         """
         import tensorflow as tf
 
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(OUTPUTS)}")
+        if output != "logits" and self.num_classes > 256:
+            output = "logits"  # class indices beyond uint8: leave the argmax to NumPy
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         self._shapes[batch.shape] += 1
-        infer = self._infer_again if self._shapes[batch.shape] > 1 else self._infer_first
+        infer = self._trace(output)
+        compiled = tf.constant(self._shapes[batch.shape] > self.compile_after)
         devices = self.devices[: max(1, len(batch))]
         if len(devices) == 1 and devices[0] is None:
-            return infer(tf.convert_to_tensor(batch)).numpy()
-        outs = []
-        for dev, chunk in zip(devices, np.array_split(batch, len(devices))):
-            with tf.device(dev):
-                outs.append(infer(tf.convert_to_tensor(chunk)))
+            outs = [infer(tf.convert_to_tensor(batch), compiled)]
+        else:
+            outs = []
+            for dev, chunk in zip(devices, np.array_split(batch, len(devices))):
+                with tf.device(dev):
+                    outs.append(infer(tf.convert_to_tensor(chunk), compiled))
+        if isinstance(outs[0], tuple):
+            return tuple(np.concatenate([o[i].numpy() for o in outs]) for i in range(2))
         return np.concatenate([o.numpy() for o in outs], axis=0)
 
     def grid(self, height: int, width: int, tiling: TilingConfig) -> TileGrid:
@@ -215,17 +258,20 @@ class Segmenter:
         h, w = image.shape[:2]
         grid = self.grid(h, w, tiling)
         stitcher = Stitcher(grid, self.num_classes, tiling.blend, confidence=confidence)
-        for tiles, logits in self.run_tiles(
-            ((t, crop(image, t)) for t in grid.tiles()), tiling.batch_size
+        for tiles, outputs in self.run_tiles(
+            ((t, crop(image, t)) for t in grid.tiles()), tiling.batch_size, stitcher.needs
         ):
-            for t, lg in zip(tiles, logits):
-                stitcher.add(t, lg)
+            for t, out in zip(tiles, outputs):
+                stitcher.add(t, out)
         return stitch_all(stitcher, h, w, confidence)
 
     def run_tiles(
-        self, tiles: Iterable[tuple[Tile, np.ndarray]], batch_size: int
-    ) -> Iterator[tuple[list[Tile], np.ndarray]]:
+        self, tiles: Iterable[tuple[Tile, np.ndarray]], batch_size: int, output: str = "logits"
+    ) -> Iterator[tuple[list[Tile], list]]:
         """Run ``(tile, pixels)`` pairs through the model, batching tiles of equal shape.
+
+        Yields ``(tiles, outputs)``: one output per tile in the form ``output`` names (see
+        ``run``; a ``"confidence"`` output is a ``(classes, confidence)`` pair per tile).
 
         Tiles come back in batches, each batch one shape; a shape's partial batch is flushed
         when a tile of another shape would otherwise wait behind it for long (at the end, or
@@ -238,19 +284,26 @@ class Segmenter:
             pending.setdefault(key, []).append((tile, pixels))
             count += 1
             if len(pending[key]) >= batch_size:
-                yield self._run(pending.pop(key))
+                yield self._run(pending.pop(key), output)
                 count = sum(len(v) for v in pending.values())
             elif count >= 2 * batch_size:
                 # Many shapes pending: flush the oldest so a band can finish.
                 oldest = next(iter(pending))
-                yield self._run(pending.pop(oldest))
+                yield self._run(pending.pop(oldest), output)
                 count = sum(len(v) for v in pending.values())
         for group in pending.values():
-            yield self._run(group)
+            yield self._run(group, output)
 
-    def _run(self, group: list[tuple[Tile, np.ndarray]]) -> tuple[list[Tile], np.ndarray]:
+    def _run(self, group: list[tuple[Tile, np.ndarray]], output: str) -> tuple[list[Tile], list]:
         batch = np.stack([p for _, p in group])
-        return [t for t, _ in group], self.logits(batch)
+        return [t for t, _ in group], split_outputs(self.run(batch, output))
+
+
+def split_outputs(outputs) -> list:
+    """One entry per tile from a batch output of ``Segmenter.run``."""
+    if isinstance(outputs, tuple):
+        return list(zip(*outputs))
+    return list(outputs)
 
 
 def crop(image: np.ndarray, tile: Tile) -> np.ndarray:

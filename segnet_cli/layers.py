@@ -42,12 +42,16 @@ _COMPILE = contextvars.ContextVar("segnet_compile_windows", default=True)
 
 
 @contextlib.contextmanager
-def compiled_windows(enabled: bool) -> Iterator[None]:
-    """Trace the pooling and unpooling with (default) or without XLA inside this block.
+def compiled_windows(enabled) -> Iterator[None]:
+    """Run the pooling and unpooling traced inside this block with or without XLA.
 
-    XLA compiles once per input shape (0.3-1 s each for this model on a CPU). Inference
+    Args:
+        enabled: ``True`` (the default outside any block) or ``False``; or a scalar bool
+            tensor of the graph being traced, to choose at run time with one trace (a
+            ``tf.cond`` per layer), so both paths share the graph's convolution kernels.
+
+    XLA compiles once per input shape (about 0.5-0.7 s for this model on a CPU). Inference
     on a stream of shapes that never repeat is faster without it; ``Segmenter`` decides.
-    The choice is made when a ``tf.function`` traces, so it sticks to that trace.
     """
     token = _COMPILE.set(enabled)
     try:
@@ -56,8 +60,19 @@ def compiled_windows(enabled: bool) -> Iterator[None]:
         _COMPILE.reset(token)
 
 
+def _choose(compiled_fn, plain_fn, *args):
+    flag = _COMPILE.get()
+    if isinstance(flag, bool):
+        return (compiled_fn if flag else plain_fn)(*args)
+    return tf.cond(flag, lambda: compiled_fn(*args), lambda: plain_fn(*args))
+
+
 def _windows(x, kh: int, kw: int, same: bool):
-    """``x`` as ``(B, H', kh, W', kw, C)`` windows: padded with -inf ("same") or cropped."""
+    """``x`` as ``(B*H', kh, W', kw, C)`` windows: padded with -inf ("same") or cropped.
+
+    Batch and window rows share the leading axis because XLA on a CPU splits work across
+    threads along it: with the batch alone there, a batch of one ran on one core.
+    """
     shape = tf.shape(x)
     h, w = shape[1], shape[2]
     if same:
@@ -67,33 +82,36 @@ def _windows(x, kh: int, kw: int, same: bool):
     else:
         x = x[:, : h - h % kh, : w - w % kw, :]
     shape = tf.shape(x)
-    return tf.reshape(x, (shape[0], shape[1] // kh, kh, shape[2] // kw, kw, shape[3]))
+    return tf.reshape(x, (-1, kh, shape[2] // kw, kw, shape[3])), shape[1] // kh
 
 
 def _pool(x, kh: int, kw: int, same: bool):
-    win = _windows(x, kh, kw, same)
-    top = tf.reduce_max(win, axis=(2, 4))
+    win, rows = _windows(x, kh, kw, same)
+    top = tf.reduce_max(win, axis=(1, 3))
     last = kh * kw - 1
     # First maximum in row-major order: walk the positions backwards, earlier ones win.
     where = tf.fill(tf.shape(top), tf.constant(last, tf.uint8))
-    pooled = win[:, :, last // kw, :, last % kw, :]
+    pooled = win[:, last // kw, :, last % kw, :]
     for pos in range(last - 1, -1, -1):
-        candidate = win[:, :, pos // kw, :, pos % kw, :]
+        candidate = win[:, pos // kw, :, pos % kw, :]
         hit = tf.equal(candidate, top)
         where = tf.where(hit, tf.constant(pos, tf.uint8), where)
         # Select the input itself (not ``top``) so the gradient goes to that one position.
         pooled = tf.where(hit, candidate, pooled)
-    return pooled, where
+    shape = tf.shape(top)
+    out = (tf.shape(x)[0], rows, shape[1], shape[2])
+    return tf.reshape(pooled, out), tf.reshape(where, out)
 
 
 def _unpool(values, where, reference, kh: int, kw: int):
-    positions = tf.constant(list(range(kh * kw)), tf.uint8, shape=(1, 1, kh, 1, kw, 1))
+    shape = tf.shape(values)
+    flat = (-1, 1, shape[2], 1, shape[3])  # batch and rows on the leading axis, as in pooling
+    positions = tf.constant(list(range(kh * kw)), tf.uint8, shape=(1, kh, 1, kw, 1))
     spread = tf.where(
-        tf.equal(where[:, :, None, :, None, :], positions),
-        values[:, :, None, :, None, :],
+        tf.equal(tf.reshape(where, flat), positions),
+        tf.reshape(values, flat),
         tf.zeros((), values.dtype),
     )
-    shape = tf.shape(values)
     out = tf.reshape(spread, (shape[0], shape[1] * kh, shape[2] * kw, shape[3]))
     h, w = tf.shape(reference)[1], tf.shape(reference)[2]
     out = out[:, :h, :w, :]
@@ -141,8 +159,9 @@ class MaxPoolingWithArgmax2D(keras.layers.Layer):
         self.built = True
 
     def call(self, inputs):
-        pool = _pool_xla if _COMPILE.get() else _pool
-        pooled, where = pool(inputs, *self.pool_size, self.padding == "same")
+        pooled, where = _choose(
+            _pool_xla, _pool, inputs, *self.pool_size, self.padding == "same"
+        )
         shape, _ = self.compute_output_shape(inputs.shape)
         pooled.set_shape(shape)
         where.set_shape(shape)
@@ -196,8 +215,7 @@ class MaxUnpooling2D(keras.layers.Layer):
 
     def call(self, inputs):
         values, where, reference = inputs
-        unpool = _unpool_xla if _COMPILE.get() else _unpool
-        out = unpool(values, where, reference, *self.pool_size)
+        out = _choose(_unpool_xla, _unpool, values, where, reference, *self.pool_size)
         # Static channel count helps the next Conv2D build its kernel.
         out.set_shape(reference.shape[:-1].concatenate(values.shape[-1:]))
         return out
