@@ -272,7 +272,7 @@ def run_predict(config: PredictConfig, on_event=None, progress=None, log=None) -
 
 def _run_jobs(config, jobs, guard, emit, counts, progress, log) -> int | None:
     """The pipeline itself; returns the signal number if interrupted, else None."""
-    from segnet_cli.engine import Segmenter, crop
+    from segnet_cli.engine import Segmenter, crop, split_outputs
     from segnet_cli.tiling import Stitcher, TileGrid, stitch_all
 
     t_load = time.perf_counter()
@@ -372,9 +372,9 @@ def _run_jobs(config, jobs, guard, emit, counts, progress, log) -> int | None:
 
     def run_group(group) -> None:
         batch = np.stack([p for _, _, p in group])
-        logits = seg.logits(batch)
-        for (job, tile, _), lg in zip(group, logits):
-            job.stitcher.add(tile, lg)
+        outputs = split_outputs(seg.run(batch, group[0][0].stitcher.needs))
+        for (job, tile, _), out in zip(group, outputs):
+            job.stitcher.add(tile, out)
             job.remaining -= 1
             if job.remaining == 0:
                 mask, _ = stitch_all(job.stitcher, job.grid.height, job.grid.width)

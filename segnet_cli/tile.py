@@ -860,12 +860,14 @@ def stitch_rows(
             return to_model_input(band[y0 - b0 : y1 - b0, x0:x1], channels, source_path)
 
         t_model = time.perf_counter()
-        for tiles, logits in seg.run_tiles(((t, pixels(t)) for t in grid.row_tiles(r)), bs):
+        for tiles, outputs in seg.run_tiles(
+            ((t, pixels(t)) for t in grid.row_tiles(r)), bs, stitcher.needs
+        ):
             if stats is not None:
                 stats["model_seconds"] += time.perf_counter() - t_model
-            for tile, lg in zip(tiles, logits):
-                stitcher.add(tile, lg)
-            del logits
+            for tile, out in zip(tiles, outputs):
+                stitcher.add(tile, out)
+            del outputs
             if on_batch is not None:
                 on_batch(tiles)
             t_model = time.perf_counter()

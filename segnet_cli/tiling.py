@@ -223,6 +223,12 @@ class Stitcher:
     Feed tiles in any order within a grid row; ``pop`` returns ``(y0, mask_rows, conf_rows)``
     blocks once every tile that touches them has been added. ``conf_rows`` (the winning
     class's probability, float32) is ``None`` unless ``confidence=True``.
+
+    ``needs`` says what ``add`` takes per tile: ``"classes"`` (the window's class indices),
+    ``"confidence"`` (a ``(classes, winning probability)`` pair) or ``"logits"`` (float
+    ``(h, w, K)``). Center mode needs no more than classes unless asked for probabilities,
+    so the model can reduce its logits where it runs (in parallel, and on a GPU before they
+    cross to the host): K floats per pixel become one byte.
     """
 
     def __init__(
@@ -253,6 +259,10 @@ class Stitcher:
             "w": np.zeros((0, grid.width), np.float32),
         }
         self._windows: dict[tuple[int, int], np.ndarray] = {}
+        if mode == "center" and not self.probabilities:
+            self.needs = "confidence" if self.confidence else "classes"
+        else:
+            self.needs = "logits"
 
     def _center_band(self, r: int) -> dict[str, np.ndarray]:
         """The class-index band of grid row ``r`` (rows of the batch may arrive early)."""
@@ -280,22 +290,47 @@ class Stitcher:
                 [self._band["w"], np.zeros((extra, self.grid.width), np.float32)]
             )
 
-    def add(self, tile: Tile, logits: np.ndarray) -> None:
-        """Add one tile's logits ``(window_h, window_w, K)``."""
-        if logits.shape[:2] != tile.shape:
-            raise ValueError(f"tile {tile.index}: logits {logits.shape[:2]} != window {tile.shape}")
+    def add(self, tile: Tile, output) -> None:
+        """Add one tile's model output, in the form ``needs`` names (logits are always taken).
+
+        Args:
+            tile: the tile the output belongs to.
+            output: ``(window_h, window_w, K)`` logits; or, in center mode, the window's
+                ``(window_h, window_w)`` class indices, or a ``(classes, confidence)`` pair.
+        """
+        classes = conf = None
+        if isinstance(output, tuple):
+            classes, conf = output
+            logits = None
+        elif output.ndim == 2:
+            classes, logits = output, None
+        else:
+            logits = output
+        got = (logits if logits is not None else classes).shape[:2]
+        if got != tile.shape:
+            raise ValueError(f"tile {tile.index}: output {got} != window {tile.shape}")
+        if logits is None and (self.mode != "center" or self.probabilities):
+            raise ValueError("this stitcher needs logits")
+        if logits is None and self.confidence and conf is None:
+            raise ValueError("this stitcher needs (classes, confidence)")
         wy0, wx0, wy1, wx1 = tile.window
         cy0, cx0, cy1, cx1 = tile.core
         if self.mode == "center":
             band = self._center_band(tile.row)
             b0 = self.grid.rows[tile.row].core_start
-            core = logits[cy0 - wy0 : cy1 - wy0, cx0 - wx0 : cx1 - wx0]
-            band["mask"][cy0 - b0 : cy1 - b0, cx0:cx1] = np.argmax(core, axis=-1)
-            if self.confidence:
-                p = softmax(core.astype(np.float32))
-                band["conf"][cy0 - b0 : cy1 - b0, cx0:cx1] = p.max(axis=-1)
-                if self.probabilities:
-                    band["prob"][cy0 - b0 : cy1 - b0, cx0:cx1] = p
+            core = (slice(cy0 - wy0, cy1 - wy0), slice(cx0 - wx0, cx1 - wx0))
+            rows = slice(cy0 - b0, cy1 - b0)
+            if logits is None:
+                band["mask"][rows, cx0:cx1] = classes[core]
+                if self.confidence:
+                    band["conf"][rows, cx0:cx1] = conf[core]
+            else:
+                band["mask"][rows, cx0:cx1] = np.argmax(logits[core], axis=-1)
+                if self.confidence:
+                    p = softmax(logits[core].astype(np.float32))
+                    band["conf"][rows, cx0:cx1] = p.max(axis=-1)
+                    if self.probabilities:
+                        band["prob"][rows, cx0:cx1] = p
         else:
             b0 = self._band_start
             shape = tile.shape

@@ -104,6 +104,23 @@ def test_segmenter_runs_the_folded_model_compiled_or_not(tiny_model):
     np.testing.assert_allclose(again, first, rtol=1e-5, atol=1e-5)
 
 
+def test_segmenter_reduces_logits_where_the_model_runs(tiny_model):
+    from segnet_cli.engine import Segmenter
+
+    seg = Segmenter(tiny_model)
+    x = np.random.default_rng(7).random((3, 37, 53, 3)).astype(np.float32)
+    logits = seg.run(x, "logits")
+    classes = seg.run(x, "classes")
+    assert classes.dtype == np.uint8 and classes.shape == (3, 37, 53)
+    np.testing.assert_array_equal(classes, np.argmax(logits, -1))
+    classes2, conf = seg.run(x, "confidence")
+    np.testing.assert_array_equal(classes2, classes)
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    np.testing.assert_allclose(conf, (e / e.sum(-1, keepdims=True)).max(-1), rtol=1e-5)
+    with pytest.raises(ValueError, match="output must be"):
+        seg.run(x, "probabilities")
+
+
 def test_missing_corrupt_foreign_model_files(tmp_path, tiny_model):
     from segnet_cli.model import load_model
 

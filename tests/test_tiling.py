@@ -103,6 +103,35 @@ def test_confidence_is_softmax_max():
     np.testing.assert_allclose(conf, p.max(-1), rtol=1e-5)
 
 
+@pytest.mark.parametrize("confidence", [False, True])
+def test_center_stitcher_takes_classes_as_well_as_logits(confidence):
+    """What ``needs`` asks for (classes computed where the model ran) stitches the same mask."""
+    h, w = 70, 90
+    full = _fake_logits(h, w, 5, seed=4)
+    e = np.exp(full - full.max(-1, keepdims=True))
+    prob = (e / e.sum(-1, keepdims=True)).max(-1).astype(np.float32)
+    g = TileGrid.make(h, w, 32, 8, 8)
+    from_logits = Stitcher(g, 5, "center", confidence=confidence)
+    from_classes = Stitcher(g, 5, "center", confidence=confidence)
+    assert from_classes.needs == ("confidence" if confidence else "classes")
+    for t in g.tiles():
+        y0, x0, y1, x1 = t.window
+        from_logits.add(t, full[y0:y1, x0:x1])
+        classes = np.argmax(full[y0:y1, x0:x1], -1).astype(np.uint8)
+        from_classes.add(t, (classes, prob[y0:y1, x0:x1]) if confidence else classes)
+    a = stitch_all(from_logits, h, w, confidence)
+    b = stitch_all(from_classes, h, w, confidence)
+    np.testing.assert_array_equal(a[0], b[0])
+    if confidence:
+        np.testing.assert_allclose(a[1], b[1], rtol=1e-5)
+    # Blending needs probabilities: a gaussian stitcher refuses bare classes.
+    gauss = Stitcher(g, 5, "gaussian")
+    assert gauss.needs == "logits"
+    t = next(iter(g.tiles()))
+    with pytest.raises(ValueError, match="needs logits"):
+        gauss.add(t, np.zeros(t.shape, np.uint8))
+
+
 def test_gaussian_window_and_band_memory():
     win = gaussian_window((65, 33))
     assert win.shape == (65, 33) and win.max() == pytest.approx(1.0) and win.min() > 0
