@@ -340,12 +340,13 @@ def test_max_memory_fits_batch_then_tile_or_refuses():
     def peak(t):
         return tile_mod._estimate(src, CAMVID, arch, cfg, t, 8_000_000)[1].total
 
-    full = peak(TilingConfig())
+    two = replace(TilingConfig(), batch_size=2)
+    full = peak(two)
     limit = full - 1
-    t, note = tile_mod.fit_tiling(TilingConfig(), limit, peak, 32)
+    t, note = tile_mod.fit_tiling(two, limit, peak, 32)
     assert t.batch_size == 1 and t.tile == 1024 and peak(t) <= limit and "batch" in note
     limit = peak(replace(TilingConfig(), batch_size=1)) - 50 * 1024**2
-    t, note = tile_mod.fit_tiling(TilingConfig(), limit, peak, 32)
+    t, note = tile_mod.fit_tiling(two, limit, peak, 32)
     assert t.tile < 1024 and t.tile % 32 == 0 and peak(t) <= limit and "tile" in note
     assert t.halo == 128  # the halo (and so the result) never changes
     with pytest.raises(UsageError, match="too small"):
