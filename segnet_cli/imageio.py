@@ -74,6 +74,7 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
 
 
 _PIL_DEFAULT_LIMIT: int | None = None
+EXIF_ORIENTATION = 0x0112
 
 
 def pixel_limit(max_pixels: int | None) -> int | None:
@@ -109,7 +110,9 @@ def _read_pillow(path: Path, max_pixels: int | None) -> np.ndarray:
                         path,
                     )
                 im.load()
-                im = ImageOps.exif_transpose(im)
+                # Only an EXIF orientation other than "normal" needs a transpose (which copies).
+                if im.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                    im = ImageOps.exif_transpose(im)
                 return _pil_to_array(im)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(
