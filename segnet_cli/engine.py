@@ -131,7 +131,10 @@ class Segmenter:
         self._spec = tf.TensorSpec((None, None, None, c), tf.float32)
         self._traces: dict[str, object] = {}
         self._shapes: Counter[tuple[int, ...]] = Counter()
-        self._trace("classes")  # the common case, traced now so no batch waits for it
+        # The common case, traced and run once now on a tiny input: the first run of a trace
+        # builds its pooling branches' kernels, a fixed cost that belongs to loading.
+        s = self.stride
+        self._trace("classes")(tf.zeros((1, s, s, c)), tf.constant(False))
         del keras
 
     def _inference_form(self, model, precision: str):
