@@ -7,12 +7,13 @@ same input scaling (stored in the model file), same tile grid, same batching, sa
 What runs is the model's inference form: the same weights with every batch norm folded into
 its convolution (``model.fold_batch_norm``), built under the requested precision policy.
 
-It runs through ``tf.function``s with a shape-polymorphic signature ``(None, None, None, C)``,
-so every tile shape shares one trace. The convolutions are never XLA-compiled; the pooling
-and unpooling can be (see ``layers``), and XLA compiles those once per shape. So a shape's
-first batch runs the uncompiled trace and only a shape that comes back runs the compiled
-one: a folder of same-size photos pays one compilation, a folder of all-different sizes none.
-TensorFlow places the model on a GPU when one is visible.
+It runs through one ``tf.function`` per output form (logits, classes, classes with
+confidence) with a shape-polymorphic signature ``(None, None, None, C)``, so every tile shape
+shares one trace. The convolutions are never XLA-compiled; the pooling and unpooling can be
+(see ``layers``), and XLA compiles those once per shape. A run-time flag inside the trace
+sends a shape's first batch down the uncompiled path and only a shape that comes back down
+the compiled one: a folder of same-size photos pays one compilation, a folder of
+all-different sizes none. TensorFlow places the model on a GPU when one is visible.
 """
 
 from __future__ import annotations
