@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from segnet_cli.errors import Interrupted, NoInputError
-from segnet_cli.imageio import IMAGE_SUFFIXES, TMP_PREFIX
+from segnet_cli.imageio import HOST_TOKEN, IMAGE_SUFFIXES, TMP_PREFIX
 
 LOCK_DIR = ".segnet-locks"
 
@@ -181,8 +181,9 @@ class Claim:
 def remove_dead_temporaries(folder: Path, pattern: str = "*", recursive: bool = True) -> int:
     """Remove temporaries (``TMP_PREFIX``) whose writing process is gone; returns how many.
 
-    Temporaries carry their writer's pid, so a live concurrent run's files (and this
-    process's own) are left alone.
+    Temporaries carry their writer's pid and host, so a live concurrent run's files (and this
+    process's own) are left alone; so are another machine's, whose pids mean nothing here
+    (that machine's next run removes its own).
 
     Args:
         folder: where to look.
@@ -195,7 +196,7 @@ def remove_dead_temporaries(folder: Path, pattern: str = "*", recursive: bool = 
         return 0
     found = folder.rglob if recursive else folder.glob
     for p in found(f"{TMP_PREFIX}{pattern}"):
-        pid = _pid_of(p.name)
+        pid = _local_pid_of(p.name)
         if pid is None or pid == os.getpid() or _alive(pid):
             continue
         try:
@@ -206,10 +207,16 @@ def remove_dead_temporaries(folder: Path, pattern: str = "*", recursive: bool = 
     return n
 
 
-def _pid_of(name: str) -> int | None:
-    rest = name[len(TMP_PREFIX) :]
-    head = rest.split("-", 1)[0]
-    return int(head) if head.isdigit() else None
+def _local_pid_of(name: str) -> int | None:
+    """The writer's pid if this host wrote the temporary (``<pid>.<host>-``), else None.
+
+    A bare ``<pid>-`` (no host) is taken as local.
+    """
+    head = name[len(TMP_PREFIX) :].split("-", 1)[0]
+    pid, _, host = head.partition(".")
+    if not pid.isdigit() or (host and host != HOST_TOKEN):
+        return None
+    return int(pid)
 
 
 def _alive(pid: int) -> bool:

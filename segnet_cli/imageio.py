@@ -39,6 +39,22 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 TMP_PREFIX = ".segnet-tmp-"
 
 
+def _host_token() -> str:
+    import hashlib
+    import socket
+
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+#: This machine in temporary names: a pid means something only on the host that wrote it.
+HOST_TOKEN = _host_token()
+
+
+def writer_tag() -> str:
+    """``<pid>.<host>`` for temporary names, so a later run can tell whose they are."""
+    return f"{os.getpid()}.{HOST_TOKEN}"
+
+
 def read_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     """Read an image file as an ``(H, W, C)`` array in its stored dtype.
 
@@ -292,9 +308,10 @@ def atomic_path(final: str | Path, suffix: str = ""):
     final = Path(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        # The writer's pid in the name lets a later run tell dead temporaries from live ones.
+        # The writer's pid and host in the name let a later run tell dead temporaries from
+        # live ones, also on a folder that several machines share.
         fd, tmp = tempfile.mkstemp(
-            prefix=f"{TMP_PREFIX}{os.getpid()}-{final.name}.",
+            prefix=f"{TMP_PREFIX}{writer_tag()}-{final.name}.",
             suffix=suffix or final.suffix,
             dir=final.parent,
         )

@@ -50,7 +50,7 @@ import numpy as np
 
 from segnet_cli.config import Report, TileConfig
 from segnet_cli.errors import Interrupted, OutputError, SegnetError, UsageError
-from segnet_cli.imageio import TMP_PREFIX
+from segnet_cli.imageio import TMP_PREFIX, writer_tag
 from segnet_cli.ray_engine import (
     _cluster_shape,
     _init,
@@ -258,7 +258,7 @@ class _PartWriter:
         self.final = final
         self.shape = shape
         self.dtype = np.dtype(dtype)
-        self.tmp = final.with_name(f"{TMP_PREFIX}{os.getpid()}-{final.name}")
+        self.tmp = final.with_name(f"{TMP_PREFIX}{writer_tag()}-{final.name}")
         self.rows = 0
         self._fh = open(self.tmp, "wb")
         header = {

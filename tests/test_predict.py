@@ -187,8 +187,15 @@ def test_disk_full_leaves_no_partial_file(photos, tmp_path, tiny_model, monkeypa
 def test_stale_temporaries_removed_and_claimed_outputs_skipped(photos, tmp_path, tiny_model):
     out = tmp_path / "out"
     out.mkdir()
-    stale = out / f"{TMP_PREFIX}999999999-odd.png.abc.png"
+    from segnet_cli.imageio import HOST_TOKEN
+
+    stale = out / f"{TMP_PREFIX}999999999.{HOST_TOKEN}-odd.png.abc.png"
     stale.write_bytes(b"half a png")
+    old_style = out / f"{TMP_PREFIX}999999998-odd.png.abd.png"  # pid only: taken as local
+    old_style.write_bytes(b"half a png")
+    # Another machine's temporary on a shared folder: its pid means nothing here, keep it.
+    foreign = out / f"{TMP_PREFIX}999999999.0badc0de-odd.png.abe.png"
+    foreign.write_bytes(b"half a png")
     claim = Claim(out, out / "odd.png")  # as if another run were writing odd.png now
     assert claim.acquire()
     try:
@@ -196,7 +203,7 @@ def test_stale_temporaries_removed_and_claimed_outputs_skipped(photos, tmp_path,
     finally:
         claim.release()
     assert r.exit_code == 0
-    assert not stale.exists()
+    assert not stale.exists() and not old_style.exists() and foreign.exists()
     ev = {Path(e["path"]).name: e for e in map(json.loads, r.stdout.splitlines()[:-1])}
     assert ev["odd.png"]["status"] == "skipped" and "another" in ev["odd.png"]["reason"]
     assert not (out / "odd.png").exists()
