@@ -113,7 +113,6 @@ class Segmenter:
             raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}")
         self.path = resolve_model_path(model_path)
         self.info: ModelInfo = read_info(self.path)
-        import keras
         import tensorflow as tf
 
         from segnet_cli.model import load_model
@@ -136,41 +135,15 @@ class Segmenter:
         # builds its pooling branches' kernels, a fixed cost that belongs to loading.
         s = self.stride
         self._trace("classes")(tf.zeros((1, s, s, c)), tf.constant(False))
-        del keras
 
     def _inference_form(self, model, precision: str):
         """The same weights with batch norm folded in, built under the precision policy."""
-        import keras
+        from segnet_cli.model import inference_form
 
-        from segnet_cli.model import Architecture, build_segnet, fold_batch_norm
-
-        arch = self.info.architecture
-        fields = {k: arch[k] for k in ("width", "stages", "in_channels", "num_classes") if k in arch}
-        if len(fields) < 4:
-            if precision != "float32":
-                raise ModelFileError(
-                    "model metadata lacks its architecture; use float32", self.path
-                )
-            return model  # run as saved: nothing to rebuild it from
-        policy = keras.mixed_precision.global_policy()
-        if precision != "float32":
-            keras.mixed_precision.set_global_policy(
-                "mixed_bfloat16" if precision == "bfloat16" else "mixed_float16"
-            )
         try:
-            folded = build_segnet(
-                Architecture(**fields),
-                self.info.scaling.mean,
-                self.info.scaling.std,
-                batch_norm=False,
-            )
-        finally:
-            keras.mixed_precision.set_global_policy(policy)
-        try:
-            fold_batch_norm(model, folded)
+            return inference_form(model, self.info, precision)
         except ValueError as exc:
-            raise ModelFileError(f"model does not match its metadata: {exc}", self.path) from None
-        return folded
+            raise ModelFileError(str(exc), self.path) from None
 
     def _trace(self, output: str):
         """The ``tf.function`` for one output form.

@@ -197,6 +197,52 @@ def fold_batch_norm(trained, folded) -> None:
         )
 
 
+POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+
+
+def inference_form(model, info: ModelInfo, precision: str = "float32"):
+    """``model`` rebuilt for inference: batch norm folded in, under a precision policy.
+
+    Args:
+        model: a loaded SegNet (with or without batch norm layers).
+        info: its metadata; the architecture fields rebuild it.
+        precision: ``float32``, ``bfloat16`` or ``float16`` (the last two mixed).
+
+    Returns:
+        The folded model, or ``model`` itself for float32 when the metadata lacks the
+        architecture (nothing to rebuild it from).
+
+    Raises:
+        ValueError: the metadata lacks the architecture for another precision, or does not
+            match the model's layers.
+    """
+    import keras
+
+    arch = info.architecture
+    keys = ("width", "stages", "in_channels", "num_classes")
+    if not all(k in arch for k in keys):
+        if precision != "float32":
+            raise ValueError("model metadata lacks its architecture; use float32")
+        return model
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(POLICIES[precision])
+    try:
+        folded = build_segnet(
+            Architecture(**{k: arch[k] for k in keys}),
+            info.scaling.mean,
+            info.scaling.std,
+            name=model.name,
+            batch_norm=False,
+        )
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+    try:
+        fold_batch_norm(model, folded)
+    except ValueError as exc:
+        raise ValueError(f"model does not match its metadata: {exc}") from None
+    return folded
+
+
 def save_model(model, info: ModelInfo, path: str | Path) -> Path:
     """Save a model and its metadata atomically: temporary file, metadata, fsync, rename.
 
@@ -253,6 +299,7 @@ __all__ = [
     "Architecture",
     "build_segnet",
     "fold_batch_norm",
+    "inference_form",
     "save_model",
     "load_model",
     "read_info",

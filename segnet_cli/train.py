@@ -55,10 +55,11 @@ FINAL = "model.keras"
 def _set_precision(precision: str) -> None:
     import keras
 
-    policies = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
-    if precision not in policies:
-        raise UsageError(f"precision must be one of {', '.join(policies)}")
-    keras.mixed_precision.set_global_policy(policies[precision])
+    from segnet_cli.model import POLICIES
+
+    if precision not in POLICIES:
+        raise UsageError(f"precision must be one of {', '.join(POLICIES)}")
+    keras.mixed_precision.set_global_policy(POLICIES[precision])
 
 
 def channel_stats(pairs: list[Pair], channels: int, limit: int = 64) -> tuple[list, list]:
