@@ -20,6 +20,11 @@ def default_model_path() -> Path:
     return BUNDLED_MODEL if BUNDLED_MODEL.exists() else inside
 
 
+#: Without --max-memory, `segnet tile` lowers the batch to stay under this many MiB (a soft
+#: budget: 1.5 GB machines run a 20000-px-wide image at the defaults).
+MEMORY_BUDGET_MB = 1400.0
+
+
 @dataclass(frozen=True)
 class TilingConfig:
     """How an image is split into tiles (see ``segnet_cli.tiling``).

@@ -40,7 +40,7 @@ import numpy as np
 
 from segnet_cli import __version__
 from segnet_cli.batch import Claim, Provenance, SignalGuard, file_digest, settings_key
-from segnet_cli.config import Report, TileConfig, TilingConfig
+from segnet_cli.config import MEMORY_BUDGET_MB, Report, TileConfig, TilingConfig
 from segnet_cli.errors import (
     EXIT_OK,
     ImageTooLargeError,
@@ -88,7 +88,7 @@ ACTIVATION_FIXED_BYTES = 20 * MiB
 ACTIVATION_BYTES_PER_CHANNEL_PIXEL = 11.0
 #: ``segnet tile``'s memory target when ``--max-memory`` is not given: the batch (whose size
 #: barely changes CPU speed) is lowered to fit it; the tile only under an explicit limit.
-DEFAULT_MEMORY_BUDGET_MB = 1400.0
+DEFAULT_MEMORY_BUDGET_MB = MEMORY_BUDGET_MB  # a module attribute, so a test can lower it
 
 # ---- The time model's constant.
 #: Effective float32 throughput of SegNet inference, in GFLOP/s: measured 0.71 Mpx/s for the

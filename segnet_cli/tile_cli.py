@@ -27,6 +27,7 @@ from segnet_cli.cli import (
     _quiet_tf,
     _tiling,
 )
+from segnet_cli.config import MEMORY_BUDGET_MB
 from segnet_cli.errors import EXIT_USAGE, SegnetError
 
 
@@ -39,7 +40,7 @@ def tile_command(
     batch_size: BatchOpt = None,
     blend: BlendOpt = None,
     plan: Annotated[bool, typer.Option("--plan", help="Print the grid, output size, estimated peak memory and run time; run nothing.")] = False,
-    max_memory: Annotated[Optional[float], typer.Option("--max-memory", help="Hard peak-memory limit in MiB: lowers the batch, then the tile size, to fit, or refuses. Without it (and without --batch-size) the batch is lowered to stay under 1400 MiB.")] = None,
+    max_memory: Annotated[Optional[float], typer.Option("--max-memory", help="Hard peak-memory limit in MiB: lowers the batch, then the tile size, to fit, or refuses. Without it (and without --batch-size) the batch is lowered to stay under " f"{MEMORY_BUDGET_MB:.0f} MiB.")] = None,
     probabilities: Annotated[Optional[str], typer.Option("--probabilities", help="Also write <stem>.prob.tif: 'confidence' (winning class's probability) or 'classes' (one band per class).")] = None,
     prob_dtype: Annotated[Optional[str], typer.Option("--prob-dtype", help="Probability raster type: float16 or uint8 (probability x 255).")] = None,
     compression: Annotated[Optional[str], typer.Option("--compression", help="Output compression: zlib, zstd, lzw, packbits, lzma or none.")] = None,
