@@ -268,7 +268,7 @@ def _tiling(base, tile, halo, batch_size, blend):
 _T = TilingConfig()
 TileOpt = Annotated[Optional[int], typer.Option("--tile", help=f"Tile size in pixels (multiple of the model's stride; default {_T.tile}).")]
 HaloOpt = Annotated[Optional[int], typer.Option("--halo", help=f"Context around each tile's core, in pixels (default {_T.halo}).")]
-BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", "-b", help=f"Tiles per model batch (default {_T.batch_size}; raise it on a GPU for small tiles).")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", "-b", help=f"Tiles per model batch and device (default {_T.batch_size}; raise it on a GPU for small tiles).")]
 BlendOpt = Annotated[Optional[str], typer.Option("--blend", help="'center' (overlap-tile, exact) or 'gaussian'.")]
 ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="Model file (default: the bundled CamVid model).")]
 PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="float32, bfloat16 or float16 (GPU).")]

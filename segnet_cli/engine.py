@@ -242,10 +242,16 @@ class Segmenter:
                 stitcher.add(t, out)
         return stitch_all(stitcher, h, w, confidence)
 
+    def batch_tiles(self, batch_size: int) -> int:
+        """Tiles per model call: ``batch_size`` for each device, so every GPU gets work."""
+        return max(1, batch_size) * len(self.devices)
+
     def run_tiles(
         self, tiles: Iterable[tuple[Tile, np.ndarray]], batch_size: int, output: str = "logits"
     ) -> Iterator[tuple[list[Tile], list]]:
         """Run ``(tile, pixels)`` pairs through the model, batching tiles of equal shape.
+
+        ``batch_size`` is per device (see ``batch_tiles``).
 
         Yields ``(tiles, outputs)``: one output per tile in the form ``output`` names (see
         ``run``; a ``"confidence"`` output is a ``(classes, confidence)`` pair per tile).
@@ -254,6 +260,7 @@ class Segmenter:
         when a tile of another shape would otherwise wait behind it for long (at the end, or
         once ``batch_size`` tiles of any shape are pending), so memory stays bounded.
         """
+        batch_size = self.batch_tiles(batch_size)
         pending: dict[tuple, list[tuple[Tile, np.ndarray]]] = {}
         count = 0
         for tile, pixels in tiles:

@@ -280,7 +280,7 @@ def _run_jobs(config, jobs, guard, emit, counts, progress, log) -> int | None:
     counts["model_load_seconds"] = time.perf_counter() - t_load
     info = seg.info
     tiling = config.tiling
-    bs = max(1, tiling.batch_size) * len(seg.devices)  # one batch per device
+    bs = seg.batch_tiles(tiling.batch_size)  # a batch for each device
     depth = max(1, config.queue_depth)
     if progress is not None:
         progress.start(len(jobs), 0)

@@ -287,6 +287,15 @@ def test_device_option_and_split_batches_agree(tmp_path, tiny_model):
     one = seg.logits(x)
     seg.devices = ["/CPU:0", "/CPU:0"]  # the multi-GPU code path, on the CPU
     np.testing.assert_allclose(seg.logits(x), one, rtol=1e-5, atol=1e-5)
+    # --batch-size counts per device: a batch of 1 still gives every device a tile.
+    assert seg.batch_tiles(1) == 2
+    from segnet_cli.engine import crop
+    from segnet_cli.tiling import TileGrid
+
+    wide = np.random.default_rng(1).random((40, 200, 3)).astype(np.float32)
+    grid = TileGrid.make(40, 200, 64, 8, 8)  # 4 tiles of one shape
+    sizes = [len(t) for t, _ in seg.run_tiles(((t, crop(wide, t)) for t in grid.tiles()), 1)]
+    assert sizes == [2, 2]
     r = run("predict", write_png(tmp_path / "a.png", shapes_image(20, 20)[0]), "--out", tmp_path / "o",
             "--model", tiny_model, "--device", "gpu:7")
     assert r.exit_code == 2 and "GPU" in r.output
