@@ -15,7 +15,7 @@ maximum in row-major order, as ``tf.nn.max_pool_with_argmax`` does.
 Why the pooling and unpooling are written as reshapes and selects, compiled with XLA:
 ``max_pool_with_argmax`` plus ``scatter_nd`` cost this slim SegNet more time on a CPU than its
 13 full-resolution convolutions' worth of memory traffic should (measured: 105 ms of a
-274 ms forward pass at 2x360x480). Seen as a ``(B, H/k, k, W/k, k, C)`` view, pooling is a
+274 ms forward pass at 2x360x480). Seen as a ``(B*H/k, k, W/k, k, C)`` view, pooling is a
 max over two axes and unpooling a select broadcast over them; XLA fuses each into one pass
 over memory (14 ms together). Only these element-wise steps are compiled: the convolutions
 stay on oneDNN/cuDNN, which XLA on a CPU does not beat.
