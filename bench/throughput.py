@@ -77,15 +77,16 @@ def raw_model_seconds(seg, paths, tiling, reps: int = 1) -> tuple[float, int, in
         seconds its first batch (uncompiled) and its second (XLA compilation) took over a
         steady batch of that shape: what a fresh process pays once per shape.
     """
-    from segnet_cli.engine import crop
-    from segnet_cli.imageio import read_image, to_model_input
-    from segnet_cli.model import Architecture, conv_flops
+    from segnet_cli.io.images import read_image, to_model_input
+    from segnet_cli.model.network import Architecture, conv_flops
+    from segnet_cli.pipeline import crop
+    from segnet_cli.tiling import TileGrid
 
     arch = Architecture(**{k: seg.info.architecture[k] for k in ("width", "stages", "in_channels", "num_classes")})
     groups: dict[tuple, list[np.ndarray]] = {}
     for p in paths:
         x = to_model_input(read_image(p), seg.info.in_channels)
-        grid = seg.grid(x.shape[0], x.shape[1], tiling)
+        grid = TileGrid.make(x.shape[0], x.shape[1], tiling.tile, tiling.halo, seg.stride)
         for t in grid.tiles():
             px = crop(x, t)
             groups.setdefault(px.shape, []).append(px)
@@ -120,14 +121,14 @@ def raw_model_seconds(seg, paths, tiling, reps: int = 1) -> tuple[float, int, in
 
 def end_to_end_seconds(model, inputs, out: Path, tiling, precision, reps: int = 1) -> tuple[float, float]:
     """Best (total, model-load) seconds of in-process ``run_predict`` runs."""
-    from segnet_cli.config import PredictConfig
+    from segnet_cli.config import InferenceConfig, PredictConfig
     from segnet_cli.predict import run_predict
 
     best, load = float("inf"), 0.0
     for _ in range(reps):
         cfg = PredictConfig(
-            inputs=tuple(str(p) for p in inputs), out=out, model=model, tiling=tiling,
-            precision=precision, overwrite=True,
+            inputs=tuple(str(p) for p in inputs), out=out, overwrite=True,
+            inference=InferenceConfig(model=model, tiling=tiling, precision=precision),
         )
         t = time.perf_counter()
         report = run_predict(cfg)
@@ -157,13 +158,13 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="best of N timings")
     args = ap.parse_args()
 
-    from segnet_cli.tfload import import_tf
+    from segnet_cli.model.tfload import import_tf
 
     tf = import_tf()
     from dataclasses import replace
 
     from segnet_cli.config import TilingConfig
-    from segnet_cli.engine import Segmenter
+    from segnet_cli.model.segmenter import Segmenter
 
     tiling = TilingConfig()
     if args.batch_size:

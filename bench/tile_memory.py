@@ -140,10 +140,10 @@ def model_compute(model: Path, grid, batch_size: int, precision: str, min_second
     per-pixel cost of each shape times its pixels. Returns (seconds, CPU seconds, Mpx/s,
     per-shape info).
     """
-    from segnet_cli.tfload import import_tf
+    from segnet_cli.model.tfload import import_tf
 
     import_tf()
-    from segnet_cli.engine import Segmenter
+    from segnet_cli.model.segmenter import Segmenter
 
     seg = Segmenter(model, precision)
     rng = np.random.default_rng(0)
@@ -183,8 +183,8 @@ def main() -> None:
     ap.add_argument("--precision", default="float32")
     args = ap.parse_args()
 
-    from segnet_cli.config import TileConfig, TilingConfig, default_model_path
-    from segnet_cli.tile import plan_tile
+    from segnet_cli.config import InferenceConfig, TileConfig, TilingConfig, default_model_path
+    from segnet_cli.gigapixel import plan_tile
 
     model = args.model or default_model_path()
     if not model.exists():
@@ -200,8 +200,8 @@ def main() -> None:
                   f"{src.stat().st_size / MiB:,.0f} MiB) in {gen:.1f}s")
         given = {"tile": args.tile, "halo": args.halo, "batch_size": args.batch_size}
         tiling = replace(TilingConfig(), **{k: v for k, v in given.items() if v is not None})
-        plan = plan_tile(TileConfig(input=src, out=out, model=model, tiling=tiling,
-                                    precision=args.precision,
+        inference = InferenceConfig(model=model, tiling=tiling, precision=args.precision)
+        plan = plan_tile(TileConfig(input=src, out=out, inference=inference,
                                     max_memory_mb=math.inf if args.batch_size else None))
         g = plan.grid
         print(f"grid: {len(g)} tiles ({len(g.rows)} x {len(g.cols)}), tile {g.tile}, halo {g.halo}, "

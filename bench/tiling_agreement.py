@@ -25,7 +25,7 @@ DEFAULT_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "data" 
 
 def mosaics(folder: Path, n: int, grid: int = 3):
     """``n`` mosaics of ``grid`` x ``grid`` images each, as float32 arrays in [0, 1]."""
-    from segnet_cli.imageio import read_image, to_model_input
+    from segnet_cli.io.images import read_image, to_model_input
 
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg"))
     rng = np.random.default_rng(0)
@@ -45,11 +45,13 @@ def main() -> None:
     ap.add_argument("--halos", default="0,32,64,96,128,160,192")
     args = ap.parse_args()
 
-    from segnet_cli.tfload import import_tf
+    from segnet_cli.model.tfload import import_tf
 
     import_tf()
     from segnet_cli.config import TilingConfig
-    from segnet_cli.engine import Segmenter
+    from segnet_cli.model.segmenter import Segmenter
+    from segnet_cli.pipeline import segment_image
+    from segnet_cli.tiling import TileGrid
 
     seg = Segmenter(args.model)
     print(f"model {seg.path.name}: stride {seg.stride}, receptive field {seg.info.receptive_field} px")
@@ -66,14 +68,14 @@ def main() -> None:
         for halo in (int(v) for v in args.halos.split(",")):
             tiling = TilingConfig(tile=tile, halo=halo)
             try:
-                grid = seg.grid(*scenes[0].shape[:2], tiling)
+                grid = TileGrid.make(*scenes[0].shape[:2], tiling.tile, tiling.halo, seg.stride)
             except Exception as exc:  # a halo too large for the tile
                 print(f"{tile:>5} {halo:>5}  skipped: {exc}")
                 continue
             agree = []
             t = time.perf_counter()
             for s, ref in zip(scenes, wholes):
-                mask, _ = seg.segment(s, tiling)
+                mask, _ = segment_image(seg, s, tiling)
                 agree.append(float((mask == ref).mean()))
             dt = (time.perf_counter() - t) / len(scenes)
             print(

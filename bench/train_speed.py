@@ -20,12 +20,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 def main() -> None:
     prec, width, crop, bs = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    from segnet_cli.tfload import import_tf
+    from segnet_cli.model.tfload import import_tf
 
     import_tf()
     import keras
 
-    from segnet_cli.model import Architecture, build_segnet
+    from segnet_cli.model.network import Architecture, build_segnet
 
     if prec == "bfloat16":
         keras.mixed_precision.set_global_policy("mixed_bfloat16")

@@ -1,14 +1,23 @@
-"""Every default in one place: a frozen dataclass per job.
+"""Every default and every choice in one place: enums, and a frozen dataclass per job.
 
 The CLI builds one of these from its options and never repeats a number: an option the user
 did not give takes the dataclass's default. Library functions take the config and nothing
-else, so a script or a test can call them exactly as the CLI does.
+else, so a script or a test can call them exactly as the CLI does. Values are checked here,
+when a config is made (``__post_init__``), so a bad option is a ``UsageError`` naming the
+option before any file is touched.
+
+``predict``, ``tile`` and ``eval`` share one ``InferenceConfig`` (model, tiling, precision,
+device, pixel limit): the same settings give the same masks whichever command runs them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
+from enum import Enum
 from pathlib import Path
+
+from segnet_cli.errors import UsageError
 
 #: The model bundled in ``weights/`` (used when ``--model`` is not given).
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "weights" / "segnet-camvid.keras"
@@ -25,11 +34,100 @@ def default_model_path() -> Path:
 MEMORY_BUDGET_MB = 1400.0
 
 
+# --------------------------------------------------------------------------- enums
+
+
+class Choice(str, Enum):
+    """An option with a fixed set of values; a ``str``, so it prints and serialises as one.
+
+    ``parse`` turns user text into a member or raises a ``UsageError`` naming the option and
+    the values it takes.
+    """
+
+    def __str__(self) -> str:
+        return self.value
+
+    # Hash as the value: a member and its text are the same dict key (Enum's own hash is
+    # its name's, which would make ``table["float32"]`` and ``table[Precision.FLOAT32]``
+    # different entries).
+    __hash__ = str.__hash__
+
+    @classmethod
+    def parse(cls, value, option: str):
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(str(value).lower())
+        except ValueError:
+            allowed = ", ".join(m.value for m in cls)
+            raise UsageError(f"{option} must be one of {allowed}, not {value!r}") from None
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+
+class Blend(Choice):
+    """How overlapping tiles become one mask (``segnet_cli.tiling.Stitcher``)."""
+
+    CENTER = "center"  # overlap-tile: each pixel from the one tile whose core owns it
+    GAUSSIAN = "gaussian"  # softmax of every covering window, Gaussian-weighted
+
+
+class Precision(Choice):
+    """The model's compute precision (the last two are Keras mixed policies)."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+class Engine(Choice):
+    """Where a run's work happens."""
+
+    LOCAL = "local"  # this machine
+    RAY = "ray"  # the actors of a Ray cluster
+
+
+class ProbabilityMode(Choice):
+    """What ``segnet tile --probabilities`` writes beside the mask."""
+
+    CONFIDENCE = "confidence"  # the winning class's probability
+    CLASSES = "classes"  # one band per class
+
+
+class ProbabilityDtype(Choice):
+    FLOAT16 = "float16"
+    UINT8 = "uint8"  # probability x 255
+
+
+class Compression(Choice):
+    """Lossless TIFF compressions (JPEG is lossy: class indices must stay exact)."""
+
+    ZLIB = "zlib"
+    ZSTD = "zstd"
+    LZW = "lzw"
+    PACKBITS = "packbits"
+    LZMA = "lzma"
+    NONE = "none"
+
+
+class Status(Choice):
+    """What happened to one input of a run."""
+
+    DONE = "done"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+    PLANNED = "planned"  # a dry run's "would do"
+
+
+# --------------------------------------------------------------------------- inference
+
+
 @dataclass(frozen=True)
 class TilingConfig:
     """How an image is split into tiles (see ``segnet_cli.tiling``).
 
-    ``predict``, ``tile`` and ``eval`` share these defaults, so they produce the same masks.
     Measured with the bundled model on real street scenes (README, "Tiling"): 1024/128
     agrees with whole-image inference on 99.994% of pixels at 1.78x compute on large images;
     a halo of half the receptive field (192 here) makes the result identical, at 2.56x.
@@ -43,7 +141,41 @@ class TilingConfig:
     tile: int = 1024
     halo: int = 128
     batch_size: int = 1
-    blend: str = "center"  # "center" (overlap-tile) or "gaussian"
+    blend: Blend = Blend.CENTER
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "blend", Blend.parse(self.blend, "--blend"))
+        if self.batch_size < 1:
+            raise UsageError("--batch-size must be at least 1")
+        if self.tile < 1:
+            raise UsageError("--tile must be positive")
+        if self.halo < 0:
+            raise UsageError("--halo must not be negative")
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """What turns pixels into a mask; shared by ``predict``, ``tile`` and ``eval``."""
+
+    model: Path | None = None  # None: the bundled model
+    tiling: TilingConfig = TilingConfig()
+    precision: Precision = Precision.FLOAT32
+    device: str | None = None  # None: TensorFlow's choice; cpu, gpu or gpu:N
+    max_pixels: int | None = None  # decompression-bomb limit; None: Pillow's default
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "precision", Precision.parse(self.precision, "--precision"))
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise UsageError("--max-pixels must be positive")
+
+
+def _engine(config) -> None:
+    object.__setattr__(config, "engine", Engine.parse(config.engine, "--engine"))
+    if config.address is not None and config.engine is not Engine.RAY:
+        raise UsageError("--address needs --engine ray")
+
+
+# --------------------------------------------------------------------------- jobs
 
 
 @dataclass(frozen=True)
@@ -52,42 +184,79 @@ class PredictConfig:
 
     inputs: tuple[str, ...]
     out: Path
-    model: Path | None = None
-    tiling: TilingConfig = TilingConfig()
+    inference: InferenceConfig = InferenceConfig()
     overlay: bool = False
     overlay_alpha: float = 0.5
-    max_pixels: int | None = None
     overwrite: bool = False
     dry_run: bool = False
-    precision: str = "float32"
-    device: str | None = None
-    engine: str = "local"  # "local" or "ray"
+    engine: Engine = Engine.LOCAL
     address: str | None = None  # Ray cluster for engine "ray" (default: RAY_ADDRESS or local)
     queue_depth: int = 4
-    json: bool = False
+
+    def __post_init__(self) -> None:
+        _engine(self)
+        if self.queue_depth < 1:
+            raise UsageError("--queue-depth must be at least 1")
 
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Options of ``segnet tile`` (gigapixel TIFFs, streamed)."""
+    """Options of ``segnet tile`` (gigapixel images, streamed)."""
 
     input: Path
-    out: Path | None = None
-    model: Path | None = None
-    tiling: TilingConfig = TilingConfig()
-    probabilities: str | None = None  # None, "confidence" or "classes"
-    probability_dtype: str = "float16"  # or "uint8" (probability x 255)
-    compression: str = "zlib"
+    out: Path | None = None  # None: <stem>.mask.tif beside the input
+    inference: InferenceConfig = InferenceConfig()
+    probabilities: ProbabilityMode | None = None
+    probability_dtype: ProbabilityDtype = ProbabilityDtype.FLOAT16
+    compression: Compression = Compression.ZLIB
     out_tile: int = 256
-    max_memory_mb: float | None = None
+    max_memory_mb: float | None = None  # None: the soft MEMORY_BUDGET_MB; inf: no limit
     plan_only: bool = False
     overwrite: bool = False
-    precision: str = "float32"
-    device: str | None = None
     nodata_class: int = 255
-    max_pixels: int | None = None
-    engine: str = "local"  # "local" or "ray"
-    address: str | None = None  # Ray cluster for engine "ray" (default: RAY_ADDRESS or local)
+    engine: Engine = Engine.LOCAL
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        _engine(self)
+        if self.probabilities is not None:
+            object.__setattr__(
+                self, "probabilities", ProbabilityMode.parse(self.probabilities, "--probabilities")
+            )
+        object.__setattr__(
+            self, "probability_dtype", ProbabilityDtype.parse(self.probability_dtype, "--prob-dtype")
+        )
+        object.__setattr__(self, "compression", Compression.parse(self.compression, "--compression"))
+        if self.out_tile < 16 or self.out_tile % 16:
+            raise UsageError("--out-tile must be a multiple of 16")
+        if self.max_memory_mb is not None and not (self.max_memory_mb > 0):
+            raise UsageError("--max-memory must be positive (MiB)")
+        if not 0 <= self.nodata_class <= 255:
+            raise UsageError("--nodata-class must be between 0 and 255")
+
+    @property
+    def memory_limited(self) -> bool:
+        """An explicit, finite ``--max-memory``."""
+        return self.max_memory_mb is not None and not math.isinf(self.max_memory_mb)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Options of ``segnet eval``.
+
+    ``masks`` defaults to ``<images>annot``; ``pred`` scores a folder of saved masks instead
+    of running the model; ``classes`` defaults to the model's (or CamVid with ``pred``).
+    """
+
+    images: Path | None
+    masks: Path | None = None
+    inference: InferenceConfig = InferenceConfig()
+    pred: Path | None = None
+    classes: str | None = None
+    void: int | None = None
+    plot: Path | None = None
+    rgb_masks: bool = False
+    save_masks: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -129,28 +298,7 @@ class TrainConfig:
     workers: int | None = None  # decoding threads; None: tf.data's choice (AUTOTUNE)
 
 
-@dataclass(frozen=True)
-class EvalConfig:
-    """Options of ``segnet eval``.
-
-    ``masks`` defaults to ``<images>annot``; ``pred`` scores a folder of saved masks instead
-    of running the model; ``classes`` defaults to the model's (or CamVid with ``pred``).
-    """
-
-    images: Path | None
-    masks: Path | None = None
-    model: Path | None = None
-    pred: Path | None = None
-    classes: str | None = None
-    void: int | None = None
-    tiling: TilingConfig = TilingConfig()
-    json: bool = False
-    plot: Path | None = None
-    precision: str = "float32"
-    rgb_masks: bool = False
-    save_masks: Path | None = None
-    device: str | None = None
-    max_pixels: int | None = None
+# --------------------------------------------------------------------------- reports
 
 
 @dataclass(frozen=True)
@@ -163,3 +311,9 @@ class Report:
     failed: int = 0
     seconds: float = 0.0
     details: dict = field(default_factory=dict)
+
+
+def given(config_class, **options) -> dict:
+    """The options the user gave (not ``None``) that ``config_class`` has: the CLI's filter."""
+    names = {f.name for f in fields(config_class)}
+    return {k: v for k, v in options.items() if v is not None and k in names}

@@ -16,7 +16,7 @@ import numpy as np
 
 from segnet_cli.classes import ClassTable
 from segnet_cli.errors import DatasetError, ImageReadError, UsageError
-from segnet_cli.imageio import is_image_path, read_image, read_mask, read_rgb_mask
+from segnet_cli.io.images import is_image_path, read_image, read_mask, read_rgb_mask
 from segnet_cli.metrics import median_frequency_weights
 
 
@@ -42,8 +42,6 @@ def index_by_stem(folder: Path) -> dict[str, Path]:
             out.setdefault(str(rel.with_suffix("")), p)
     return out
 
-
-_index_by_stem = index_by_stem
 
 
 def find_pairs(
@@ -75,7 +73,7 @@ def find_pairs(
     masks = Path(masks)
     if not masks.is_dir():
         raise UsageError("masks folder not found", masks)
-    imgs, msks = _index_by_stem(images), _index_by_stem(masks)
+    imgs, msks = index_by_stem(images), index_by_stem(masks)
     problems = [f"{imgs[k]}: no mask with the same name in {masks}" for k in imgs if k not in msks]
     problems += [f"{msks[k]}: mask has no image in {images}" for k in msks if k not in imgs]
     pairs = [Pair(imgs[k], msks[k]) for k in imgs if k in msks]

@@ -7,8 +7,9 @@ accuracy C, per-class IoU and accuracy, mean IoU and frequency-weighted IoU.
 Two ways to get the predictions:
 
 * **model mode** (``--model``, or the bundled model): each image is segmented at full
-  resolution in memory by ``Segmenter.segment`` with the same ``TilingConfig`` as
-  ``segnet predict``, so eval scores exactly the masks predict would write.
+  resolution in memory by the one pipeline (``pipeline.run_works``) with the same
+  ``InferenceConfig`` as ``segnet predict``, so eval scores exactly the masks predict would
+  write.
 * **pred mode** (``--pred DIR``): an existing folder of index masks (palette PNGs are read as
   their indices) from any tool, matched to the ground truth by relative path and stem. No
   model and no TensorFlow are loaded.
@@ -19,10 +20,9 @@ the classes) is reported as a failure and the rest are scored; the return code i
 
 from __future__ import annotations
 
+import os
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -40,9 +40,12 @@ from segnet_cli.errors import (
     SegnetError,
     UsageError,
 )
-from segnet_cli.imageio import atomic_path, read_image, to_model_input, write_mask_png
+from segnet_cli.io.files import atomic_path
+from segnet_cli.io.images import read_image, to_model_input, write_mask_png
 from segnet_cli.metrics import confusion, scores
-from segnet_cli.modelfile import ModelInfo, read_info
+from segnet_cli.model.modelfile import ModelInfo, read_info
+from segnet_cli.pipeline import Work, crop, read_ahead, run_works
+from segnet_cli.tiling import Stitcher, TileGrid, stitch_all
 
 #: Images decoded ahead of the one being scored (reading overlaps inference).
 READ_AHEAD = 2
@@ -205,23 +208,6 @@ def _read_truth(item: EvalItem, classes: ClassTable, rgb: bool) -> np.ndarray:
     return truth
 
 
-def _prefetch(fn: Callable, items: Iterable, depth: int) -> Iterator[tuple[object, Future]]:
-    """Yield ``(item, future of fn(item))`` in order, with ``depth`` items read ahead."""
-    with ThreadPoolExecutor(max_workers=max(1, depth), thread_name_prefix="eval-read") as pool:
-        it = iter(items)
-        queue: deque = deque()
-        for item in it:
-            queue.append((item, pool.submit(fn, item)))
-            if len(queue) > depth:
-                break
-        while queue:
-            item, fut = queue.popleft()
-            nxt = next(it, None)
-            if nxt is not None:
-                queue.append((nxt, pool.submit(fn, nxt)))
-            yield item, fut
-
-
 def run_eval(config: EvalConfig, progress=None, log: Callable[[str], None] | None = None) -> Report:
     """Score predictions against ground truth; the figures are in ``report.details``.
 
@@ -255,12 +241,14 @@ def run_eval(config: EvalConfig, progress=None, log: Callable[[str], None] | Non
     if pred_dir is None:
         if config.images is None:
             raise UsageError("give the IMAGES to segment (or --pred DIR to score saved masks)")
-        from segnet_cli.engine import Segmenter
+        from segnet_cli.model.segmenter import Segmenter
 
-        segmenter = Segmenter(config.model, config.precision, config.device)
+        inference = config.inference
+        segmenter = Segmenter(inference.model, inference.precision, inference.device)
         info = segmenter.info
-    elif config.model is not None:
-        info = read_info(config.model)  # the model names the classes; it does not run
+    elif config.inference.model is not None:
+        # The model names the classes; it does not run.
+        info = read_info(config.inference.model)
     classes = resolve_classes(config, info)
     if config.classes is None and info is None:
         log("classes: camvid (the default; give --classes for other data)")
@@ -290,7 +278,7 @@ def run_eval(config: EvalConfig, progress=None, log: Callable[[str], None] | Non
             pred = read_label_mask(path, classes, config.rgb_masks)
             check_prediction(pred, truth, k, path)
             return truth, pred
-        raw = read_image(item.image, config.max_pixels)
+        raw = read_image(item.image, config.inference.max_pixels)
         if raw.shape[:2] != truth.shape:
             raise EvalFailure(
                 f"mask is {truth.shape[1]}x{truth.shape[0]} but the image is "
@@ -299,39 +287,74 @@ def run_eval(config: EvalConfig, progress=None, log: Callable[[str], None] | Non
             )
         return truth, to_model_input(raw, info.in_channels, item.image)
 
+    if config.save_masks is not None:
+        _check_save_masks(Path(config.save_masks), items)
     cm = np.zeros((k, k), np.int64)
     per_image: list[dict] = []
     if progress is not None:
         progress.start(len(items), 0)
-    for item, fut in _prefetch(read, items, READ_AHEAD):
-        try:
-            truth, second = fut.result()
-            if segmenter is not None:
-                pred, _ = segmenter.segment(second, config.tiling)
-                if config.save_masks is not None:
-                    write_mask_png(
-                        pred, Path(config.save_masks) / f"{item.key}.png", classes.palette()
-                    )
-            else:
-                pred = second
-            m = confusion(truth, pred, k, classes.void)
-        except (ImageReadError, EvalFailure, OutputError) as exc:
-            # One file's problem; anything else (a bad tiling option, say) stops the run.
-            failures.append({"path": str(exc.path) if exc.path else None, "error": exc.message})
-        else:
-            cm += m
-            labelled = int(m.sum())
-            per_image.append(
-                {
-                    "key": item.key,
-                    "mask": str(item.mask),
-                    "pixels": labelled,
-                    "correct": int(np.trace(m)),
-                    "accuracy": round(float(np.trace(m) / labelled), 6) if labelled else None,
-                }
-            )
+
+    def score(item: EvalItem, truth: np.ndarray, pred: np.ndarray) -> None:
+        nonlocal cm
+        if config.save_masks is not None:
+            write_mask_png(pred, Path(config.save_masks) / f"{item.key}.png", classes.palette())
+        m = confusion(truth, pred, k, classes.void)
+        cm += m
+        labelled = int(m.sum())
+        per_image.append(
+            {
+                "key": item.key,
+                "mask": str(item.mask),
+                "pixels": labelled,
+                "correct": int(np.trace(m)),
+                "accuracy": round(float(np.trace(m) / labelled), 6) if labelled else None,
+            }
+        )
+
+    def failed(exc: SegnetError) -> None:
+        # One file's problem; anything else (a bad tiling option, say) stops the run.
+        failures.append({"path": str(exc.path) if exc.path else None, "error": exc.message})
         if progress is not None:
             progress.advance()
+
+    def works():
+        """Each readable item as a work of the pipeline (model mode)."""
+        tiling = config.inference.tiling
+        for item, fut in read_ahead(read, items, READ_AHEAD, workers=READ_AHEAD):
+            try:
+                truth, image = fut.result()
+            except (ImageReadError, EvalFailure) as exc:
+                failed(exc)
+                continue
+            del fut
+            grid = TileGrid.make(*image.shape[:2], tiling.tile, tiling.halo, segmenter.stride)
+            stitcher = Stitcher(grid, segmenter.num_classes, tiling.blend)
+            yield Work((item, truth), stitcher, list(grid.tiles()), lambda t, image=image: crop(image, t))
+            del image, truth
+
+    if segmenter is not None:
+        tiling = config.inference.tiling
+        for work in run_works(segmenter, works(), tiling.batch_size, max_open=READ_AHEAD):
+            (item, truth), grid = work.key, work.stitcher.grid
+            pred, _ = stitch_all(work.stitcher, grid.height, grid.width)
+            del work
+            try:
+                score(item, truth, pred)
+            except OutputError as exc:
+                failed(exc)
+                continue
+            if progress is not None:
+                progress.advance()
+    else:
+        for item, fut in read_ahead(read, items, READ_AHEAD, workers=READ_AHEAD):
+            try:
+                truth, pred = fut.result()
+                score(item, truth, pred)
+            except (ImageReadError, EvalFailure, OutputError) as exc:
+                failed(exc)
+                continue
+            if progress is not None:
+                progress.advance()
 
     ignore = classes.void if classes.void is not None and classes.void < k else None
     sc = scores(cm, ignore=ignore)
@@ -344,7 +367,7 @@ def run_eval(config: EvalConfig, progress=None, log: Callable[[str], None] | Non
     details = {
         "mode": "pred" if pred_dir is not None else "model",
         "model": str(segmenter.path) if segmenter is not None else (
-            str(config.model) if config.model is not None else None
+            str(config.inference.model) if config.inference.model is not None else None
         ),
         "pred": str(pred_dir) if pred_dir is not None else None,
         "images": len(per_image),
@@ -357,13 +380,14 @@ def run_eval(config: EvalConfig, progress=None, log: Callable[[str], None] | Non
         "per_image": per_image,
     }
     if segmenter is not None:
+        t = config.inference.tiling
         details["tiling"] = {
-            "tile": config.tiling.tile,
-            "halo": config.tiling.halo,
-            "batch_size": config.tiling.batch_size,
-            "blend": config.tiling.blend,
+            "tile": t.tile,
+            "halo": t.halo,
+            "batch_size": t.batch_size,
+            "blend": str(t.blend),
         }
-        details["precision"] = config.precision
+        details["precision"] = str(config.inference.precision)
     if config.plot is not None:
         if per_image:
             plot_confusion(cm, classes.names, config.plot, title=_plot_title(details))
@@ -377,6 +401,30 @@ def run_eval(config: EvalConfig, progress=None, log: Callable[[str], None] | Non
         seconds=time.time() - t0,
         details=details,
     )
+
+
+def _check_save_masks(folder: Path, items: list[EvalItem]) -> None:
+    """Refuse ``--save-masks`` where a saved mask would replace an image or a ground truth.
+
+    Raises:
+        UsageError: a target is one of the files being scored (the next eval would then
+            score the model against itself), checked before anything is written.
+    """
+    inputs = {}
+    for item in items:
+        for p in (item.mask, item.image):
+            if p is not None:
+                inputs[Path(os.path.abspath(p))] = p
+    for item in items:
+        target = Path(os.path.abspath(folder / f"{item.key}.png"))
+        hit = inputs.get(target)
+        if hit is None and target.exists():
+            hit = next((p for p in inputs if os.path.exists(p) and os.path.samefile(p, target)), None)
+        if hit is not None:
+            raise UsageError(
+                f"--save-masks would overwrite {hit}, a file being scored; give another folder",
+                folder,
+            )
 
 
 def _plot_title(d: dict) -> str:
@@ -514,6 +562,6 @@ def plot_confusion(
     draw.rectangle([left - 1, top - 1, left + k * cell, top + k * cell], outline="black")
 
     path = Path(path)
-    with atomic_path(path, suffix=".png") as tmp:
+    with atomic_path(path) as tmp:
         im.save(tmp, format="PNG")
     return path

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from segnet_cli.config import Blend, TilingConfig
 from segnet_cli.errors import UsageError
 
 
@@ -235,12 +236,11 @@ class Stitcher:
         self,
         grid: TileGrid,
         num_classes: int,
-        mode: str = "center",
+        mode: Blend | str = Blend.CENTER,
         confidence: bool = False,
         probabilities: bool = False,
     ) -> None:
-        if mode not in ("center", "gaussian"):
-            raise UsageError(f"blend mode must be 'center' or 'gaussian', not {mode!r}")
+        mode = Blend.parse(mode, "blend mode")
         self.grid = grid
         self.k = num_classes
         self.mode = mode
@@ -259,7 +259,7 @@ class Stitcher:
             "w": np.zeros((0, grid.width), np.float32),
         }
         self._windows: dict[tuple[int, int], np.ndarray] = {}
-        if mode == "center" and not self.probabilities:
+        if mode is Blend.CENTER and not self.probabilities:
             self.needs = "confidence" if self.confidence else "classes"
         else:
             self.needs = "logits"
@@ -309,13 +309,13 @@ class Stitcher:
         got = (logits if logits is not None else classes).shape[:2]
         if got != tile.shape:
             raise ValueError(f"tile {tile.index}: output {got} != window {tile.shape}")
-        if logits is None and (self.mode != "center" or self.probabilities):
+        if logits is None and (self.mode is not Blend.CENTER or self.probabilities):
             raise ValueError("this stitcher needs logits")
         if logits is None and self.confidence and conf is None:
             raise ValueError("this stitcher needs (classes, confidence)")
         wy0, wx0, wy1, wx1 = tile.window
         cy0, cx0, cy1, cx1 = tile.core
-        if self.mode == "center":
+        if self.mode is Blend.CENTER:
             band = self._center_band(tile.row)
             b0 = self.grid.rows[tile.row].core_start
             core = (slice(cy0 - wy0, cy1 - wy0), slice(cx0 - wx0, cx1 - wx0))
@@ -351,7 +351,7 @@ class Stitcher:
             if r is None or self._pending[r]:
                 return
             # Grid row r is complete.
-            if self.mode == "center":
+            if self.mode is Blend.CENTER:
                 b = self._bands.pop(r)
                 self._ready.append((g.rows[r].core_start, b["mask"], b.get("conf"), b.get("prob")))
             else:
@@ -384,11 +384,20 @@ class Stitcher:
         return self._current_row() is None
 
 
+def check_tiling(tiling: TilingConfig, stride: int) -> None:
+    """Reject a tiling no image can use with this model (a usage error, not a per-image one).
+
+    Raises:
+        UsageError: the tile leaves no core inside its halo at the model's stride.
+    """
+    TileGrid.make(1 << 20, 1 << 20, tiling.tile, tiling.halo, stride)
+
+
 def band_bytes(
-    grid: TileGrid, k: int, mode: str, confidence: bool = False, probabilities: bool = False
+    grid: TileGrid, k: int, mode: Blend | str, confidence: bool = False, probabilities: bool = False
 ) -> int:
     """Peak bytes of a stitcher's band: proportional to width x tile, never to height."""
-    if mode == "center":
+    if Blend.parse(mode, "blend mode") is Blend.CENTER:
         rows = max(r.core_end - r.core_start for r in grid.rows)
         per = 1 + (4 if confidence or probabilities else 0) + (4 * k if probabilities else 0)
         return rows * grid.width * per

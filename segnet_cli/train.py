@@ -39,9 +39,10 @@ from segnet_cli.classes import ClassTable, load_classes
 from segnet_cli.config import Report, TrainConfig
 from segnet_cli.dataset import Pair, find_pairs, load_mask, require_ok, verify
 from segnet_cli.errors import LockedError, ModelFileError, UsageError
-from segnet_cli.imageio import atomic_path, read_image, to_model_input
+from segnet_cli.io.files import atomic_path, remove_dead_temporaries
+from segnet_cli.io.images import read_image, to_model_input
 from segnet_cli.metrics import confusion, scores
-from segnet_cli.modelfile import InputScaling, ModelInfo, read_info
+from segnet_cli.model.modelfile import InputScaling, ModelInfo, read_info
 
 #: Epochs of a new run when ``TrainConfig.epochs`` is not given.
 DEFAULT_EPOCHS = 60
@@ -55,7 +56,7 @@ FINAL = "model.keras"
 def _set_precision(precision: str) -> None:
     import keras
 
-    from segnet_cli.model import POLICIES
+    from segnet_cli.model.network import POLICIES
 
     if precision not in POLICIES:
         raise UsageError(f"precision must be one of {', '.join(POLICIES)}")
@@ -243,7 +244,7 @@ def _export_copy(model, arch_kwargs, mean, std):
     """A float32, optimizer-free copy of ``model`` for shipping and prediction."""
     import keras
 
-    from segnet_cli.model import Architecture, build_segnet
+    from segnet_cli.model.network import Architecture, build_segnet
 
     policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")
@@ -293,21 +294,6 @@ def _run_lock(out: Path):
         os.close(fd)
 
 
-def _remove_stale_temporaries(out: Path, max_age: float = 3600.0) -> None:
-    """Remove model temporaries a killed save left behind (``.checkpoint.*.tmp.keras``).
-
-    Only old ones: a save takes seconds, and a trainer from before the run lock existed
-    could still be writing its own.
-    """
-    now = time.time()
-    for p in out.glob(".*.tmp.keras"):
-        try:
-            if now - p.stat().st_mtime > max_age:
-                p.unlink()
-        except OSError:
-            pass
-
-
 def run_train(config: TrainConfig, progress=None, log=print) -> Report:
     """Train a SegNet as ``config`` says and return a report.
 
@@ -332,7 +318,7 @@ def run_train(config: TrainConfig, progress=None, log=print) -> Report:
         raise UsageError("give the training IMAGES folder (or --resume a run)")
     out.mkdir(parents=True, exist_ok=True)
     with _run_lock(out):
-        _remove_stale_temporaries(out)
+        remove_dead_temporaries(out, recursive=False)  # a killed save's leftovers
         return _train(config, progress, log)
 
 
@@ -393,7 +379,7 @@ def _train(config: TrainConfig, progress, log) -> Report:
     _set_precision(config.precision)
     import keras
 
-    from segnet_cli.model import Architecture, build_segnet, count_params, save_model
+    from segnet_cli.model.network import Architecture, build_segnet, count_params, save_model
 
     keras.utils.set_random_seed(config.seed + int(state.get("epoch", 0)))
     arch_kwargs = dict(
@@ -415,7 +401,7 @@ def _train(config: TrainConfig, progress, log) -> Report:
     scope = _strategy_scope()
     scope.__enter__()
     if config.resume:
-        import segnet_cli.layers  # noqa: F401
+        from segnet_cli.model import layers  # noqa: F401
 
         try:
             model = keras.saving.load_model(str(ckpt), compile=True, safe_mode=True)

@@ -87,7 +87,6 @@ class Progress:
     Args:
         label: what is being counted ("images", "tiles", "steps").
         total: the number of units.
-        unit_scale: optional (name, factor) for a second rate, e.g. ("Mpx", px_per_unit).
         every: seconds between plain log lines.
     """
 

@@ -30,8 +30,8 @@ def make_model_file(
     """
     import keras
 
-    from segnet_cli.model import Architecture, build_segnet, save_model
-    from segnet_cli.modelfile import InputScaling, ModelInfo
+    from segnet_cli.model.modelfile import InputScaling, ModelInfo
+    from segnet_cli.model.network import Architecture, build_segnet, save_model
 
     keras.utils.set_random_seed(seed)
     arch = Architecture(width=width, stages=stages, in_channels=in_channels, num_classes=num_classes)
@@ -120,3 +120,10 @@ def local_ray_cluster() -> Iterator:
         yield ray
     finally:
         ray.shutdown()
+
+
+def grid_of(seg, height: int, width: int, tiling):
+    """The tile grid a segmenter's model gives an image under ``tiling``."""
+    from segnet_cli.tiling import TileGrid
+
+    return TileGrid.make(height, width, tiling.tile, tiling.halo, seg.stride)

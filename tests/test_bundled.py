@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+from conftest import grid_of
 
 from segnet_cli.classes import CAMVID
 from segnet_cli.config import TilingConfig, default_model_path
-from segnet_cli.modelfile import read_info
+from segnet_cli.model.modelfile import read_info
+from segnet_cli.pipeline import segment_image
 
 
 def street_scene(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -48,13 +50,13 @@ def test_bundled_model_file():
 
 def test_defaults_agree_with_whole_image_inference():
     """At the default tile and halo, >= 99.9% of pixels equal whole-image inference."""
-    from segnet_cli.engine import Segmenter
+    from segnet_cli.model.segmenter import Segmenter
 
     seg = Segmenter()
     tiling = TilingConfig()
     img = street_scene(1100, 1400)
-    assert len(seg.grid(1100, 1400, tiling)) > 1  # really tiled at the defaults
+    assert len(grid_of(seg, 1100, 1400, tiling)) > 1  # really tiled at the defaults
     whole = np.argmax(seg.logits(img[None])[0], -1)
-    tiled, _ = seg.segment(img, tiling)
+    tiled, _ = segment_image(seg, img, tiling)
     agreement = float((tiled == whole).mean())
     assert agreement >= 0.999, agreement

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shapes_image, write_png
+from conftest import grid_of, shapes_image, write_png
 from PIL import Image
 from typer.testing import CliRunner
 
 from segnet_cli.cli import app
-from segnet_cli.config import EvalConfig
+from segnet_cli.config import EvalConfig, InferenceConfig
 from segnet_cli.evaluate import run_eval
+from segnet_cli.pipeline import segment_image
 
 runner = CliRunner()
 VOID = 255
@@ -180,9 +181,9 @@ def labelled(tmp_path) -> tuple[Path, Path]:
 
 def test_model_mode_scores_what_the_engine_predicts(labelled, tiny_model, tmp_path):
     from segnet_cli.config import TilingConfig
-    from segnet_cli.engine import Segmenter
-    from segnet_cli.imageio import read_image, read_mask, to_model_input
+    from segnet_cli.io.images import read_image, read_mask, to_model_input
     from segnet_cli.metrics import confusion
+    from segnet_cli.model.segmenter import Segmenter
 
     images, masks = labelled
     saved = tmp_path / "saved"
@@ -197,18 +198,20 @@ def test_model_mode_scores_what_the_engine_predicts(labelled, tiny_model, tmp_pa
 
     seg = Segmenter(tiny_model)
     tiling = TilingConfig(tile=40, halo=8)
-    assert len(seg.grid(70, 45, tiling)) > 1
+    assert len(grid_of(seg, 70, 45, tiling)) > 1
     cm = np.zeros((3, 3), np.int64)
     for p in sorted(images.glob("*.png")):
         x = to_model_input(read_image(p), 3)
-        pred, _ = seg.segment(x, tiling)
+        pred, _ = segment_image(seg, x, tiling)
         np.testing.assert_array_equal(np.asarray(Image.open(saved / p.name)), pred)
         cm += confusion(read_mask(masks / p.name), pred, 3, VOID)
     assert d["confusion"] == cm.tolist()
     assert d["pixels"] == 37 * 53 + 29 * 31 + 70 * 45 - 9  # void pixels left out
 
     # Scoring the saved masks with --pred gives the very same figures.
-    again = run_eval(EvalConfig(images=None, masks=masks, pred=saved, model=tiny_model, void=VOID))
+    again = run_eval(
+        EvalConfig(images=None, masks=masks, pred=saved, inference=InferenceConfig(model=tiny_model), void=VOID)
+    )
     assert again.details["confusion"] == d["confusion"]
     assert again.details["mean_iou"] == pytest.approx(d["mean_iou"])
 

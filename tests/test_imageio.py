@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from segnet_cli.errors import ImageReadError, ImageTooLargeError, OutputError
-from segnet_cli.imageio import (
-    TMP_PREFIX,
+from segnet_cli.io.files import TMP_PREFIX
+from segnet_cli.io.images import (
     match_channels,
     read_image,
     read_mask,
@@ -133,7 +133,7 @@ def test_unwritable_folder_is_a_clear_error(tmp_path):
 
 
 def test_pixel_limit_of_one_read_does_not_leak(tmp_path):
-    from segnet_cli.imageio import pixel_limit
+    from segnet_cli.io.images import pixel_limit
 
     p = tmp_path / "img.png"
     Image.fromarray(np.zeros((300, 300), np.uint8)).save(p)

@@ -12,7 +12,7 @@ import pytest
 
 @pytest.fixture(params=[True, False], ids=["xla", "plain"])
 def compiled(request):
-    from segnet_cli.layers import compiled_windows
+    from segnet_cli.model.layers import compiled_windows
 
     with compiled_windows(request.param):
         yield request.param
@@ -52,7 +52,7 @@ def np_unpool(values: np.ndarray, where: np.ndarray, shape, k: int = 2) -> np.nd
 
 @pytest.mark.parametrize("shape", [(2, 5, 7, 3), (1, 1, 1, 2), (1, 3, 3, 1), (2, 4, 6, 2), (1, 1, 9, 2)])
 def test_pool_and_unpool_match_numpy_reference(shape, compiled):
-    from segnet_cli.layers import MaxPoolingWithArgmax2D, MaxUnpooling2D
+    from segnet_cli.model.layers import MaxPoolingWithArgmax2D, MaxUnpooling2D
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape).astype(np.float32)
@@ -70,7 +70,7 @@ def test_matches_tensorflow_argmax_pooling_and_scatter(compiled):
     """Same result as the textbook ``max_pool_with_argmax`` + ``scatter_nd`` pair, ties too."""
     import tensorflow as tf
 
-    from segnet_cli.layers import MaxPoolingWithArgmax2D, MaxUnpooling2D
+    from segnet_cli.model.layers import MaxPoolingWithArgmax2D, MaxUnpooling2D
 
     rng = np.random.default_rng(3)
     # ReLU-like input: many all-zero windows, where the tie rule decides the position.
@@ -87,7 +87,7 @@ def test_matches_tensorflow_argmax_pooling_and_scatter(compiled):
 
 
 def test_ties_go_to_the_first_position_in_the_window(compiled):
-    from segnet_cli.layers import MaxPoolingWithArgmax2D
+    from segnet_cli.model.layers import MaxPoolingWithArgmax2D
 
     x = np.zeros((1, 4, 4, 1), np.float32)
     x[0, 2, 3, 0] = x[0, 3, 2, 0] = 1.0  # a tie at positions 1 and 2 of window (1, 1)
@@ -97,7 +97,7 @@ def test_ties_go_to_the_first_position_in_the_window(compiled):
 
 @pytest.mark.parametrize("k,padding,shape", [(3, "same", (1, 7, 8, 2)), (2, "valid", (2, 5, 7, 3))])
 def test_other_window_sizes_and_valid_padding(k, padding, shape, compiled):
-    from segnet_cli.layers import MaxPoolingWithArgmax2D, MaxUnpooling2D
+    from segnet_cli.model.layers import MaxPoolingWithArgmax2D, MaxUnpooling2D
 
     x = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
     pooled, where = MaxPoolingWithArgmax2D(k, padding=padding)(x)
@@ -109,7 +109,7 @@ def test_other_window_sizes_and_valid_padding(k, padding, shape, compiled):
 
 
 def test_overlapping_windows_are_refused():
-    from segnet_cli.layers import MaxPoolingWithArgmax2D
+    from segnet_cli.model.layers import MaxPoolingWithArgmax2D
 
     with pytest.raises(ValueError, match="strides equal to pool_size"):
         MaxPoolingWithArgmax2D(pool_size=3, strides=2)
@@ -118,7 +118,7 @@ def test_overlapping_windows_are_refused():
 def test_unpool_gradient_flows_to_values_only(compiled):
     import tensorflow as tf
 
-    from segnet_cli.layers import MaxPoolingWithArgmax2D, MaxUnpooling2D
+    from segnet_cli.model.layers import MaxPoolingWithArgmax2D, MaxUnpooling2D
 
     x = tf.Variable(np.random.default_rng(1).standard_normal((1, 5, 5, 2)).astype(np.float32))
     with tf.GradientTape() as tape:
@@ -135,7 +135,7 @@ def test_pool_gradient_goes_to_one_position_on_ties(compiled):
     """Like ``max_pool_with_argmax``: a tied window sends its gradient to the recorded position."""
     import tensorflow as tf
 
-    from segnet_cli.layers import MaxPoolingWithArgmax2D
+    from segnet_cli.model.layers import MaxPoolingWithArgmax2D
 
     x = tf.Variable(np.ones((1, 2, 2, 1), np.float32))
     with tf.GradientTape() as tape:
@@ -146,7 +146,7 @@ def test_pool_gradient_goes_to_one_position_on_ties(compiled):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_mixed_precision_layers(dtype, compiled):
-    from segnet_cli.layers import MaxPoolingWithArgmax2D, MaxUnpooling2D
+    from segnet_cli.model.layers import MaxPoolingWithArgmax2D, MaxUnpooling2D
 
     x = np.random.default_rng(5).integers(-8, 8, (1, 5, 7, 3)).astype(np.float32)
     pooled, where = MaxPoolingWithArgmax2D(dtype=f"mixed_{dtype}")(x)
@@ -162,7 +162,7 @@ def test_mixed_precision_layers(dtype, compiled):
 def test_layers_declare_no_whole_model_xla_and_serialize():
     import keras
 
-    from segnet_cli.layers import MaxPoolingWithArgmax2D, MaxUnpooling2D
+    from segnet_cli.model.layers import MaxPoolingWithArgmax2D, MaxUnpooling2D
 
     pool = MaxPoolingWithArgmax2D(pool_size=2, name="p")
     assert pool.supports_jit is False and MaxUnpooling2D().supports_jit is False

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from segnet_cli.errors import ModelFileError
-from segnet_cli.model import Architecture
-from segnet_cli.modelfile import read_info
+from segnet_cli.model.modelfile import read_info
+from segnet_cli.model.network import Architecture
 
 
 def test_architecture_numbers():
@@ -26,7 +26,7 @@ def test_architecture_numbers():
 def test_full_vgg16_segnet_structure():
     import keras
 
-    from segnet_cli.model import build_segnet
+    from segnet_cli.model.network import build_segnet
 
     model = build_segnet(Architecture(width=1.0, stages=5, num_classes=11))
     convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
@@ -41,7 +41,7 @@ def test_full_vgg16_segnet_structure():
 @pytest.mark.parametrize("channels", [1, 3, 4, 6])
 @pytest.mark.parametrize("hw", [(1, 1), (3, 3), (37, 53), (1, 300), (64, 64)])
 def test_any_size_in_same_size_out(channels, hw):
-    from segnet_cli.model import build_segnet
+    from segnet_cli.model.network import build_segnet
 
     model = build_segnet(Architecture(width=0.0625, stages=3, in_channels=channels, num_classes=4))
     x = np.random.default_rng(0).random((2, *hw, channels)).astype(np.float32)
@@ -53,12 +53,12 @@ def test_any_size_in_same_size_out(channels, hw):
 def test_keras_round_trip_identical_outputs(tiny_model, tmp_path):
     import keras
 
-    from segnet_cli.model import load_model
+    from segnet_cli.model.network import load_model
 
     model, info = load_model(tiny_model)
     assert info.class_names == ("background", "disc", "square") and info.stride == 8
     # Plain Keras loads the same file with safe mode on (custom layers registered on import).
-    import segnet_cli.layers  # noqa: F401
+    import segnet_cli.model.layers  # noqa: F401
 
     plain = keras.saving.load_model(str(tiny_model), safe_mode=True, compile=False)
     x = np.random.default_rng(2).random((1, 37, 53, 3)).astype(np.float32)
@@ -71,7 +71,7 @@ def test_fold_batch_norm_keeps_the_function(tiny_model):
     """The inference form (no batch norm, biased convolutions) computes the same logits."""
     import keras
 
-    from segnet_cli.model import build_segnet, fold_batch_norm, load_model
+    from segnet_cli.model.network import build_segnet, fold_batch_norm, load_model
 
     model, info = load_model(tiny_model)
     arch = Architecture(**{k: info.architecture[k] for k in ("width", "stages", "in_channels", "num_classes")})
@@ -91,8 +91,8 @@ def test_fold_batch_norm_keeps_the_function(tiny_model):
 
 def test_segmenter_runs_the_folded_model_compiled_or_not(tiny_model):
     """A shape's first batch (plain trace) and later ones (XLA windows) give the saved model's logits."""
-    from segnet_cli.engine import Segmenter
-    from segnet_cli.model import load_model
+    from segnet_cli.model.network import load_model
+    from segnet_cli.model.segmenter import Segmenter
 
     seg = Segmenter(tiny_model)
     model, _ = load_model(tiny_model)
@@ -105,7 +105,7 @@ def test_segmenter_runs_the_folded_model_compiled_or_not(tiny_model):
 
 
 def test_segmenter_reduces_logits_where_the_model_runs(tiny_model):
-    from segnet_cli.engine import Segmenter
+    from segnet_cli.model.segmenter import Segmenter
 
     seg = Segmenter(tiny_model)
     x = np.random.default_rng(7).random((3, 37, 53, 3)).astype(np.float32)
@@ -122,7 +122,7 @@ def test_segmenter_reduces_logits_where_the_model_runs(tiny_model):
 
 
 def test_missing_corrupt_foreign_model_files(tmp_path, tiny_model):
-    from segnet_cli.model import load_model
+    from segnet_cli.model.network import load_model
 
     with pytest.raises(ModelFileError, match="not found"):
         read_info(tmp_path / "nope.keras")
@@ -149,7 +149,7 @@ def test_conv_flops_matches_keras_layer_shapes():
     """The analytic FLOP count equals the sum over the built model's Conv2D layers."""
     import keras
 
-    from segnet_cli.model import build_segnet, conv_flops
+    from segnet_cli.model.network import build_segnet, conv_flops
 
     arch = Architecture(width=0.125, stages=4, in_channels=3, num_classes=5)
     model = build_segnet(arch)
@@ -171,8 +171,8 @@ def test_replace_info_keeps_weights(tiny_model, tmp_path):
     import dataclasses
     import shutil
 
-    from segnet_cli.model import load_model
-    from segnet_cli.modelfile import replace_info
+    from segnet_cli.model.modelfile import replace_info
+    from segnet_cli.model.network import load_model
 
     copy = tmp_path / "m.keras"
     shutil.copyfile(tiny_model, copy)

@@ -17,9 +17,10 @@ from conftest import make_model_file, shapes_image, write_png
 from PIL import Image
 from typer.testing import CliRunner
 
-from segnet_cli.batch import Claim
 from segnet_cli.cli import app
-from segnet_cli.imageio import TMP_PREFIX
+from segnet_cli.io.files import TMP_PREFIX
+from segnet_cli.jobs import Claim
+from segnet_cli.pipeline import segment_image
 
 runner = CliRunner()
 
@@ -75,8 +76,8 @@ def test_predict_folder_all_formats_sizes(photos, tmp_path, tiny_model):
 
 def test_predict_equals_engine_whole_and_tiled(tmp_path, tiny_model):
     from segnet_cli.config import TilingConfig
-    from segnet_cli.engine import Segmenter
-    from segnet_cli.imageio import read_image, to_model_input
+    from segnet_cli.io.images import read_image, to_model_input
+    from segnet_cli.model.segmenter import Segmenter
 
     img, _ = shapes_image(157, 211, seed=4)
     src = write_png(tmp_path / "in" / "a.png", img)
@@ -85,7 +86,7 @@ def test_predict_equals_engine_whole_and_tiled(tmp_path, tiny_model):
     assert r.exit_code == 0, r.output
     seg = Segmenter(tiny_model)
     x = to_model_input(read_image(src), 3)
-    expected, _ = seg.segment(x, TilingConfig(tile=64, halo=16, batch_size=1))
+    expected, _ = segment_image(seg, x, TilingConfig(tile=64, halo=16, batch_size=1))
     np.testing.assert_array_equal(np.asarray(Image.open(out / "a.png")), expected)
 
 
@@ -166,7 +167,7 @@ def test_usage_errors_exit_2(tmp_path, tiny_model):
 
 
 def test_disk_full_leaves_no_partial_file(photos, tmp_path, tiny_model, monkeypatch):
-    import segnet_cli.imageio as imageio
+    import segnet_cli.io.files as files
 
     real_replace = os.replace
 
@@ -175,7 +176,7 @@ def test_disk_full_leaves_no_partial_file(photos, tmp_path, tiny_model, monkeypa
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(imageio.os, "replace", full)
+    monkeypatch.setattr(files.os, "replace", full)
     out = tmp_path / "out"
     r = run("predict", photos, "--out", out, "--model", tiny_model)
     assert r.exit_code == 1
@@ -187,7 +188,7 @@ def test_disk_full_leaves_no_partial_file(photos, tmp_path, tiny_model, monkeypa
 def test_stale_temporaries_removed_and_claimed_outputs_skipped(photos, tmp_path, tiny_model):
     out = tmp_path / "out"
     out.mkdir()
-    from segnet_cli.imageio import HOST_TOKEN
+    from segnet_cli.io.files import HOST_TOKEN
 
     stale = out / f"{TMP_PREFIX}999999999.{HOST_TOKEN}-odd.png.abc.png"
     stale.write_bytes(b"half a png")
@@ -279,7 +280,7 @@ def test_two_overlapping_runs_never_write_the_same_mask(tmp_path, tiny_model):
 
 def test_device_option_and_split_batches_agree(tmp_path, tiny_model):
     """`--device cpu` runs there; a batch split across several devices gives the same logits."""
-    from segnet_cli.engine import Segmenter
+    from segnet_cli.model.segmenter import Segmenter
 
     seg = Segmenter(tiny_model, device="cpu")
     assert seg.devices == ["/CPU:0"]
@@ -289,12 +290,14 @@ def test_device_option_and_split_batches_agree(tmp_path, tiny_model):
     np.testing.assert_allclose(seg.logits(x), one, rtol=1e-5, atol=1e-5)
     # --batch-size counts per device: a batch of 1 still gives every device a tile.
     assert seg.batch_tiles(1) == 2
-    from segnet_cli.engine import crop
-    from segnet_cli.tiling import TileGrid
+    from segnet_cli.pipeline import Work, crop, run_works
+    from segnet_cli.tiling import Stitcher, TileGrid
 
     wide = np.random.default_rng(1).random((40, 200, 3)).astype(np.float32)
     grid = TileGrid.make(40, 200, 64, 8, 8)  # 4 tiles of one shape
-    sizes = [len(t) for t, _ in seg.run_tiles(((t, crop(wide, t)) for t in grid.tiles()), 1)]
+    sizes = []
+    work = Work(None, Stitcher(grid, seg.num_classes), list(grid.tiles()), lambda t: crop(wide, t))
+    list(run_works(seg, [work], 1, on_batch=lambda pairs: sizes.append(len(pairs))))
     assert sizes == [2, 2]
     r = run("predict", write_png(tmp_path / "a.png", shapes_image(20, 20)[0]), "--out", tmp_path / "o",
             "--model", tiny_model, "--device", "gpu:7")

@@ -20,9 +20,10 @@ import pytest
 from conftest import local_ray_cluster, shapes_image, write_png
 from PIL import Image
 
-from segnet_cli.config import PredictConfig, TilingConfig
+from segnet_cli.cluster import INSTALL_HINT, ActorPlan, plan_actors
+from segnet_cli.config import InferenceConfig, PredictConfig, TilingConfig
 from segnet_cli.errors import EXIT_SIGINT, UsageError
-from segnet_cli.ray_engine import INSTALL_HINT, ActorPlan, SegmentActor, plan_actors
+from segnet_cli.predict.ray import SegmentActor
 
 # A tile smaller than the images, so tiling and stitching are exercised too.
 TILING = TilingConfig(tile=64, halo=16, batch_size=2)
@@ -51,7 +52,8 @@ def folder(tmp_path_factory) -> Path:
 
 
 def config(folder: Path, out: Path, model: Path, **kw) -> PredictConfig:
-    return PredictConfig(inputs=(str(folder),), out=out, model=model, tiling=TILING, **kw)
+    inference = InferenceConfig(model=model, tiling=TILING)
+    return PredictConfig(inputs=(str(folder),), out=out, inference=inference, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -115,50 +117,40 @@ def test_plan_actors_never_reserves_every_cpu():
 
 
 def test_cluster_failure_is_one_readable_line():
-    from segnet_cli.ray_engine import _root_cause
+    from segnet_cli.cluster import root_cause
 
     remote = (
         "ActorDiedError: The actor died ... \x1b[36mray::MapWorker(MapBatches(SegmentActor))"
         "\x1b[39m\n  File \"x.py\", line 7, in __init__\n    raise ...\n"
         "ModelFileError: /m.keras: not a segnet model\n"
     )
-    assert _root_cause(RuntimeError(remote)) == "ModelFileError: /m.keras: not a segnet model"
+    assert root_cause(RuntimeError(remote)) == "ModelFileError: /m.keras: not a segnet model"
 
 
 def test_without_ray_the_engine_is_a_usage_error(monkeypatch, tmp_path, tiny_model):
-    from segnet_cli.ray_engine import run_predict_ray
+    from segnet_cli.predict import run_predict
 
     monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` raise ImportError
     monkeypatch.setitem(sys.modules, "ray.data", None)
     with pytest.raises(UsageError, match=r"pip install 'segnet-cli\[ray\]'") as err:
-        run_predict_ray(config(tmp_path, tmp_path / "out", tiny_model))
+        run_predict(config(tmp_path, tmp_path / "out", tiny_model, engine="ray"))
     assert INSTALL_HINT in str(err.value)
 
 
 def test_actor_rows_done_failed_skipped(folder, local_out, tiny_model, tmp_path):
     """The actor's per-input logic, called in-process: no cluster needed."""
-    from segnet_cli.batch import Claim
-    from segnet_cli.predict import plan
+    from segnet_cli.jobs import Claim
+    from segnet_cli.predict.plan import plan
 
     cfg = config(folder, tmp_path / "out", tiny_model)
     jobs, _, _, _ = plan(cfg)
-    by_name = {j.item.rel.as_posix(): j for j in jobs}
-    actor = SegmentActor(
-        str(tiny_model), "float32", None, TILING, str(cfg.out), None, False, 0.5
-    )
+    index = {j.item.rel.as_posix(): i for i, j in enumerate(jobs)}
+    actor = SegmentActor(jobs, cfg.inference, False, 0.5)
 
     def batch(*names):
-        js = [by_name[n] for n in names]
-        return {
-            "i": np.arange(len(js)),
-            "path": np.array([str(j.item.path) for j in js], object),
-            "mask": np.array([str(j.mask) for j in js], object),
-            "overlay": np.array([""] * len(js), object),
-            "provenance": np.array([j.ensure_provenance().to_json() for j in js], object),
-            "source": np.array([j.item.path.name for j in js], object),
-        }
+        return {"i": np.array([index[n] for n in names], np.int64)}
 
-    other = Claim(cfg.out, by_name["a.png"].mask)  # another run is writing a.png
+    other = Claim(cfg.out, jobs[index["a.png"]].mask)  # another run is writing a.png
     assert other.acquire()
     try:
         rows = actor(batch("odd.png", "broken.jpg", "a.png"))
@@ -175,11 +167,13 @@ def test_actor_rows_done_failed_skipped(folder, local_out, tiny_model, tmp_path)
 
 def test_dry_run_writes_nothing(folder, tiny_model, tmp_path):
     pytest.importorskip("ray.data")
-    from segnet_cli.ray_engine import run_predict_ray
+    from segnet_cli.predict import run_predict
 
     rec = Recorder()
     out = tmp_path / "out"
-    report = run_predict_ray(config(folder, out, tiny_model, dry_run=True), on_event=rec.events.append)
+    report = run_predict(
+        config(folder, out, tiny_model, dry_run=True, engine="ray"), on_event=rec.events.append
+    )
     assert report.return_code == 0 and report.details["planned"] == 7
     assert sorted(o.status for o in rec.events) == ["planned"] * 7
     assert not out.exists()
@@ -194,16 +188,16 @@ def ray_out(folder, tiny_model, tmp_path_factory):
     CLI does): ``(out, report, recorder)``."""
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
-    from segnet_cli.imageio import TMP_PREFIX
-    from segnet_cli.ray_engine import run_predict_ray
+    from segnet_cli.io.files import TMP_PREFIX
+    from segnet_cli.predict import run_predict
 
     out = tmp_path_factory.mktemp("ray")
     owned = not ray.is_initialized()
-    dead = out / f"{TMP_PREFIX}999999999-odd.png.x.png"  # left by a crashed run
+    dead = out / f"{TMP_PREFIX}999999999-odd.png.x.tmp"  # left by a crashed run
     dead.write_bytes(b"partial")
     rec = Recorder()
-    report = run_predict_ray(
-        config(folder, out, tiny_model, overlay=True),
+    report = run_predict(
+        config(folder, out, tiny_model, overlay=True, engine="ray"),
         on_event=rec.events.append, progress=rec, log=rec.events.append,
     )
     if owned:
@@ -232,15 +226,16 @@ def test_ray_masks_identical_to_local_engine(ray_out, local_out, folder):
 
 
 def test_second_ray_run_skips_everything(ray_out, folder, tiny_model):
-    from segnet_cli.ray_engine import run_predict_ray
+    from segnet_cli.predict import run_predict
 
     out, _, _ = ray_out
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
     rec = Recorder()
     cfg = PredictConfig(  # every good image; the broken one would be retried (and fail) again
-        inputs=(f"{folder}/**/*.png",), out=out, model=tiny_model, tiling=TILING, overlay=True
+        inputs=(f"{folder}/**/*.png",), out=out, inference=InferenceConfig(model=tiny_model, tiling=TILING),
+        overlay=True, engine="ray",
     )
-    report = run_predict_ray(cfg, on_event=rec.events.append)
+    report = run_predict(cfg, on_event=rec.events.append)
     assert (report.return_code, report.done, report.skipped) == (0, 0, 6)
     assert report.details.get("nothing_to_do")  # decided by the driver: no actor started
     assert {o.extra["reason"] for o in rec.events} == {"up to date"}
@@ -250,11 +245,13 @@ def test_second_ray_run_skips_everything(ray_out, folder, tiny_model):
 def test_interrupt_stops_with_130_and_writes_only_whole_masks(
     ray_cluster, folder, local_out, tiny_model, tmp_path
 ):
-    from segnet_cli.ray_engine import run_predict_ray
+    from segnet_cli.predict import run_predict
 
     out = tmp_path / "out"
     rec = Recorder(interrupt=True)
-    report = run_predict_ray(config(folder, out, tiny_model), on_event=rec.events.append, progress=rec)
+    report = run_predict(
+        config(folder, out, tiny_model, engine="ray"), on_event=rec.events.append, progress=rec
+    )
     assert report.return_code == EXIT_SIGINT and report.details["interrupted"] == signal.SIGINT
     assert len(rec.events) == 1  # nothing consumed after the signal
     # Actors may have finished a few more before they were stopped: whole masks only.

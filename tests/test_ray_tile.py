@@ -22,10 +22,10 @@ from conftest import local_ray_cluster, shapes_image
 from typer.testing import CliRunner
 
 from segnet_cli.cli import app
-from segnet_cli.config import TileConfig, TilingConfig
+from segnet_cli.config import InferenceConfig, TileConfig, TilingConfig
 from segnet_cli.errors import EXIT_SIGINT, UsageError
-from segnet_cli.imageio import TMP_PREFIX
-from segnet_cli.tile import run_tile
+from segnet_cli.gigapixel import run_tile
+from segnet_cli.io.files import TMP_PREFIX
 from segnet_cli.tiling import TileGrid
 
 TILING = TilingConfig(tile=64, halo=8, batch_size=3)
@@ -53,9 +53,8 @@ def src(tmp_path_factory) -> Path:
     return path
 
 
-def cfg(src: Path, model: Path, out: Path, **kw) -> TileConfig:
-    kw.setdefault("tiling", TILING)
-    return TileConfig(input=src, model=model, out=out, **kw)
+def cfg(src: Path, model: Path, out: Path, tiling: TilingConfig = TILING, **kw) -> TileConfig:
+    return TileConfig(input=src, inference=InferenceConfig(model=model, tiling=tiling), out=out, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +125,7 @@ class Recorder:
 @pytest.mark.parametrize("blend", ["center", "gaussian"])
 @pytest.mark.parametrize("k", [None, 1, 2, 3, 100])
 def test_units_partition_rows_and_cover_their_windows(blend, k):
-    from segnet_cli.ray_tile import plan_units, unit_grid
+    from segnet_cli.gigapixel.ray import plan_units, unit_grid
 
     for h, tile, halo in ((301, 64, 8), (1000, 96, 32), (50, 64, 8), (700, 64, 24)):
         grid = TileGrid.make(h, W, tile, halo, 8)
@@ -157,8 +156,8 @@ def test_actor_writes_parts_equal_to_local_rows_and_stops_on_the_marker(
     src, tiny_model, local_center, tmp_path
 ):
     """The actor's unit logic, in-process: no cluster needed."""
-    from segnet_cli.ray_tile import TileActor, make_job, plan_units
-    from segnet_cli.tile import plan_tile
+    from segnet_cli.gigapixel import plan_tile
+    from segnet_cli.gigapixel.ray import TileActor, make_job, plan_units
 
     plan = plan_tile(cfg(src, tiny_model, tmp_path / "m.tif"))
     units = plan_units(plan.grid, "center")
@@ -177,15 +176,16 @@ def test_actor_writes_parts_equal_to_local_rows_and_stops_on_the_marker(
 
     # The driver's stop marker appears after the unit's first model batch: the unit is
     # abandoned there, its temporary deleted; queued units are answered at once.
-    run_tiles = actor.seg.run_tiles
+    run = actor.seg.run
+    calls = []
 
     def first_batch_then_stop(*args):
-        for i, out in enumerate(run_tiles(*args)):
-            if i == 1:
-                Path(job.stop_file).touch()
-            yield out
+        calls.append(1)
+        if len(calls) == 2:
+            Path(job.stop_file).touch()
+        return run(*args)
 
-    actor.seg.run_tiles = first_batch_then_stop
+    actor.seg.run = first_batch_then_stop
     assert actor.run(units[3])[0] == "stopped"
     assert actor.run(units[4])[0] == "stopped"
     assert sorted(p.name for p in parts.iterdir()) == [
@@ -199,7 +199,7 @@ def test_address_without_ray_engine_is_a_usage_error(src, tiny_model):
     r = runner.invoke(app, ["tile", str(src), "--model", str(tiny_model), "--engine", "spark"])
     assert r.exit_code == 2 and "--engine" in r.output
     with pytest.raises(UsageError, match="--engine"):
-        run_tile(TileConfig(input=src, model=tiny_model, engine="spark"))
+        run_tile(TileConfig(input=src, inference=InferenceConfig(model=tiny_model), engine="spark"))
 
 
 def test_plan_needs_no_cluster(src, tiny_model, tmp_path):
@@ -214,7 +214,7 @@ def test_plan_needs_no_cluster(src, tiny_model, tmp_path):
 
 
 def test_interrupted_run_resumes_and_equals_local(ray_cluster, src, tiny_model, local_center, tmp_path):
-    from segnet_cli.ray_tile import run_tile_ray
+    from segnet_cli.gigapixel.ray import run_ray
 
     out = tmp_path / "ray" / "scene.mask.tif"
     out.parent.mkdir()
@@ -223,7 +223,7 @@ def test_interrupted_run_resumes_and_equals_local(ray_cluster, src, tiny_model, 
     (stale / "unit-00000.mask.npy").write_bytes(b"old")
     rec = Recorder(interrupt=True)
     config = cfg(src, tiny_model, out)
-    report = run_tile_ray(config, progress=rec, log=rec.log.append)
+    report = run_ray(config, progress=rec, log=rec.log.append)
     assert report.return_code == EXIT_SIGINT and report.details["interrupted"] == signal.SIGINT
     assert not out.exists() and not stale.exists()
     (parts,) = out.parent.glob(f".{out.name}.parts-*")
@@ -233,7 +233,7 @@ def test_interrupted_run_resumes_and_equals_local(ray_cluster, src, tiny_model, 
     assert kept and all(n.endswith(".mask.npy") for n in kept), kept
 
     rec = Recorder()
-    report = run_tile_ray(config, progress=rec, log=rec.log.append)
+    report = run_ray(config, progress=rec, log=rec.log.append)
     assert report.return_code == 0 and report.done == 1
     d = report.details
     assert d["engine"] == "ray" and d["units"] == 6 and d["units_reused"] == len(kept)
@@ -251,7 +251,7 @@ def test_interrupted_run_resumes_and_equals_local(ray_cluster, src, tiny_model, 
 
     # A re-run finds the mask up to date: nothing runs, no cluster is needed.
     mtime = out.stat().st_mtime_ns
-    again = run_tile_ray(config)
+    again = run_ray(config)
     assert again.skipped == 1 and again.details["reason"] == "up to date"
     assert out.stat().st_mtime_ns == mtime
 

@@ -19,14 +19,19 @@ from conftest import shapes_image, write_png
 from PIL import Image
 from typer.testing import CliRunner
 
-from segnet_cli import tiff as tiff_mod
-from segnet_cli import tile as tile_mod
-from segnet_cli.batch import Claim
+from segnet_cli import gigapixel as tile_mod
 from segnet_cli.cli import app
-from segnet_cli.config import PredictConfig, TileConfig, TilingConfig
+from segnet_cli.config import InferenceConfig, PredictConfig, TileConfig, TilingConfig
 from segnet_cli.errors import LockedError, TiffLayoutError, UsageError
-from segnet_cli.imageio import TMP_PREFIX, read_image
-from segnet_cli.modelfile import InputScaling, ModelInfo
+from segnet_cli.gigapixel import budget as budget_mod
+from segnet_cli.gigapixel import plan as plan_mod
+from segnet_cli.io import tiff as tiff_mod
+from segnet_cli.io.files import TMP_PREFIX
+from segnet_cli.io.images import read_image
+from segnet_cli.jobs import Claim
+from segnet_cli.model.modelfile import InputScaling, ModelInfo
+from segnet_cli.model.network import Architecture
+from segnet_cli.pipeline import segment_image
 from segnet_cli.tiling import TileGrid
 
 TILING = TilingConfig(tile=96, halo=16, batch_size=3)
@@ -43,7 +48,7 @@ GEO = [
 @pytest.fixture(scope="module", autouse=True)
 def one_segmenter():
     """Load each model once: every run_tile/run_predict call here reuses it (speed only)."""
-    import segnet_cli.engine as engine
+    import segnet_cli.model.segmenter as engine
 
     real = engine.Segmenter
     cache: dict = {}
@@ -67,16 +72,20 @@ def mask_of(path: Path) -> np.ndarray:
     return tifffile.imread(path)
 
 
-def tile_cfg(src: Path, model: Path, **kw) -> TileConfig:
-    kw.setdefault("tiling", TILING)
-    return TileConfig(input=src, model=model, **kw)
+def tile_cfg(src: Path, model: Path, tiling: TilingConfig = TILING, **kw) -> TileConfig:
+    return TileConfig(input=src, inference=InferenceConfig(model=model, tiling=tiling), **kw)
+
+
+def with_tiling(cfg: TileConfig, tiling: TilingConfig) -> TileConfig:
+    return replace(cfg, inference=replace(cfg.inference, tiling=tiling))
 
 
 def predict_mask(src: Path, model: Path, tmp: Path, tiling: TilingConfig = TILING) -> np.ndarray:
     from segnet_cli.predict import run_predict
 
     out = tmp / "pred"
-    rep = run_predict(PredictConfig(inputs=(str(src),), out=out, model=model, tiling=tiling))
+    cfg = PredictConfig(inputs=(str(src),), out=out, inference=InferenceConfig(model=model, tiling=tiling))
+    rep = run_predict(cfg)
     assert rep.done == 1, rep
     return np.asarray(Image.open(out / f"{src.stem}.png"))
 
@@ -180,8 +189,8 @@ def test_tile_equals_predict_odd_size_every_edge(tmp_path, tiny_model):
 @pytest.mark.parametrize("blend", ["center", "gaussian"])
 def test_tile_equals_engine_striped_16bit(tmp_path, tiny_model, blend):
     """A striped 16-bit file: same scaling and blending as the in-memory engine."""
-    from segnet_cli.engine import Segmenter
-    from segnet_cli.imageio import to_model_input
+    from segnet_cli.io.images import to_model_input
+    from segnet_cli.model.segmenter import Segmenter
 
     data = (image(203, 157).astype(np.uint16) * 257) ^ np.uint16(0x00FF)
     src = tmp_path / "s16.tif"
@@ -190,7 +199,7 @@ def test_tile_equals_engine_striped_16bit(tmp_path, tiny_model, blend):
     rep = tile_mod.run_tile(tile_cfg(src, tiny_model, tiling=tiling, out=tmp_path / "m.tif"))
     assert rep.done == 1
     seg = Segmenter(tiny_model)
-    expect, _ = seg.segment(to_model_input(read_image(src), 3), tiling)
+    expect, _ = segment_image(seg, to_model_input(read_image(src), 3), tiling)
     np.testing.assert_array_equal(mask_of(tmp_path / "m.tif"), expect)
 
 
@@ -260,7 +269,7 @@ def test_rerun_skips_overwrite_redoes_and_claim_blocks(tmp_path, tiny_model):
     assert os.stat(tmp_path / "out" / "a.tif").st_mtime_ns == mtime
     assert tile_mod.run_tile(replace(cfg, overwrite=True)).done == 1
     # Other settings are not "up to date".
-    assert tile_mod.run_tile(replace(cfg, tiling=replace(TILING, halo=24))).done == 1
+    assert tile_mod.run_tile(with_tiling(cfg, replace(TILING, halo=24))).done == 1
     claim = Claim(tmp_path / "out", tmp_path / "out" / "a.tif")
     assert claim.acquire()
     try:
@@ -315,8 +324,8 @@ CAMVID = ModelInfo(
 
 def estimate(height, width, tiling=TilingConfig(), **kw):
     cfg = TileConfig(input=Path("x.tif"), **kw)
-    arch = tile_mod.architecture_of(CAMVID)
-    return tile_mod._estimate(fake_source(height, width), CAMVID, arch, cfg, tiling, 8_000_000)[1]
+    arch = Architecture.from_info(CAMVID)
+    return budget_mod.estimate(fake_source(height, width), CAMVID, arch, cfg, tiling, 8_000_000)[1]
 
 
 def test_memory_depends_on_width_and_tile_not_height():
@@ -333,24 +342,24 @@ def test_memory_depends_on_width_and_tile_not_height():
 
 
 def test_max_memory_fits_batch_then_tile_or_refuses():
-    arch = tile_mod.architecture_of(CAMVID)
+    arch = Architecture.from_info(CAMVID)
     src = fake_source(20_000, 20_000)
     cfg = TileConfig(input=Path("x.tif"))
 
     def peak(t):
-        return tile_mod._estimate(src, CAMVID, arch, cfg, t, 8_000_000)[1].total
+        return budget_mod.estimate(src, CAMVID, arch, cfg, t, 8_000_000)[1].total
 
     two = replace(TilingConfig(), batch_size=2)
     full = peak(two)
     limit = full - 1
-    t, note = tile_mod.fit_tiling(two, limit, peak, 32)
+    t, note = budget_mod.fit_tiling(two, limit, peak, 32)
     assert t.batch_size == 1 and t.tile == 1024 and peak(t) <= limit and "batch" in note
     limit = peak(replace(TilingConfig(), batch_size=1)) - 50 * 1024**2
-    t, note = tile_mod.fit_tiling(two, limit, peak, 32)
+    t, note = budget_mod.fit_tiling(two, limit, peak, 32)
     assert t.tile < 1024 and t.tile % 32 == 0 and peak(t) <= limit and "tile" in note
     assert t.halo == 128  # the halo (and so the result) never changes
     with pytest.raises(UsageError, match="too small"):
-        tile_mod.fit_tiling(TilingConfig(), 600 * 1024**2, peak, 32)
+        budget_mod.fit_tiling(TilingConfig(), 600 * 1024**2, peak, 32)
 
 
 def test_plan_applies_max_memory(tmp_path, tiny_model):
@@ -410,18 +419,18 @@ def test_default_budget_lowers_only_the_batch(tmp_path, tiny_model, monkeypatch)
     tiling = TilingConfig(tile=128, halo=16, batch_size=4)
     base = tile_mod.plan_tile(tile_cfg(src, tiny_model, tiling=tiling, max_memory_mb=float("inf")))
     assert base.tiling == tiling and not base.notes
-    monkeypatch.setattr(tile_mod, "DEFAULT_MEMORY_BUDGET_MB", (base.memory.total - 1) / 1024**2)
+    monkeypatch.setattr(budget_mod, "DEFAULT_MEMORY_BUDGET_MB", (base.memory.total - 1) / 1024**2)
     plan = tile_mod.plan_tile(tile_cfg(src, tiny_model, tiling=tiling))
     assert plan.tiling.batch_size == 1 and plan.tiling.tile == 128
     assert "default memory budget" in plan.notes[0]
-    monkeypatch.setattr(tile_mod, "DEFAULT_MEMORY_BUDGET_MB", 1.0)
+    monkeypatch.setattr(budget_mod, "DEFAULT_MEMORY_BUDGET_MB", 1.0)
     plan = tile_mod.plan_tile(tile_cfg(src, tiny_model, tiling=tiling))  # soft: no refusal
     assert plan.tiling.tile == 128 and "over the default budget" in plan.notes[-1]
 
 
 def test_output_names_and_bigtiff_rule():
-    assert tile_mod.default_output(Path("/d/scene.tif")) == Path("/d/scene.mask.tif")
-    assert tile_mod.prob_output_path(Path("/d/scene.mask.tif")) == Path("/d/scene.prob.tif")
-    assert tile_mod.prob_output_path(Path("/d/out.tif")) == Path("/d/out.prob.tif")
+    assert plan_mod.default_output(Path("/d/scene.tif")) == Path("/d/scene.mask.tif")
+    assert plan_mod.prob_output_path(Path("/d/scene.mask.tif")) == Path("/d/scene.prob.tif")
+    assert plan_mod.prob_output_path(Path("/d/out.tif")) == Path("/d/out.prob.tif")
     assert not tiff_mod.needs_bigtiff(20_000 * 20_000)  # 400 MB of class indices
     assert tiff_mod.needs_bigtiff(50_000 * 50_000)  # 2.5 GB

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import grid_of
 
 from segnet_cli.errors import UsageError
+from segnet_cli.pipeline import segment_image
 from segnet_cli.tiling import (
     Stitcher,
     TileGrid,
@@ -148,7 +150,7 @@ def test_gaussian_window_and_band_memory():
 def test_tiled_inference_identical_to_whole_image_at_half_receptive_field(tiny_model):
     """With halo >= receptive field / 2, tiles reproduce whole-image inference exactly."""
     from segnet_cli.config import TilingConfig
-    from segnet_cli.engine import Segmenter
+    from segnet_cli.model.segmenter import Segmenter
 
     seg = Segmenter(tiny_model)
     rf = seg.info.receptive_field
@@ -157,8 +159,8 @@ def test_tiled_inference_identical_to_whole_image_at_half_receptive_field(tiny_m
     for h, w in [(150, 230), (37, 301), (301, 37)]:
         img = rng.random((h, w, 3)).astype(np.float32)
         whole = seg.logits(img[None])[0]
-        mask, _ = seg.segment(img, TilingConfig(tile=2 * halo + 3 * seg.stride, halo=halo, batch_size=3))
-        grid = seg.grid(h, w, TilingConfig(tile=2 * halo + 3 * seg.stride, halo=halo))
+        mask, _ = segment_image(seg, img, TilingConfig(tile=2 * halo + 3 * seg.stride, halo=halo, batch_size=3))
+        grid = grid_of(seg, h, w, TilingConfig(tile=2 * halo + 3 * seg.stride, halo=halo))
         assert len(grid) > 4  # really tiled
         ref = np.argmax(whole, -1)
         # Float kernels may differ in the last bits between tile shapes; only exact ties
@@ -171,11 +173,11 @@ def test_tiled_inference_identical_to_whole_image_at_half_receptive_field(tiny_m
 
 def test_small_halo_differs_but_mostly_agrees(tiny_model):
     from segnet_cli.config import TilingConfig
-    from segnet_cli.engine import Segmenter
+    from segnet_cli.model.segmenter import Segmenter
 
     seg = Segmenter(tiny_model)
     img = np.random.default_rng(6).random((160, 200, 3)).astype(np.float32)
     ref = np.argmax(seg.logits(img[None])[0], -1)
-    mask, _ = seg.segment(img, TilingConfig(tile=48, halo=8, batch_size=4))
+    mask, _ = segment_image(seg, img, TilingConfig(tile=48, halo=8, batch_size=4))
     agree = (mask == ref).mean()
     assert 0.5 < agree < 1.0  # too little context changes some pixels: the halo matters

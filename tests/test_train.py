@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 from segnet_cli.cli import app
 from segnet_cli.config import TrainConfig
 from segnet_cli.errors import DatasetError, LockedError, UsageError
-from segnet_cli.modelfile import read_info
+from segnet_cli.model.modelfile import read_info
+from segnet_cli.pipeline import segment_image
 from segnet_cli.train import CHECKPOINT, LOCK, epoch_plan, load_class_weights, run_train
 
 runner = CliRunner()
@@ -64,7 +65,7 @@ def quiet(_msg: str) -> None:
 def checkpoint_optimizer(path: Path):
     import keras
 
-    import segnet_cli.layers  # noqa: F401
+    import segnet_cli.model.layers  # noqa: F401
 
     return keras.saving.load_model(str(path), compile=True).optimizer
 
@@ -88,8 +89,8 @@ def test_two_epochs_lower_the_loss_and_ship_a_ready_model(data, straight):
     from segnet_cli.classes import load_classes
     from segnet_cli.config import TilingConfig
     from segnet_cli.dataset import find_pairs, verify
-    from segnet_cli.engine import Segmenter
-    from segnet_cli.model import load_model
+    from segnet_cli.model.network import load_model
+    from segnet_cli.model.segmenter import Segmenter
     from segnet_cli.train import channel_stats
 
     out = straight
@@ -120,7 +121,7 @@ def test_two_epochs_lower_the_loss_and_ship_a_ready_model(data, straight):
     # Ready for predict: the engine segments an odd-sized image at full size.
     seg = Segmenter(out / "model.keras")
     img, _ = shapes_image(23, 31, seed=5)
-    mask, _ = seg.segment(img.astype(np.float32) / 255, TilingConfig())
+    mask, _ = segment_image(seg, img.astype(np.float32) / 255, TilingConfig())
     assert mask.shape == (23, 31) and mask.max() < 3
 
 

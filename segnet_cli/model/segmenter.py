@@ -1,8 +1,9 @@
 """The inference engine: a loaded model that turns tiles into logits, in batches.
 
-``Segmenter`` is the one place where pixels meet the model. ``predict``, ``tile`` and
-``eval`` all go through it, so the same image gives the same mask whichever command runs it:
-same input scaling (stored in the model file), same tile grid, same batching, same blending.
+``Segmenter`` is the one place where pixels meet the model. ``segnet_cli.pipeline`` feeds it
+the tiles of every command (``predict``, ``tile``, ``eval``, the Python API, on this machine
+or on Ray actors), so the same image gives the same mask whichever runs it: same input
+scaling (stored in the model file), same tile grid, same batching, same blending.
 
 What runs is the model's inference form: the same weights with every batch norm folded into
 its convolution (``model.fold_batch_norm``), built under the requested precision policy.
@@ -20,41 +21,16 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from segnet_cli.config import TilingConfig, default_model_path
+from segnet_cli.config import Precision
 from segnet_cli.errors import ModelFileError, UsageError
-from segnet_cli.modelfile import ModelInfo, read_info
-from segnet_cli.tiling import Stitcher, Tile, TileGrid, stitch_all
+from segnet_cli.model.modelfile import ModelInfo, read_info, resolve_model_path
 
-PRECISIONS = ("float32", "bfloat16", "float16")
+#: What ``Segmenter.run`` returns per pixel (see ``tiling.Stitcher.needs``).
 OUTPUTS = ("logits", "classes", "confidence")
-
-
-def resolve_model_path(model: str | Path | None) -> Path:
-    """The model to use: the given path, or the bundled one (with advice when missing)."""
-    if model is not None:
-        return Path(model)
-    path = default_model_path()
-    if not path.exists():
-        raise ModelFileError(
-            "no bundled model found; train one with `segnet train IMAGES --val VAL --out RUN` "
-            "and pass --model RUN/model.keras",
-            path,
-        )
-    return path
-
-
-def validate_tiling(tiling: TilingConfig, stride: int) -> None:
-    """Reject impossible tiling options up front (a usage error, not a per-image failure)."""
-    if tiling.blend not in ("center", "gaussian"):
-        raise UsageError(f"--blend must be 'center' or 'gaussian', not {tiling.blend!r}")
-    if tiling.batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
-    TileGrid.make(1 << 20, 1 << 20, tiling.tile, tiling.halo, stride)
 
 
 def select_devices(device: str | None) -> list[str | None]:
@@ -81,8 +57,9 @@ def select_device(device: str | None) -> str | None:
     d = device.lower()
     if d == "cpu":
         return "/CPU:0"
-    if d.startswith("gpu"):
-        idx = int(d.split(":")[1]) if ":" in d else 0
+    kind, _, number = d.partition(":")
+    if kind == "gpu" and (not number or number.isdigit()):
+        idx = int(number or 0)
         gpus = tf.config.list_logical_devices("GPU")
         if idx >= len(gpus):
             raise UsageError(f"--device {device}: {len(gpus)} GPU(s) visible")
@@ -105,17 +82,16 @@ class Segmenter:
     def __init__(
         self,
         model_path: str | Path | None = None,
-        precision: str = "float32",
+        precision: Precision | str = Precision.FLOAT32,
         device: str | None = None,
     ) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        if precision not in PRECISIONS:
-            raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}")
+        precision = Precision.parse(precision, "--precision")
         self.path = resolve_model_path(model_path)
         self.info: ModelInfo = read_info(self.path)
         import tensorflow as tf
 
-        from segnet_cli.model import load_model
+        from segnet_cli.model.network import load_model
 
         self.precision = precision
         self.devices = select_devices(device)
@@ -138,7 +114,7 @@ class Segmenter:
 
     def _inference_form(self, model, precision: str):
         """The same weights with batch norm folded in, built under the precision policy."""
-        from segnet_cli.model import inference_form
+        from segnet_cli.model.network import inference_form
 
         try:
             return inference_form(model, self.info, precision)
@@ -157,7 +133,7 @@ class Segmenter:
             return fn
         import tensorflow as tf
 
-        from segnet_cli.layers import compiled_windows
+        from segnet_cli.model.layers import compiled_windows
 
         model = self.model
 
@@ -225,85 +201,9 @@ class Segmenter:
             return tuple(np.concatenate([o[i].numpy() for o in outs]) for i in range(2))
         return np.concatenate([o.numpy() for o in outs], axis=0)
 
-    def grid(self, height: int, width: int, tiling: TilingConfig) -> TileGrid:
-        return TileGrid.make(height, width, tiling.tile, tiling.halo, self.stride)
-
-    def segment(
-        self, image: np.ndarray, tiling: TilingConfig, confidence: bool = False
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Segment one ``(H, W, C)`` float32 image in memory; returns ``(mask, confidence)``."""
-        h, w = image.shape[:2]
-        grid = self.grid(h, w, tiling)
-        stitcher = Stitcher(grid, self.num_classes, tiling.blend, confidence=confidence)
-        for tiles, outputs in self.run_tiles(
-            ((t, crop(image, t)) for t in grid.tiles()), tiling.batch_size, stitcher.needs
-        ):
-            for t, out in zip(tiles, outputs):
-                stitcher.add(t, out)
-        return stitch_all(stitcher, h, w, confidence)
-
     def batch_tiles(self, batch_size: int) -> int:
         """Tiles per model call: ``batch_size`` for each device, so every GPU gets work."""
         return max(1, batch_size) * len(self.devices)
 
-    def run_tiles(
-        self, tiles: Iterable[tuple[Tile, np.ndarray]], batch_size: int, output: str = "logits"
-    ) -> Iterator[tuple[list[Tile], list]]:
-        """Run ``(tile, pixels)`` pairs through the model, batching tiles of equal shape.
 
-        ``batch_size`` is per device (see ``batch_tiles``).
-
-        Yields ``(tiles, outputs)``: one output per tile in the form ``output`` names (see
-        ``run``; a ``"confidence"`` output is a ``(classes, confidence)`` pair per tile).
-
-        Tiles come back in batches, each batch one shape; a shape's partial batch is flushed
-        when a tile of another shape would otherwise wait behind it for long (at the end, or
-        once ``batch_size`` tiles of any shape are pending), so memory stays bounded.
-        """
-        batch_size = self.batch_tiles(batch_size)
-        pending: dict[tuple, list[tuple[Tile, np.ndarray]]] = {}
-        count = 0
-        for tile, pixels in tiles:
-            key = pixels.shape
-            pending.setdefault(key, []).append((tile, pixels))
-            count += 1
-            if len(pending[key]) >= batch_size:
-                yield self._run(pending.pop(key), output)
-                count = sum(len(v) for v in pending.values())
-            elif count >= 2 * batch_size:
-                # Many shapes pending: flush the oldest so a band can finish.
-                oldest = next(iter(pending))
-                yield self._run(pending.pop(oldest), output)
-                count = sum(len(v) for v in pending.values())
-        for group in pending.values():
-            yield self._run(group, output)
-
-    def _run(self, group: list[tuple[Tile, np.ndarray]], output: str) -> tuple[list[Tile], list]:
-        batch = np.stack([p for _, p in group])
-        return [t for t, _ in group], split_outputs(self.run(batch, output))
-
-
-def split_outputs(outputs) -> list:
-    """One entry per tile from a batch output of ``Segmenter.run``."""
-    if isinstance(outputs, tuple):
-        return list(zip(*outputs))
-    return list(outputs)
-
-
-def crop(image: np.ndarray, tile: Tile) -> np.ndarray:
-    y0, x0, y1, x1 = tile.window
-    return image[y0:y1, x0:x1]
-
-
-def model_fingerprint(path: Path) -> str:
-    """A short content hash of a model file: masks record which model made them."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-__all__ = ["Segmenter", "resolve_model_path", "model_fingerprint", "crop", "read_info"]
+__all__ = ["Segmenter", "select_devices", "select_device"]

@@ -14,7 +14,9 @@ import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from segnet_cli.config import default_model_path
 from segnet_cli.errors import ModelFileError
+from segnet_cli.io.files import atomic_path, file_digest
 
 MEMBER = "segnet.json"
 FORMAT = "segnet-model"
@@ -153,20 +155,36 @@ def replace_info(path: str | Path, info: ModelInfo) -> None:
     split) in the file that ``segnet info`` describes.
     """
     import os
-    import tempfile
 
     path = Path(path)
     read_info(path)  # must already be a segnet model file
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.keras", dir=path.parent)
-    os.close(fd)
-    try:
+    mode = os.stat(path).st_mode & 0o777
+    with atomic_path(path) as tmp:
         with zipfile.ZipFile(path) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as dst:
             for item in src.infolist():
                 if item.filename != MEMBER:
                     dst.writestr(item, src.read(item.filename))
             dst.writestr(MEMBER, info.to_json())
-        os.chmod(tmp, os.stat(path).st_mode & 0o777)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    os.chmod(path, mode)
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    """The model to use: the given path, or the bundled one (with advice when missing)."""
+    if model is not None:
+        return Path(model)
+    path = default_model_path()
+    if not path.exists():
+        raise ModelFileError(
+            "no bundled model found; train one with `segnet train IMAGES --val VAL --out RUN` "
+            "and pass --model RUN/model.keras",
+            path,
+        )
+    return path
+
+
+def model_fingerprint(path: Path) -> str:
+    """A short content hash of a model file: outputs record which model made them."""
+    try:
+        return file_digest(path)
+    except OSError as exc:
+        raise ModelFileError(f"cannot read the model file: {exc.strerror or exc}", path) from None

@@ -12,13 +12,12 @@ shape means the logits always have the input's size, odd and prime sizes include
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from segnet_cli.errors import ModelFileError
-from segnet_cli.modelfile import ModelInfo, add_info, read_info
+from segnet_cli.io.files import atomic_path
+from segnet_cli.model.modelfile import ModelInfo, add_info, read_info
 
 VGG16_WIDTHS = (64, 128, 256, 512, 512)
 VGG16_CONVS = (2, 2, 3, 3, 3)
@@ -63,36 +62,64 @@ class Architecture:
             rf += n * (self.kernel - 1) * jump
         return rf
 
+    def conv_layers(self) -> list[tuple[int, int, int]]:
+        """Every 3x3 convolution as ``(stage, in_channels, out_channels)``, input to output.
+
+        The decoder mirrors the encoder; the last convolution of each decoder stage narrows
+        to the next stage up's width. The final 1x1 classifier is not listed.
+        """
+        widths, convs = self.widths(), self.convs()
+        layers, cin = [], self.in_channels
+        for s, (c, n) in enumerate(zip(widths, convs)):
+            for _ in range(n):
+                layers.append((s, cin, c))
+                cin = c
+        for s in range(len(widths) - 1, -1, -1):
+            c, n = widths[s], convs[s]
+            out_c = widths[s - 1] if s > 0 else widths[0]
+            for i in range(n, 0, -1):
+                cout = out_c if i == 1 else c
+                layers.append((s, cin, cout))
+                cin = cout
+        return layers
+
+    def flops_per_pixel(self) -> float:
+        """Convolution FLOPs per input pixel of a large image (stage ``s`` counts 4**-s)."""
+        k2 = self.kernel * self.kernel
+        total = sum(2 * k2 * cin * cout / 4**s for s, cin, cout in self.conv_layers())
+        return total + 2 * self.widths()[0] * self.num_classes
+
+    @classmethod
+    def from_info(cls, info: ModelInfo) -> Architecture:
+        """A model file's architecture from its metadata (the full VGG width when unknown)."""
+        import math
+
+        arch = info.architecture or {}
+        stages = int(arch.get("stages") or max(1, round(math.log2(max(2, info.stride)))))
+        return cls(
+            width=float(arch.get("width") or 1.0),
+            stages=stages,
+            in_channels=info.in_channels,
+            num_classes=info.num_classes,
+        )
+
 
 def conv_flops(arch: Architecture, height: int, width: int) -> int:
     """Multiply-add FLOPs (2 per MAC) of all convolutions for one ``height`` x ``width`` input.
 
     Pooling, batch norm, ReLU and unpooling are memory-bound and left out: this is the work
     the matrix units do, which is what a GFLOP/s figure compares with a matrix product.
+    Stage ``s`` runs at the size "same" pooling gives: ``ceil(size / 2**s)``.
     """
     k2 = arch.kernel * arch.kernel
-    widths, convs = arch.widths(), arch.convs()
-    sizes = []
-    h, w = height, width
-    for _ in widths:
+    sizes, h, w = [], height, width
+    for _ in arch.widths():
         sizes.append((h, w))
         h, w = -(-h // 2), -(-w // 2)
-    total = 0
-    cin = arch.in_channels
-    for (h, w), c, n in zip(sizes, widths, convs):
-        for _ in range(n):
-            total += 2 * h * w * k2 * cin * c
-            cin = c
-    for s in range(len(widths), 0, -1):
-        h, w = sizes[s - 1]
-        c, n = widths[s - 1], convs[s - 1]
-        out_c = widths[s - 2] if s > 1 else widths[0]
-        for i in range(n, 0, -1):
-            cout = out_c if i == 1 else c
-            total += 2 * h * w * k2 * cin * cout
-            cin = cout
-    total += 2 * height * width * cin * arch.num_classes
-    return total
+    total = sum(
+        2 * sizes[s][0] * sizes[s][1] * k2 * cin * cout for s, cin, cout in arch.conv_layers()
+    )
+    return total + 2 * height * width * arch.widths()[0] * arch.num_classes
 
 
 def build_segnet(
@@ -118,7 +145,7 @@ def build_segnet(
     """
     import keras
 
-    from segnet_cli.layers import MaxPoolingWithArgmax2D, MaxUnpooling2D
+    from segnet_cli.model.layers import MaxPoolingWithArgmax2D, MaxUnpooling2D
 
     c = arch.in_channels
     mean = list(mean) if mean is not None else [0.5] * c
@@ -244,28 +271,21 @@ def inference_form(model, info: ModelInfo, precision: str = "float32"):
 
 
 def save_model(model, info: ModelInfo, path: str | Path) -> Path:
-    """Save a model and its metadata atomically: temporary file, metadata, fsync, rename.
+    """Save a model and its metadata atomically (``io.files.atomic_path``).
 
-    A killed save never leaves a half-written model under the final name. A compiled model
-    keeps its optimizer state (Keras 3 always stores it), which is what ``--resume`` needs;
-    pass an uncompiled copy to ship weights alone.
+    A killed save never leaves a half-written model under the final name, nor a temporary
+    that ends in ``.keras``: Keras writes its archive into an open file object, because
+    its path-based save insists on the ``.keras`` extension. A compiled model keeps its
+    optimizer state (Keras 3 always stores it), which is what ``--resume`` needs; pass an
+    uncompiled copy to ship weights alone.
     """
+    from keras.src.saving import saving_lib
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.keras", dir=path.parent)
-    os.close(fd)
-    try:
-        model.save(tmp)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            saving_lib.save_model(model, fh)
         add_info(tmp, info)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -281,7 +301,7 @@ def load_model(path: str | Path, compile: bool = False):
     info = read_info(path)
     import keras
 
-    import segnet_cli.layers  # noqa: F401  (registers the custom layers)
+    from segnet_cli.model import layers  # noqa: F401  (registers the custom layers)
 
     try:
         model = keras.saving.load_model(str(path), compile=compile, safe_mode=True)

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from segnet_cli.errors import ImageReadError, NoInputError, OutputError, TiffLayoutError
-from segnet_cli.imageio import TIFF_SUFFIXES, read_image
+from segnet_cli.io.images import TIFF_SUFFIXES, read_image
 
 #: Largest decoded segment (strip or tile) read as one piece; a compressed segment larger than
 #: this is the "one huge compressed strip" layout that cannot be windowed.
@@ -581,20 +581,22 @@ def output_extratags(info: SourceInfo, nodata_value: str | None) -> list[tuple]:
     return tags
 
 
-def read_tags(path: str | Path) -> dict[int, object]:
-    """The first page's tag values by code (for checks and tests)."""
-    import tifffile
-
-    with tifffile.TiffFile(path) as tif:
-        return {t.code: t.value for t in tif.pages[0].tags.values()}
-
-
 def read_description(path: str | Path) -> str | None:
-    """The first page's ImageDescription, or ``None`` when absent or unreadable."""
+    """The first page's ImageDescription of a *complete* TIFF, else ``None``.
+
+    ``None`` also when the file is absent, unreadable, or damaged: every page's every tile or
+    strip must lie inside the file. The check reads only the IFDs (no pixels), so a
+    truncated output is found in milliseconds and redone instead of counting as up to date.
+    """
     try:
         import tifffile
 
+        size = Path(path).stat().st_size
         with tifffile.TiffFile(path) as tif:
+            for page in tif.pages:
+                ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts)]
+                if not ends or max(ends) > size or 0 in page.databytecounts:
+                    return None
             tag = tif.pages[0].tags.get(270)
             return None if tag is None else str(tag.value)
     except Exception:
@@ -787,7 +789,6 @@ __all__ = [
     "output_extratags",
     "colormap",
     "read_description",
-    "read_tags",
     "TiledTiffWriter",
     "RowBlocks",
     "needs_bigtiff",

@@ -12,16 +12,12 @@ Reading rules (what ``to_model_input`` does to reach the model's channel count):
 
 Masks are written as 8-bit palette PNGs: the pixel values are class indices (numpy reads
 them directly) and the palette holds the class colours, so any viewer shows readable colours.
-Every file is written to a temporary name in its own folder, flushed, then renamed.
+Every file is written through ``io.files.atomic_path``: nothing half-written, ever.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
-from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -30,31 +26,11 @@ from segnet_cli.errors import (
     ImageReadError,
     ImageTooLargeError,
     ImageTooSmallError,
-    OutputError,
 )
+from segnet_cli.io.files import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 TIFF_SUFFIXES = (".tif", ".tiff")
-#: Prefix of every temporary file segnet writes; a later run removes stale ones.
-TMP_PREFIX = ".segnet-tmp-"
-
-
-def _host_token() -> str:
-    import hashlib
-    import socket
-
-    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
-
-
-#: This machine in temporary names: a pid means something only on the host that wrote it.
-HOST_TOKEN = _host_token()
-
-
-def writer_tag() -> str:
-    """``<pid>.<host>`` for temporary names, so a later run can tell whose they are."""
-    return f"{os.getpid()}.{HOST_TOKEN}"
-
-
 def read_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     """Read an image file as an ``(H, W, C)`` array in its stored dtype.
 
@@ -295,52 +271,6 @@ def read_rgb_mask(path: str | Path, palette: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- writing
 
 
-@contextmanager
-def atomic_path(final: str | Path, suffix: str = ""):
-    """Yield a temporary path beside ``final``; rename it into place only on success.
-
-    The temporary name starts with ``TMP_PREFIX`` so a later run recognises and removes it;
-    it is fsynced before the rename, so a crash leaves either the old file or the new one.
-
-    Raises:
-        OutputError: the folder cannot be written, or the disk is full.
-    """
-    final = Path(final)
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        # The writer's pid and host in the name let a later run tell dead temporaries from
-        # live ones, also on a folder that several machines share.
-        fd, tmp = tempfile.mkstemp(
-            prefix=f"{TMP_PREFIX}{writer_tag()}-{final.name}.",
-            suffix=suffix or final.suffix,
-            dir=final.parent,
-        )
-        os.close(fd)
-    except OSError as exc:
-        raise OutputError(f"cannot write here: {exc.strerror or exc}", final.parent) from None
-    try:
-        yield Path(tmp)
-        # mkstemp makes 0600 files; outputs get the usual umask-based permissions.
-        os.chmod(tmp, 0o666 & ~_umask())
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except OSError as exc:
-        raise OutputError(f"cannot write: {exc.strerror or exc}", final) from None
-    finally:
-        if os.path.exists(tmp):
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def palette_bytes(palette) -> list[int]:
     """A 256-entry flat RGB palette (unused entries black) from a list of colours."""
     flat: list[int] = []
@@ -378,10 +308,19 @@ def colorize(mask: np.ndarray, palette) -> np.ndarray:
 
 
 def write_overlay(
-    image: np.ndarray, mask: np.ndarray, path: str | Path, palette, alpha: float = 0.5
+    image: np.ndarray,
+    mask: np.ndarray,
+    path: str | Path,
+    palette,
+    alpha: float = 0.5,
+    comment: str | None = None,
 ) -> Path:
-    """Write the mask's colours blended over the image (8-bit RGB, JPEG or PNG by suffix)."""
-    from PIL import Image
+    """Write the mask's colours blended over the image (8-bit RGB, JPEG or PNG by suffix).
+
+    ``comment`` (the provenance) goes in the JPEG comment or a PNG text chunk, so a later
+    run can tell whether the overlay is up to date.
+    """
+    from PIL import Image, PngImagePlugin
 
     rgb = image
     if rgb.shape[2] == 1:
@@ -390,13 +329,18 @@ def write_overlay(
     colours = colorize(mask, palette).astype(np.float32)
     out = np.clip((1 - alpha) * rgb + alpha * colours, 0, 255).astype(np.uint8)
     path = Path(path)
+    im = Image.fromarray(out)
     with atomic_path(path) as tmp:
-        Image.fromarray(out).save(tmp, format="JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG")
+        if path.suffix.lower() in (".jpg", ".jpeg"):
+            im.save(tmp, format="JPEG", **({"comment": comment} if comment else {}))
+        else:
+            info = PngImagePlugin.PngInfo()
+            if comment:
+                info.add_text("segnet", comment)
+            im.save(tmp, format="PNG", pnginfo=info)
     return path
 
 
 def is_image_path(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
-
-ReadFn = Callable[[Path], np.ndarray]

@@ -13,6 +13,22 @@ from typing import Annotated, Optional
 
 import typer
 
+from segnet_cli.cli.common import (
+    BatchOpt,
+    BlendOpt,
+    DeviceOpt,
+    HaloOpt,
+    MaxPixelsOpt,
+    ModelOpt,
+    PrecisionOpt,
+    QuietOpt,
+    TileOpt,
+    fail,
+    inference_config,
+    quiet_tf,
+)
+from segnet_cli.errors import SegnetError
+
 
 def eval_command(
     images: Annotated[Optional[Path], typer.Argument(help="Images folder or list file of 'image mask' lines (optional with --pred).", show_default=False)] = None,
@@ -29,7 +45,7 @@ def eval_command(
     precision: PrecisionOpt = None,
     device: DeviceOpt = None,
     save_masks: Annotated[Optional[Path], typer.Option("--save-masks", help="Also write the predicted masks here as palette PNGs.")] = None,
-    max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", help="Raise the decompression-bomb limit (pixels).")] = None,
+    max_pixels: MaxPixelsOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print every figure as one JSON object on stdout.")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the row-normalised confusion matrix as a PNG.")] = None,
     quiet: QuietOpt = False,
@@ -43,29 +59,28 @@ def eval_command(
     Exits 1 when any file could not be scored (the others are).
     """
     from segnet_cli import ui
-    from segnet_cli.cli import _fail, _quiet_tf, _tiling
-    from segnet_cli.config import EvalConfig, TilingConfig
-    from segnet_cli.errors import SegnetError
+    from segnet_cli.config import EvalConfig
 
     ui.configure(quiet)
-    cfg = EvalConfig(
-        images=images,
-        masks=masks,
-        model=model,
-        pred=pred,
-        classes=classes,
-        void=void,
-        rgb_masks=rgb_masks,
-        tiling=_tiling(TilingConfig(), tile, halo, batch_size, blend),
-        json=as_json,
-        plot=plot,
-        save_masks=save_masks,
-        device=device,
-        max_pixels=max_pixels,
-        **({"precision": precision} if precision is not None else {}),
-    )
+    try:
+        cfg = EvalConfig(
+            images=images,
+            masks=masks,
+            inference=inference_config(
+                model=model, tile=tile, halo=halo, batch_size=batch_size, blend=blend,
+                precision=precision, device=device, max_pixels=max_pixels,
+            ),
+            pred=pred,
+            classes=classes,
+            void=void,
+            rgb_masks=rgb_masks,
+            plot=plot,
+            save_masks=save_masks,
+        )
+    except SegnetError as exc:
+        raise fail(exc) from None
     if pred is None:
-        _quiet_tf()  # only model mode needs TensorFlow
+        quiet_tf()  # only model mode needs TensorFlow
     from segnet_cli.evaluate import run_eval
 
     # Not a ``with`` block: run_eval starts the bar itself once it knows the total, and a
@@ -74,7 +89,7 @@ def eval_command(
     try:
         report = run_eval(cfg, progress=bar, log=ui.info)
     except SegnetError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     except KeyboardInterrupt:
         ui.error("interrupted: nothing was scored")
         raise typer.Exit(130) from None
@@ -136,20 +151,5 @@ def _json_safe(obj):
         return [_json_safe(v) for v in obj]
     return obj
 
-
-# The shared option aliases are imported last, on purpose: ``segnet_cli.cli`` imports this
-# module while it is itself being imported, and ``eval_command`` must already exist then.
-# The annotations above are strings (``from __future__ import annotations``) that Typer
-# resolves from this module's globals when the command runs, by which time these are bound.
-from segnet_cli.cli import (  # noqa: E402
-    BatchOpt,
-    BlendOpt,
-    DeviceOpt,
-    HaloOpt,
-    ModelOpt,
-    PrecisionOpt,
-    QuietOpt,
-    TileOpt,
-)
 
 __all__ = ["eval_command"]

@@ -48,20 +48,29 @@ from pathlib import Path
 
 import numpy as np
 
-from segnet_cli.config import Report, TileConfig
-from segnet_cli.errors import Interrupted, OutputError, SegnetError, UsageError
-from segnet_cli.imageio import TMP_PREFIX, writer_tag
-from segnet_cli.ray_engine import (
-    _cluster_shape,
-    _init,
-    _quiet_ray_data,
-    _reclaim_sigterm,
-    _root_cause,
+from segnet_cli.cluster import (
+    cluster_shape,
     device_mode,
     import_ray,
     plan_actors,
+    quiet_ray_data,
+    root_cause,
+    session,
 )
-from segnet_cli.tiff import SourceInfo
+from segnet_cli.config import (
+    Blend,
+    Precision,
+    ProbabilityDtype,
+    ProbabilityMode,
+    Report,
+    TileConfig,
+)
+from segnet_cli.errors import Interrupted, OutputError, SegnetError, UsageError
+from segnet_cli.gigapixel.outputs import open_outputs
+from segnet_cli.gigapixel.plan import TilePlan, run_planned
+from segnet_cli.gigapixel.rows import effective_nodata, read_bands, stitch_rows
+from segnet_cli.io.files import TMP_PREFIX, temporary_name
+from segnet_cli.io.tiff import SourceInfo, open_reader
 from segnet_cli.tiling import Span, TileGrid
 
 MiB = 1024 * 1024
@@ -119,7 +128,7 @@ class Unit:
         return cls(*(int(row[k]) for k in ("u", "y0", "y1", "first", "r0", "r1", "tiles")))
 
 
-def default_unit_rows(grid: TileGrid, blend: str) -> int:
+def default_unit_rows(grid: TileGrid, blend: Blend) -> int:
     """Grid rows per unit: about ``UNIT_TARGET_PIXELS``, at least ``MIN_UNITS`` units.
 
     Depends on the grid only (never on the cluster), so a re-run on another cluster cuts
@@ -129,12 +138,12 @@ def default_unit_rows(grid: TileGrid, blend: str) -> int:
     core = max(r.core_end - r.core_start for r in grid.rows)
     by_size = max(1, UNIT_TARGET_PIXELS // (core * grid.width))
     k = min(by_size, max(1, math.ceil(n / MIN_UNITS)))
-    if blend == "gaussian":
+    if blend is Blend.GAUSSIAN:
         k = max(k, GAUSSIAN_MIN_UNIT_ROWS)
     return max(1, min(k, n))
 
 
-def plan_units(grid: TileGrid, blend: str, rows_per_unit: int | None = None) -> list[Unit]:
+def plan_units(grid: TileGrid, blend: Blend | str, rows_per_unit: int | None = None) -> list[Unit]:
     """Cut the grid into units of ``rows_per_unit`` whole grid rows (see the module notes).
 
     The units' output rows partition ``[0, height)`` in order.
@@ -142,8 +151,7 @@ def plan_units(grid: TileGrid, blend: str, rows_per_unit: int | None = None) -> 
     Raises:
         UsageError: an unknown blend or a unit size under one row.
     """
-    if blend not in ("center", "gaussian"):
-        raise UsageError(f"--blend must be 'center' or 'gaussian', not {blend!r}")
+    blend = Blend.parse(blend, "--blend")
     k = default_unit_rows(grid, blend) if rows_per_unit is None else int(rows_per_unit)
     if k < 1:
         raise UsageError("work units need at least one grid row")
@@ -151,7 +159,7 @@ def plan_units(grid: TileGrid, blend: str, rows_per_unit: int | None = None) -> 
     units: list[Unit] = []
     for r0 in range(0, n, k):
         r1 = min(n, r0 + k)
-        if blend == "center":
+        if blend is Blend.CENTER:
             y0, y1, first = rows[r0].core_start, rows[r1 - 1].core_end, r0
         else:
             # The local stitcher finishes rows [window_start(r0), window_start(r1)) once grid
@@ -200,14 +208,14 @@ class TileJob:
 
     source: SourceInfo  # with an absolute path: actors do not share the driver's cwd
     grid: TileGrid
-    blend: str
+    blend: Blend
     batch_size: int
     model: str
-    precision: str
+    precision: Precision
     device: str | None
     num_classes: int
-    probabilities: str | None
-    probability_dtype: str
+    probabilities: ProbabilityMode | None
+    probability_dtype: ProbabilityDtype
     nodata: float | None
     nodata_class: int
     max_pixels: int | None
@@ -224,8 +232,10 @@ class TileJob:
         h, w = unit.y1 - unit.y0, self.grid.width
         out = []
         if self.probabilities is not None:
-            shape = (h, w, self.num_classes) if self.probabilities == "classes" else (h, w)
-            out.append((parts / f"unit-{unit.index:05d}.prob.npy", shape, np.dtype(self.probability_dtype)))
+            per_class = self.probabilities is ProbabilityMode.CLASSES
+            shape = (h, w, self.num_classes) if per_class else (h, w)
+            dtype = np.dtype(str(self.probability_dtype))
+            out.append((parts / f"unit-{unit.index:05d}.prob.npy", shape, dtype))
         out.append((parts / f"unit-{unit.index:05d}.mask.npy", (h, w), np.dtype(np.uint8)))
         return out
 
@@ -258,7 +268,7 @@ class _PartWriter:
         self.final = final
         self.shape = shape
         self.dtype = np.dtype(dtype)
-        self.tmp = final.with_name(f"{TMP_PREFIX}{writer_tag()}-{final.name}")
+        self.tmp = final.with_name(temporary_name(final))
         self.rows = 0
         self._fh = open(self.tmp, "wb")
         header = {
@@ -313,21 +323,6 @@ class _Stopped(Exception):
     """The driver asked the actors to stop (its stop marker exists)."""
 
 
-class _ShiftedBands:
-    """A band prefetcher in a unit grid's row coordinates."""
-
-    def __init__(self, prefetch, offset: int) -> None:
-        self._prefetch = prefetch
-        self._offset = offset
-
-    def next(self) -> tuple[int, np.ndarray]:
-        y0, band = self._prefetch.next()
-        return y0 - self._offset, band
-
-    def release(self) -> None:
-        self._prefetch.release()
-
-
 class TileActor:
     """Ray Data callable class: loads the model once, then computes units into parts.
 
@@ -337,7 +332,7 @@ class TileActor:
     """
 
     def __init__(self, job: TileJob) -> None:
-        from segnet_cli.engine import Segmenter
+        from segnet_cli.model.segmenter import Segmenter
 
         self.job = job
         # Ray has already pinned this actor to its GPU (CUDA_VISIBLE_DEVICES), so TF's own
@@ -379,23 +374,17 @@ class TileActor:
         return "done", time.perf_counter() - t0, ""
 
     def _compute(self, unit: Unit) -> None:
-        from segnet_cli.tiff import open_reader
-        from segnet_cli.tile import _BandPrefetcher, stitch_rows
-
         job = self.job
         sub, off = unit_grid(job.grid, unit)
         writers = [_PartWriter(path, shape, dtype) for path, shape, dtype in job.part_files(unit)]
         *prob_writer, mask_writer = writers
         reader = open_reader(job.source, job.max_pixels)
-        prefetch = None
+        bands = read_bands(reader, sub, off)
         try:
-            prefetch = _BandPrefetcher(
-                reader, [(r.window_start + off, r.window_end + off) for r in sub.rows]
-            )
             rows = stitch_rows(
                 self.seg,
                 sub,
-                _ShiftedBands(prefetch, off),
+                bands,
                 blend=job.blend,
                 batch_size=job.batch_size,
                 source_path=job.source.path,
@@ -421,15 +410,14 @@ class TileActor:
                 w.discard()
             raise
         finally:
-            if prefetch is not None:
-                prefetch.close()
+            bands.close()
             reader.close()
 
 
 # --------------------------------------------------------------------------- the driver
 
 
-def run_tile_ray(config: TileConfig, progress=None, log=None, unit_rows: int | None = None) -> Report:
+def run_ray(config: TileConfig, progress=None, log=None, unit_rows: int | None = None) -> Report:
     """``run_tile`` on a Ray cluster: the same outputs, claims, skips and exit codes.
 
     Args:
@@ -450,12 +438,10 @@ def run_tile_ray(config: TileConfig, progress=None, log=None, unit_rows: int | N
         UnitFailedError: units failed or the Ray job did (finished units are kept).
         SegnetError: as ``run_tile``.
     """
-    from segnet_cli.tile import run_planned
-
     if config.plan_only:  # a plan needs neither a cluster nor Ray itself
         return run_planned(config, None, progress, log)
     import_ray()  # before any work: a missing extra is a usage error
-    device_mode(config.device)  # a bad --device fails before the input is hashed
+    device_mode(config.inference.device)  # a bad --device fails before the input is hashed
     stream = functools.partial(_stream, address=config.address, unit_rows=unit_rows)
     return run_planned(
         config,
@@ -474,14 +460,14 @@ def make_job(plan, config: TileConfig, parts: Path, nodata: float | None, run_id
         blend=plan.tiling.blend,
         batch_size=plan.tiling.batch_size,
         model=str(plan.model_path.absolute()),
-        precision=config.precision,
-        device=config.device,
+        precision=config.inference.precision,
+        device=config.inference.device,
         num_classes=plan.model.num_classes,
         probabilities=config.probabilities,
         probability_dtype=config.probability_dtype,
         nodata=nodata,
         nodata_class=config.nodata_class,
-        max_pixels=config.max_pixels,
+        max_pixels=config.inference.max_pixels,
         parts=str(parts.absolute()),
         stop_file=str((parts / f"{STOP_PREFIX}{run_id}").absolute()),
     )
@@ -511,8 +497,6 @@ def _prepare_parts(output: Path, parts: Path, log) -> None:
 
 def _stream(plan, config: TileConfig, prov, guard, progress, log, *, address, unit_rows) -> dict:
     """``run_planned``'s stream for Ray: units on the cluster, then the TIFF from the parts."""
-    from segnet_cli.tile import effective_nodata
-
     t_start = time.perf_counter()
     grid, source = plan.grid, plan.source
     units = plan_units(grid, plan.tiling.blend, unit_rows)
@@ -565,8 +549,6 @@ def _compute(job: TileJob, todo: list[Unit], config: TileConfig, address, guard,
     """Run the units on the cluster (started or joined here); raises on a stop or failure."""
     from ray.data import ActorPoolStrategy
 
-    ray = import_ray()
-    started = not ray.is_initialized()
     failures: list[str] = []
     done_px = 0
     t0 = time.perf_counter()
@@ -584,13 +566,13 @@ def _compute(job: TileJob, todo: list[Unit], config: TileConfig, address, guard,
             rate = done_px / max(1e-9, time.perf_counter() - t0) / 1e6
             progress.advance(unit.tiles, extra=f"{rate:.2f} Mpx/s")
 
-    signum = None
-    try:
-        if started:
-            _init(ray, address)
-            _reclaim_sigterm(guard)
+    signum = error = None
+    # Ray's core worker resets SIGTERM to its default action as it shuts down (below Python,
+    # which still reports the guard's handler); ``session`` puts the guard's back, or a
+    # SIGTERM while the TIFF is assembled would kill us with temporaries left behind.
+    with session(address, guard) as ray:
         guard.check()
-        actors = plan_actors(*_cluster_shape(ray), len(todo), config.device)
+        actors = plan_actors(*cluster_shape(ray), len(todo), config.inference.device)
         stats["actors"] = actors.describe()
         if log:
             log(f"ray: {len(todo)} work unit(s) of {stats['unit_rows']} grid row(s) on {actors.describe()}")
@@ -609,22 +591,13 @@ def _compute(job: TileJob, todo: list[Unit], config: TileConfig, address, guard,
             num_gpus=actors.num_gpus or None,
             fn_constructor_kwargs={"job": job},
         )
-        with _quiet_ray_data():
+        with quiet_ray_data():
             signum, error = _consume(ds, guard, Path(job.stop_file), on_row)
-    finally:
-        if started and ray.is_initialized():
-            # Our own driver session only: a local cluster dies with it, a remote one is
-            # merely disconnected from. A session the caller started is left alone.
-            ray.shutdown()
-            # Ray's core worker resets SIGTERM to its default action as it shuts down (below
-            # Python, which still reports the guard's handler): without this, a SIGTERM while
-            # the TIFF is assembled would kill us with temporaries left behind.
-            _reclaim_sigterm(guard)
     if signum is not None:
         raise Interrupted(signum)
     if error is not None:
         raise UnitFailedError(
-            f"the Ray job failed ({_root_cause(error)}); finished work units are kept for a re-run",
+            f"the Ray job failed ({root_cause(error)}); finished work units are kept for a re-run",
             Path(job.source.path),
         )
     if failures:
@@ -699,8 +672,6 @@ def _consume(ds, guard, stop_file: Path, on_row) -> tuple[int | None, BaseExcept
 
 def _assemble(plan, config: TileConfig, prov, job: TileJob, units: list[Unit], nodata, guard) -> None:
     """Stream the final TIFF(s) from the parts, one row of output tiles at a time."""
-    from segnet_cli.tile import open_outputs
-
     height = plan.grid.height
     step = config.out_tile
     files = {u.index: job.part_files(u) for u in units}
@@ -723,36 +694,13 @@ def _assemble(plan, config: TileConfig, prov, job: TileJob, units: list[Unit], n
             guard.check()
 
 
-# --------------------------------------------------------------------------- reporting
+# --------------------------------------------------------------------------- the plan
 
 
-def plan_lines(plan, unit_rows: int | None = None) -> list[str]:
+def plan_dict(plan: TilePlan, unit_rows: int | None = None) -> dict:
     """What ``--engine ray`` adds to ``segnet tile --plan`` (no cluster, no Ray needed)."""
     import importlib.util
 
-    units = plan_units(plan.grid, plan.tiling.blend, unit_rows)
-    k = units[0].r1 - units[0].r0
-    computed = sum((u.r1 - u.first) * len(plan.grid.cols) for u in units)
-    parts = plan.mask_bytes + plan.prob_bytes
-    extra = (
-        f"{computed:,} tiles computed for {len(plan.grid):,} (each unit recomputes the "
-        "blended rows above it)"
-        if computed > len(plan.grid)
-        else "no tile computed twice"
-    )
-    lines = [
-        f"ray:     {len(units)} work unit(s) of {k} grid row(s), one actor per node (per GPU "
-        f"with GPUs); {extra}",
-        f"         parts beside the output until the TIFF is written: {parts / MiB:,.0f} MiB; "
-        "each actor needs about the memory above, the driver little",
-    ]
-    if importlib.util.find_spec("ray") is None:
-        lines.append("note:    Ray is not installed: pip install 'segnet-cli[ray]'")
-    return lines
-
-
-def plan_dict(plan, unit_rows: int | None = None) -> dict:
-    """``plan_lines`` as JSON-ready data."""
     units = plan_units(plan.grid, plan.tiling.blend, unit_rows)
     return {
         "engine": "ray",
@@ -760,30 +708,17 @@ def plan_dict(plan, unit_rows: int | None = None) -> dict:
         "unit_rows": units[0].r1 - units[0].r0,
         "computed_tiles": sum((u.r1 - u.first) * len(plan.grid.cols) for u in units),
         "parts_bytes": plan.mask_bytes + plan.prob_bytes,
+        "ray_installed": importlib.util.find_spec("ray") is not None,
     }
 
 
-def summary_line(details: dict) -> str:
-    """The Ray line of a finished run's summary."""
-    d = details
-    reused = f", {d['units_reused']} reused" if d.get("units_reused") else ""
-    on = f" on {d['actors']}" if d.get("actors") else ""
-    return (
-        f"ray: {d.get('units')} work unit(s){reused}{on}; actors busy "
-        f"{d.get('unit_seconds', 0):.1f}s, TIFF written from the parts in "
-        f"{d.get('assemble_seconds', 0):.1f}s"
-    )
-
-
 __all__ = [
-    "run_tile_ray",
+    "run_ray",
     "plan_units",
     "unit_grid",
     "Unit",
     "TileJob",
     "TileActor",
     "UnitFailedError",
-    "plan_lines",
     "plan_dict",
-    "summary_line",
 ]

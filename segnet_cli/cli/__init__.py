@@ -1,0 +1,89 @@
+"""The ``segnet`` command line: thin commands over the library.
+
+Each command parses its options, builds a config (``segnet_cli.config``), calls one library
+function, prints the report and exits with ``report.return_code``. TensorFlow is imported
+only inside the commands that run a model, so ``segnet --help`` and ``--version`` are instant.
+
+Exit codes (the same for every command):
+  0  all done, or nothing to do
+  1  some inputs failed (the others were processed)
+  2  usage error: bad option, no input matched, model file missing or invalid
+  130/143  interrupted by SIGINT/SIGTERM (nothing partial is left)
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from segnet_cli import __version__
+from segnet_cli.cli.common import EXIT_CODES_HELP
+from segnet_cli.cli.eval import eval_command
+from segnet_cli.cli.model import info_command
+from segnet_cli.cli.predict import predict_command
+from segnet_cli.cli.tile import tile_command
+from segnet_cli.cli.train import train_command, verify_command
+from segnet_cli.errors import SegnetError
+
+app = typer.Typer(
+    name="segnet",
+    help="Segment images of any size with a Keras SegNet.\n\n" + EXIT_CODES_HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from segnet_cli.config import default_model_path
+        from segnet_cli.model.modelfile import read_info
+
+        line = f"segnet {__version__}"
+        try:
+            info = read_info(default_model_path())
+            val = info.validation() or {}
+            if val:
+                line += (
+                    f" (bundled model: {default_model_path().name}, CamVid val mIoU "
+                    f"{val.get('mean_iou', 0) * 100:.1f})"
+                )
+        except SegnetError:
+            line += " (no bundled model)"
+        typer.echo(line)
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Segment images of any size with a Keras SegNet."""
+
+
+# Commands, registered in the order ``--help`` lists them.
+app.command("predict", epilog=EXIT_CODES_HELP)(predict_command)
+app.command("tile", epilog=EXIT_CODES_HELP)(tile_command)
+app.command("eval", epilog=EXIT_CODES_HELP)(eval_command)
+app.command("train", epilog=EXIT_CODES_HELP)(train_command)
+app.command("verify")(verify_command)
+app.command("info")(info_command)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

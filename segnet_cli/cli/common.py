@@ -1,0 +1,102 @@
+"""What every command shares: option types, the error-to-exit-code edge, small parsers.
+
+Help texts read their defaults from ``segnet_cli.config``, so a number is written once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from segnet_cli.config import Blend, InferenceConfig, Precision, TilingConfig
+from segnet_cli.errors import SegnetError
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 all done (or nothing to do); 1 some inputs failed; 2 usage error or no "
+    "input matched; 130/143 interrupted (SIGINT/SIGTERM)."
+)
+
+_T = TilingConfig()
+TileOpt = Annotated[Optional[int], typer.Option("--tile", help=f"Tile size in pixels (multiple of the model's stride; default {_T.tile}).")]
+HaloOpt = Annotated[Optional[int], typer.Option("--halo", help=f"Context around each tile's core, in pixels (default {_T.halo}).")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", "-b", help=f"Tiles per model batch and device (default {_T.batch_size}; raise it on a GPU for small tiles).")]
+BlendOpt = Annotated[Optional[str], typer.Option("--blend", help=f"{' or '.join(repr(v) for v in Blend.values())}: overlap-tile (exact) or Gaussian-weighted probabilities (default {_T.blend}).")]
+ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="Model file (default: the bundled CamVid model).")]
+PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help=f"{', '.join(Precision.values())} (mixed; float16 is for GPUs). Default {Precision.FLOAT32}.")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, gpu or gpu:N (default: TensorFlow's choice).")]
+MaxPixelsOpt = Annotated[Optional[int], typer.Option("--max-pixels", help="Raise the decompression-bomb limit (pixels).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and the summary.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per input and a summary on stdout.")]
+LogOpt = Annotated[Optional[Path], typer.Option("--log-file", help="Append human messages to this file too.")]
+EngineOpt = Annotated[Optional[str], typer.Option("--engine", help="local (this machine) or ray (a Ray cluster; pip install 'segnet-cli[ray]').")]
+AddressOpt = Annotated[Optional[str], typer.Option("--address", help="Ray cluster for --engine ray (host:port or ray://host:port); default RAY_ADDRESS, else a local cluster.")]
+
+
+def fail(exc: SegnetError) -> typer.Exit:
+    """The one place a library error becomes a message and an exit code."""
+    from segnet_cli import ui
+
+    ui.error(str(exc))
+    for p in getattr(exc, "problems", [])[:200]:
+        ui.error(p)
+    return typer.Exit(exc.exit_code)
+
+
+def quiet_tf() -> None:
+    """Import TensorFlow now, with its C++ start-up chatter kept off stderr."""
+    from segnet_cli.model.tfload import import_tf
+
+    import_tf()
+
+
+def parse_pair(text: str, name: str, cast=int) -> tuple:
+    """``224`` or ``224x320`` (or ``0.5,1.5``) as a pair; a bad value is a usage error."""
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        vals = tuple(cast(p) for p in parts if p.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{name} must look like 224 or 224x320", param_hint=name) from None
+    if len(vals) == 1:
+        vals = vals * 2
+    if len(vals) != 2:
+        raise typer.BadParameter(f"{name} must look like 224 or 224x320", param_hint=name)
+    return vals
+
+
+def inference_config(
+    *,
+    model: Path | None,
+    tile: int | None,
+    halo: int | None,
+    batch_size: int | None,
+    blend: str | None,
+    precision: str | None,
+    device: str | None,
+    max_pixels: int | None,
+) -> InferenceConfig:
+    """The shared inference config from the options the user gave (None: the default).
+
+    Raises:
+        SegnetError: a bad value (a ``UsageError`` naming the option).
+    """
+    given = {"tile": tile, "halo": halo, "batch_size": batch_size, "blend": blend}
+    tiling = replace(TilingConfig(), **{k: v for k, v in given.items() if v is not None})
+    return InferenceConfig(
+        model=model,
+        tiling=tiling,
+        device=device,
+        max_pixels=max_pixels,
+        **({"precision": precision} if precision is not None else {}),
+    )
+
+
+__all__ = [
+    "EXIT_CODES_HELP",
+    "fail",
+    "quiet_tf",
+    "parse_pair",
+    "inference_config",
+]

@@ -1,0 +1,54 @@
+"""``segnet info``: what a model file holds, read without TensorFlow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from segnet_cli.cli.common import fail
+from segnet_cli.errors import SegnetError
+
+
+def info_command(
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Model file (default: the bundled model).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the model's metadata as JSON.")] = False,
+) -> None:
+    """Describe a model file: classes, colours, input, architecture and validation figures."""
+    from segnet_cli.config import default_model_path
+    from segnet_cli.model.modelfile import read_info
+
+    path = model or default_model_path()
+    try:
+        meta = read_info(path)
+    except SegnetError as exc:
+        raise fail(exc) from None
+    if as_json:
+        typer.echo(meta.to_json())
+        raise typer.Exit(0)
+    from rich.console import Console
+
+    c = Console(highlight=False)  # the description is the command's output: stdout
+    c.print(f"model: {path}", markup=False)
+    arch = meta.architecture
+    c.print(
+        f"SegNet, width {arch.get('width')}, {arch.get('stages')} stages, "
+        f"{arch.get('params', 0):,} parameters; {meta.in_channels} input channels; "
+        f"stride {meta.stride}, receptive field {meta.receptive_field} px",
+        markup=False,
+    )
+    c.print(f"input scaling: {meta.scaling.mode}, mean {meta.scaling.mean}, std {meta.scaling.std}", markup=False)
+    val = meta.validation() or {}
+    for i, (n, rgb) in enumerate(zip(meta.class_names, meta.palette)):
+        iou = (val.get("per_class_iou") or [None] * len(meta.class_names))[i]
+        extra = f"  val IoU {iou * 100:.1f}" if iou is not None else ""
+        c.print(f"  {i:3d}  [rgb({rgb[0]},{rgb[1]},{rgb[2]})]■[/]  {n}{extra}")
+    if val:
+        c.print(
+            f"validation: mIoU {val['mean_iou'] * 100:.1f}, G {val['global_accuracy'] * 100:.1f}, "
+            f"C {val['class_accuracy'] * 100:.1f}"
+            + (f" (epoch {val['epoch']})" if val.get("epoch") else ""),
+            markup=False,
+        )
+    raise typer.Exit(0)

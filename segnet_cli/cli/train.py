@@ -1,0 +1,164 @@
+"""``segnet train`` and ``segnet verify``: the commands over ``segnet_cli.train`` and
+``segnet_cli.dataset``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from segnet_cli.cli.common import fail, parse_pair, quiet_tf
+from segnet_cli.errors import EXIT_USAGE, SegnetError
+
+
+def verify_command(
+    images: Annotated[Path, typer.Argument(help="Images folder, or a list file of 'image mask' lines.")],
+    masks: Annotated[Optional[Path], typer.Option("--masks", help="Masks folder (default: <images>annot).")] = None,
+    classes: Annotated[str, typer.Option(help="'camvid', a number of classes, or a JSON/CSV classes file.")] = "camvid",
+    void: Annotated[Optional[int], typer.Option(help="Void (ignored) mask value; overrides the classes file.")] = None,
+    rgb_masks: Annotated[bool, typer.Option("--rgb-masks", help="Masks are colour images; map them with the class colours.")] = False,
+    weight_power: Annotated[float, typer.Option(help="Tempering exponent of the median-frequency weights.")] = 1.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+) -> None:
+    """Check every image/mask pair and report every problem; print class histogram and weights.
+
+    Exits 1 when anything is wrong. `segnet train` runs the same checks first.
+    """
+    from segnet_cli import ui
+    from segnet_cli.classes import load_classes
+    from segnet_cli.dataset import find_pairs
+    from segnet_cli.dataset import verify as run_verify
+
+    try:
+        table = load_classes(classes, void)
+        pairs, problems = find_pairs(images, masks)
+        with ui.Progress("pairs", len(pairs)) as bar:
+            report = run_verify(pairs, table, problems, rgb_masks, weight_power, lambda d, t: bar.advance())
+    except SegnetError as exc:
+        raise fail(exc) from None
+    total = int(report.pixel_counts.sum()) or 1
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "pairs": report.pairs,
+                    "ok": report.ok,
+                    "problems": report.problems,
+                    "classes": [
+                        {"class": n, "pixels": int(c), "share": c / total, "weight": float(w)}
+                        for n, c, w in zip(table.names, report.pixel_counts, report.weights)
+                    ],
+                    "void_pixels": report.void_pixels,
+                }
+            )
+        )
+    else:
+        from rich.table import Table
+
+        t = Table(title=f"{report.pairs} pairs")
+        for col in ("index", "class", "pixels", "share", "median-freq weight"):
+            t.add_column(col, justify="right" if col != "class" else "left")
+        for i, (n, c, w) in enumerate(zip(table.names, report.pixel_counts, report.weights)):
+            t.add_row(str(i), n, f"{int(c):,}", f"{c / total:.3f}", f"{w:.4f}")
+        ui.console().print(t)
+        if report.void_pixels:
+            ui.info(f"void pixels (ignored): {report.void_pixels:,}")
+        for p in report.problems:
+            ui.error(p)
+        ui.info("OK: no problems found" if report.ok else f"{len(report.problems)} problem(s) found")
+    raise typer.Exit(report.return_code)
+
+
+def train_command(
+    images: Annotated[Optional[Path], typer.Argument(help="Training images folder (or list file); optional with --resume.")] = None,
+    masks: Annotated[Optional[Path], typer.Option("--masks", help="Training masks folder (default: <images>annot).")] = None,
+    val: Annotated[Optional[Path], typer.Option("--val", help="Validation images folder; the best model is chosen on it.")] = None,
+    val_masks: Annotated[Optional[Path], typer.Option("--val-masks", help="Validation masks (default: <val>annot).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder for checkpoints, history and the model.")] = None,
+    classes: Annotated[Optional[str], typer.Option(help="'camvid', a number of classes, or a JSON/CSV classes file.")] = None,
+    void: Annotated[Optional[int], typer.Option(help="Void (ignored) mask value.")] = None,
+    rgb_masks: Annotated[bool, typer.Option("--rgb-masks", help="Masks are colour images mapped with the class colours.")] = False,
+    width: Annotated[Optional[float], typer.Option(help="Width multiplier (1.0 = VGG16's 64..512 channels).")] = None,
+    stages: Annotated[Optional[int], typer.Option(help="Encoder/decoder stages (1-5).")] = None,
+    crop: Annotated[Optional[str], typer.Option(help="Random crop size, e.g. 224 or 257x321.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Crops per step.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs (with --resume: the new total).")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (AdamW, cosine decay).")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay.")] = None,
+    class_weights: Annotated[Optional[str], typer.Option(help="'auto' (median frequency), 'none', or a file of weights.")] = None,
+    weight_power: Annotated[Optional[float], typer.Option(help="Temper median-frequency weights: w**power (1 = paper).")] = None,
+    scale: Annotated[Optional[str], typer.Option(help="Random scale range, e.g. 0.75,1.25.")] = None,
+    jitter: Annotated[Optional[float], typer.Option(help="Colour jitter strength (0 = off).")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="float32, bfloat16 (mixed) or float16 (mixed, GPU).")] = None,
+    val_every: Annotated[Optional[int], typer.Option(help="Validate every N epochs.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")] = False,
+    max_minutes: Annotated[Optional[float], typer.Option(help="Stop after the epoch that passes this wall time.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Decoding threads (default: tf.data's choice).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and the summary.")] = False,
+) -> None:
+    """Train SegNet on image/mask folders (verifies the data first; resumable)."""
+    from segnet_cli import ui
+    from segnet_cli.config import TrainConfig
+
+    ui.configure(quiet)
+    given = {
+        "masks": masks,
+        "val_images": val,
+        "val_masks": val_masks,
+        "out": out,
+        "classes": classes,
+        "void": void,
+        "width": width,
+        "stages": stages,
+        "batch_size": batch_size,
+        "epochs": epochs,
+        "learning_rate": lr,
+        "weight_decay": weight_decay,
+        "class_weights": class_weights,
+        "weight_power": weight_power,
+        "jitter": jitter,
+        "precision": precision,
+        "val_every": val_every,
+        "max_minutes": max_minutes,
+        "seed": seed,
+        "workers": workers,
+        "crop": parse_pair(crop, "--crop") if crop else None,
+        "scale": parse_pair(scale, "--scale", float) if scale else None,
+    }
+    if images is None and not resume:
+        ui.error("give the training images folder (it is optional only with --resume)")
+        raise typer.Exit(EXIT_USAGE)
+    cfg = TrainConfig(
+        images=images,
+        rgb_masks=rgb_masks,
+        resume=resume,
+        **{k: v for k, v in given.items() if v is not None},
+    )
+    if cfg.val_images is not None and cfg.val_masks is None:
+        guess = cfg.val_images.parent / f"{cfg.val_images.name}annot"
+        if guess.is_dir():
+            from dataclasses import replace
+
+            cfg = replace(cfg, val_masks=guess)
+    quiet_tf()
+    from segnet_cli.train import run_train
+
+    try:
+        with ui.Progress("steps", 0, every=30.0) as bar:
+            report = run_train(cfg, progress=bar, log=ui.info)
+    except SegnetError as exc:
+        raise fail(exc) from None
+    except KeyboardInterrupt:
+        ui.error("interrupted: the last finished epoch is in the checkpoint; continue with --resume")
+        raise typer.Exit(130) from None
+    d = report.details
+    best = d.get("best_val_miou")
+    ui.info(
+        f"model: {d['model']}  (epochs {d['epochs']}"
+        + (f", best val mIoU {best * 100:.1f}" if best is not None else "")
+        + f", {report.seconds / 60:.1f} min)"
+    )
+    raise typer.Exit(report.return_code)

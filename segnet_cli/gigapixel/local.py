@@ -1,0 +1,113 @@
+"""``segnet tile`` on this machine: one huge image streamed through the one pipeline.
+
+1. a reader thread assembles the band of input rows that one grid row of windows needs
+   (``rows.read_bands``), one band ahead of the model;
+2. the main thread runs ``rows.stitch_rows``: the grid row's windows, scaled as every
+   command scales them, through the ``Segmenter`` in batches of equal shape, into the
+   ``Stitcher``;
+3. finished rows go to the writer threads of ``outputs.open_outputs``, which encode them as
+   compressed tiles of the output TIFF(s).
+
+So the whole image, the whole mask and the whole probability map are never in memory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import numpy as np
+
+from segnet_cli.config import TileConfig
+from segnet_cli.errors import UsageError
+from segnet_cli.gigapixel.outputs import open_outputs
+from segnet_cli.gigapixel.plan import TilePlan
+from segnet_cli.gigapixel.rows import effective_nodata, read_bands, stitch_rows
+from segnet_cli.io.tiff import open_reader
+from segnet_cli.jobs import Provenance
+
+
+def stream(plan: TilePlan, config: TileConfig, prov: Provenance, guard, progress, log) -> dict:
+    """The streaming run itself (``plan.run_planned``'s ``stream``); returns timing figures."""
+    from segnet_cli.model.segmenter import Segmenter
+
+    source, grid, tiling = plan.source, plan.grid, plan.tiling
+    if log:
+        log(f"loading model {plan.model_path}")
+    inference = config.inference
+    seg = Segmenter(plan.model_path, inference.precision, inference.device)
+    if seg.stride != grid.stride or seg.num_classes != plan.model.num_classes:
+        raise UsageError("the model changed since it was planned")
+    guard.check()
+    nodata = effective_nodata(source, log)
+    stats = {"model_seconds": 0.0, "read_wait_seconds": 0.0, "write_wait_seconds": 0.0}
+    total_px = source.pixels
+    done_px = 0
+    if progress is not None:
+        progress.start(len(grid), 0)
+    t_start = time.perf_counter()
+
+    def on_batch(tiles) -> None:
+        nonlocal done_px
+        for tile in tiles:
+            cy0, cx0, cy1, cx1 = tile.core
+            done_px += (cy1 - cy0) * (cx1 - cx0)
+        if progress is not None:
+            rate = done_px / max(1e-9, time.perf_counter() - t_start) / 1e6
+            progress.advance(len(tiles), extra=f"{rate:.2f} Mpx/s")
+        guard.check()
+
+    reader = open_reader(source, inference.max_pixels)
+    bands = read_bands(reader, grid)
+    try:
+        with open_outputs(plan, config, prov, seg.info.palette, nodata is not None) as outputs:
+            rows = stitch_rows(
+                seg,
+                grid,
+                _timed(bands, stats),
+                blend=tiling.blend,
+                batch_size=tiling.batch_size,
+                source_path=source.path,
+                probabilities=config.probabilities,
+                probability_dtype=config.probability_dtype,
+                nodata=nodata,
+                nodata_class=config.nodata_class,
+                stats=stats,
+                on_batch=on_batch,
+            )
+            for _y0, mask, prob in rows:
+                tw = time.perf_counter()
+                outputs.add(mask, prob)
+                stats["write_wait_seconds"] += time.perf_counter() - tw
+            tw = time.perf_counter()
+            outputs.finish()
+            stats["write_wait_seconds"] += time.perf_counter() - tw
+    finally:
+        bands.close()
+        reader.close()
+    wall = time.perf_counter() - t_start
+    stats.update(
+        {
+            "stream_seconds": wall,
+            "tiles": len(grid),
+            "mpx_per_s": total_px / wall / 1e6 if wall > 0 else 0.0,
+            "prob_output": None if plan.prob_output is None else str(plan.prob_output),
+        }
+    )
+    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in stats.items()}
+
+
+def _timed(bands: Iterator[tuple[int, np.ndarray]], stats: dict) -> Iterator[tuple[int, np.ndarray]]:
+    """Pass bands on, adding the time spent waiting for each to ``read_wait_seconds``."""
+    while True:
+        t = time.perf_counter()
+        try:
+            item = next(bands)
+        except StopIteration:
+            return
+        stats["read_wait_seconds"] += time.perf_counter() - t
+        yield item
+        del item
+
+
+__all__ = ["stream"]

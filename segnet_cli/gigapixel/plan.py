@@ -1,0 +1,357 @@
+"""``segnet tile``'s plan and run lifecycle, shared by the local and the Ray engine.
+
+``plan_tile`` decides everything before the model loads: the source's layout, the grid, the
+outputs, the memory and time estimates (``budget``). ``run_planned`` is what every engine
+does around its pixel work: claim the output, skip it when up to date, stop cleanly on a
+signal, report.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+
+import segnet_cli.gigapixel.budget as budget
+from segnet_cli.config import Report, TileConfig, TilingConfig
+from segnet_cli.errors import (
+    EXIT_OK,
+    ImageTooLargeError,
+    Interrupted,
+    LockedError,
+    OutputError,
+    UsageError,
+)
+from segnet_cli.gigapixel.budget import MemoryEstimate, MiB, estimate, fit_tiling
+from segnet_cli.io.files import file_digest, remove_dead_temporaries
+from segnet_cli.io.images import match_channels, pixel_limit
+from segnet_cli.io.tiff import SourceInfo, inspect_source, needs_bigtiff, read_description
+from segnet_cli.jobs import Claim, Provenance, SignalGuard, settings_key
+from segnet_cli.model.modelfile import ModelInfo, model_fingerprint, read_info, resolve_model_path
+from segnet_cli.model.network import Architecture
+from segnet_cli.tiling import TileGrid
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Everything decided before the model runs: grid, outputs, memory and time estimates."""
+
+    source: SourceInfo
+    model_path: Path
+    model: ModelInfo
+    output: Path
+    prob_output: Path | None
+    tiling: TilingConfig
+    grid: TileGrid
+    memory: MemoryEstimate
+    seconds: float
+    seconds_basis: str
+    mask_bytes: int
+    prob_bytes: int
+    bigtiff: bool
+    prob_bigtiff: bool
+    prob_bands: int
+    prob_dtype: str | None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+    config: TileConfig | None = None
+
+    @property
+    def computed_pixels(self) -> int:
+        return self.grid.computed_pixels()
+
+    @property
+    def outputs(self) -> list[Path]:
+        """Every file the run writes: the mask, then the probability raster if asked for."""
+        return [self.output] + ([self.prob_output] if self.prob_output is not None else [])
+
+    def as_dict(self) -> dict:
+        """The plan as JSON-ready data."""
+        s, g = self.source, self.grid
+        return {
+            "input": str(s.path),
+            "width": s.width,
+            "height": s.height,
+            "channels": s.channels,
+            "dtype": s.dtype.name,
+            "layout": s.layout,
+            "compression": s.compression,
+            "bigtiff_input": s.bigtiff,
+            "model": str(self.model_path),
+            "classes": list(self.model.class_names),
+            "tiling": {k: (str(v) if isinstance(v, Enum) else v) for k, v in asdict(self.tiling).items()},
+            "grid": {
+                "tiles": len(g),
+                "rows": len(g.rows),
+                "cols": len(g.cols),
+                "tile": g.tile,
+                "halo": g.halo,
+                "stride": g.stride,
+                "overhead": round(g.overhead(), 4),
+                "computed_pixels": self.computed_pixels,
+                "band_rows": g.band_rows(),
+                "shapes": {f"{h}x{w}": n for (h, w), n in g.shapes().items()},
+            },
+            "output": str(self.output),
+            "prob_output": None if self.prob_output is None else str(self.prob_output),
+            "bigtiff": self.bigtiff,
+            "mask_bytes": self.mask_bytes,
+            "prob_bytes": self.prob_bytes,
+            "memory_bytes": self.memory.as_dict(),
+            "seconds_estimate": round(self.seconds, 1),
+            "seconds_basis": self.seconds_basis,
+            "nodata": s.nodata_text,
+            "notes": list(self.notes),
+        }
+
+
+def default_output(path: Path) -> Path:
+    """``<stem>.mask.tif`` beside the input."""
+    return path.with_name(f"{path.stem}.mask.tif")
+
+
+def prob_output_path(mask: Path) -> Path:
+    """The probability raster beside a mask: ``x.mask.tif`` -> ``x.prob.tif``."""
+    name = mask.name
+    for suffix in (".mask.tif", ".mask.tiff"):
+        if name.lower().endswith(suffix):
+            return mask.with_name(name[: -len(suffix)] + ".prob.tif")
+    return mask.with_name(f"{mask.stem}.prob{mask.suffix or '.tif'}")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def _validate(config: TileConfig, info: ModelInfo) -> None:
+    """What the config alone cannot check: values that depend on the model."""
+    if not info.num_classes <= config.nodata_class <= 255:
+        raise UsageError(
+            f"--nodata-class must be between {info.num_classes} (past the model's classes) and 255"
+        )
+
+
+def plan_tile(config: TileConfig) -> TilePlan:
+    """Decide the grid, outputs and estimates for ``config`` without loading the model.
+
+    Raises:
+        ImageReadError, TiffLayoutError: the input cannot be read (window by window).
+        ModelFileError: the model file is missing or not a segnet model.
+        UsageError: bad options, or ``--max-memory`` cannot be met.
+    """
+    source = inspect_source(config.input)
+    model_path = resolve_model_path(config.inference.model)
+    info = read_info(model_path)
+    _validate(config, info)
+    # Fail now, not after loading the model, if the bands cannot become the model's input.
+    match_channels(np.zeros((1, 1, source.band_channels), np.uint8), info.in_channels, source.path)
+    if source.layout == "whole":
+        limit = pixel_limit(config.inference.max_pixels)
+        if limit is not None and source.pixels > limit:
+            raise ImageTooLargeError(
+                f"{source.width}x{source.height} cannot be read window by window "
+                f"({source.fmt}) and is over the pixel limit of {limit}; convert it to a tiled "
+                "TIFF or raise the limit with --max-pixels",
+                source.path,
+            )
+    output = Path(config.out) if config.out is not None else default_output(source.path)
+    if output.exists() and output.is_dir():
+        raise UsageError(f"--out {output} is a folder; give a file name")
+    prob_out = prob_output_path(output) if config.probabilities else None
+    for out in (output, prob_out):
+        if out is not None and _same_file(out, source.path):
+            raise UsageError(f"the output {out} would overwrite the input; give another --out")
+    if prob_out is not None and _same_file(prob_out, output):
+        raise UsageError("the mask and the probability raster would be the same file")
+    arch = Architecture.from_info(info)
+    model_bytes = model_path.stat().st_size
+    notes: list[str] = []
+
+    def peak(t: TilingConfig) -> int:
+        return estimate(source, info, arch, config, t, model_bytes)[1].total
+
+    tiling = config.inference.tiling
+    if config.max_memory_mb is not None and math.isinf(config.max_memory_mb):
+        pass  # no limit: the batch and tile were chosen explicitly
+    elif config.memory_limited:
+        tiling, note = fit_tiling(tiling, int(config.max_memory_mb * MiB), peak, info.stride)
+        if note:
+            notes.append(note)
+    else:
+        # A soft default: lower the batch (free on a CPU), never the tile (that costs speed:
+        # an explicit --max-memory asks for it) and never refuse.
+        soft = int(budget.DEFAULT_MEMORY_BUDGET_MB * MiB)
+        if peak(tiling) > soft and tiling.batch_size > 1:
+            tiling = replace(tiling, batch_size=1)
+            notes.append(
+                f"batch size {config.inference.tiling.batch_size} -> 1 to stay under the default "
+                f"memory budget of {budget.DEFAULT_MEMORY_BUDGET_MB:,.0f} MiB (on a CPU the batch "
+                "size barely changes speed; --max-memory sets another limit)"
+            )
+        if peak(tiling) > soft:
+            notes.append(
+                f"the estimated peak is over the default budget of "
+                f"{budget.DEFAULT_MEMORY_BUDGET_MB:,.0f} MiB; --max-memory MB makes it a hard "
+                "limit (smaller tiles)"
+            )
+    grid, mem = estimate(source, info, arch, config, tiling, model_bytes)
+    if grid.tile != tiling.tile or grid.halo != tiling.halo:
+        notes.append(
+            f"tile {tiling.tile} / halo {tiling.halo} aligned to the model's stride "
+            f"{info.stride}: {grid.tile} / {grid.halo}"
+        )
+    if source.layout == "whole":
+        notes.append(
+            f"{source.fmt} cannot be read window by window: it is decoded whole "
+            f"({source.pixels * source.band_channels * source.band_itemsize / MiB:,.0f} MiB)"
+        )
+    seconds, basis = budget.seconds_estimate(grid, arch, config.inference.precision)
+    mask_bytes = source.pixels
+    bands = budget.probability_bands(config.probabilities, info.num_classes)
+    prob_dtype = config.probability_dtype if prob_out is not None else None
+    prob_bytes = source.pixels * bands * (np.dtype(str(prob_dtype)).itemsize if prob_dtype else 0)
+    return TilePlan(
+        source=source,
+        model_path=model_path,
+        model=info,
+        output=output,
+        prob_output=prob_out,
+        tiling=tiling,
+        grid=grid,
+        memory=mem,
+        seconds=seconds,
+        seconds_basis=basis,
+        mask_bytes=mask_bytes,
+        prob_bytes=prob_bytes,
+        bigtiff=needs_bigtiff(mask_bytes),
+        prob_bigtiff=needs_bigtiff(prob_bytes),
+        prob_bands=bands,
+        prob_dtype=prob_dtype,
+        notes=tuple(notes),
+        config=config,
+    )
+
+
+def provenance_settings(plan: TilePlan, config: TileConfig) -> str:
+    """The settings that change the outputs (batch size and memory limit do not)."""
+    g = plan.grid
+    return settings_key(
+        command="tile",
+        tile=g.tile,
+        halo=g.halo,
+        blend=plan.tiling.blend,
+        precision=config.inference.precision,
+        probabilities=config.probabilities,
+        probability_dtype=plan.prob_dtype,
+        nodata_class=config.nodata_class,
+        out_tile=config.out_tile,
+        compression=config.compression,
+        version=1,
+    )
+
+
+def up_to_date(plan: TilePlan, prov: Provenance) -> bool:
+    """The outputs exist, are complete and record the same provenance."""
+    return all(Provenance.from_json(read_description(p)) == prov for p in plan.outputs)
+
+
+def remove_dead_temporaries_of(final: Path) -> int:
+    """Remove temporaries of ``final`` left by dead runs (only this output's, not the folder's).
+
+    Predict cleans its whole output folder; the folder a gigapixel input sits in may hold
+    other things, so only this output's names are touched.
+    """
+    return remove_dead_temporaries(final.parent, f"*-{final.name}.*", recursive=False)
+
+
+def run_planned(
+    config: TileConfig,
+    stream: Callable | None,
+    progress=None,
+    log=None,
+    interrupted_note: str = "",
+) -> Report:
+    """What every engine does around its run: plan, claim, skip if up to date, stop on signals.
+
+    Args:
+        config: the options.
+        stream: ``(plan, config, provenance, guard, progress, log) -> stats`` computes and
+            writes the outputs (atomically) and returns timing figures for the report; it
+            raises ``Interrupted`` (``guard.check()``) to stop.
+        progress: optional ``ui.Progress``-like object.
+        log: optional callable for one-line human messages.
+        interrupted_note: logged when a signal stopped the run.
+
+    Returns:
+        The report (see ``run_tile``).
+    """
+    t0 = time.perf_counter()
+    plan = plan_tile(config)
+    details: dict = {"plan": plan.as_dict(), "output": str(plan.output)}
+    if config.plan_only:
+        return Report(return_code=EXIT_OK, seconds=time.perf_counter() - t0, details=details)
+    out = plan.output
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output folder: {exc.strerror or exc}", out.parent) from None
+    removed = sum(remove_dead_temporaries_of(p) for p in (out, plan.prob_output) if p is not None)
+    if removed and log:
+        log(f"removed {removed} temporary file(s) left by an interrupted run")
+    claim = Claim(out.parent, out)
+    try:
+        got = claim.acquire()
+    except OSError as exc:
+        raise OutputError(f"cannot write to the output folder: {exc.strerror or exc}", out.parent) from None
+    if not got:
+        raise LockedError("another segnet run is writing this output", out)
+    try:
+        with SignalGuard() as guard:
+            prov = Provenance(
+                file_digest(plan.source.path),
+                model_fingerprint(plan.model_path),
+                provenance_settings(plan, config),
+            )
+            if not config.overwrite and up_to_date(plan, prov):
+                details["reason"] = "up to date"
+                return Report(skipped=1, seconds=time.perf_counter() - t0, details=details)
+            guard.check()
+            stats = stream(plan, config, prov, guard, progress, log)
+    except Interrupted as exc:
+        if log and interrupted_note:
+            log(interrupted_note)
+        details["interrupted"] = exc.signum
+        return Report(
+            return_code=exc.exit_code, seconds=time.perf_counter() - t0, details=details
+        )
+    finally:
+        claim.release()
+    details.update(stats)
+    details["peak_rss_bytes"] = peak_rss()
+    return Report(done=1, seconds=time.perf_counter() - t0, details=details)
+
+
+def peak_rss() -> int:
+    """This process's peak resident set size (bytes; Linux reports KiB)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+__all__ = [
+    "TilePlan",
+    "plan_tile",
+    "run_planned",
+    "default_output",
+    "prob_output_path",
+    "provenance_settings",
+    "up_to_date",
+    "peak_rss",
+]

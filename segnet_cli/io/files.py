@@ -1,0 +1,258 @@
+"""Files: atomic writes, temporaries and locks, the one place that creates any of them.
+
+Every output segnet writes goes through ``atomic_path``: a temporary beside the final file,
+fsynced, then renamed. A kill at any moment leaves the old file or the new one, never half of
+one, and never a file that looks like a result: a temporary is hidden (``TMP_PREFIX``) and
+ends in ``TMP_SUFFIX``, not in the final extension, so ``find masks -name '*.png'`` or a
+training glob never picks one up.
+
+A temporary's name carries its writer's pid and host (``writer_tag``), so a later run can
+tell a dead run's leftovers (removed by ``remove_dead_temporaries``) from a live run's, also
+on a folder that several machines share.
+
+``Lock`` is an exclusive, non-blocking ``flock`` on a lock file; the kernel drops it when its
+process dies, even by SIGKILL. ``Lock.release`` removes the lock file, so a finished run
+leaves nothing behind; ``acquire`` checks that the file it locked is still the one at the
+path, which keeps that removal race-free.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from segnet_cli.errors import OutputError
+
+#: Prefix of every temporary file or folder segnet writes; a later run removes dead ones.
+TMP_PREFIX = ".segnet-tmp-"
+#: Suffix of every temporary file: never the final file's extension.
+TMP_SUFFIX = ".tmp"
+
+#: This machine in temporary names: a pid means something only on the host that wrote it.
+HOST_TOKEN = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def writer_tag() -> str:
+    """``<pid>.<host>`` for temporary names, so a later run can tell whose they are."""
+    return f"{os.getpid()}.{HOST_TOKEN}"
+
+
+def temporary_name(final: Path) -> str:
+    """A fixed temporary name for ``final`` owned by this process (see the module notes)."""
+    return f"{TMP_PREFIX}{writer_tag()}-{final.name}{TMP_SUFFIX}"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; rename it into place only on success.
+
+    The temporary is fsynced before the rename, so a crash leaves either the old file or the
+    new one. It gets the permissions a plain ``open`` would give (umask), not ``mkstemp``'s
+    0600. Writers must name their format explicitly: the temporary's suffix is
+    ``TMP_SUFFIX``, not the final extension.
+
+    Raises:
+        OutputError: the folder cannot be written, or the disk is full (naming ``final``,
+            never the hidden temporary).
+    """
+    final = Path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f"{TMP_PREFIX}{writer_tag()}-{final.name}.", suffix=TMP_SUFFIX, dir=final.parent
+        )
+        os.close(fd)
+    except OSError as exc:
+        raise OutputError(f"cannot write here: {exc.strerror or exc}", final.parent) from None
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except OSError as exc:
+        raise OutputError(f"cannot write: {exc.strerror or exc}", final) from None
+    finally:
+        if os.path.lexists(tmp):
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def is_temporary(path: Path) -> bool:
+    """A segnet temporary (file or folder), by name."""
+    return path.name.startswith(TMP_PREFIX)
+
+
+def remove_dead_temporaries(folder: Path, pattern: str = "*", recursive: bool = True) -> int:
+    """Remove temporaries whose writing process is gone; returns how many.
+
+    A live concurrent run's files (and this process's own) are left alone; so are another
+    machine's, whose pids mean nothing here (that machine's next run removes its own).
+
+    Args:
+        folder: where to look.
+        pattern: what follows ``TMP_PREFIX`` in the names to consider (e.g. ``"*-out.tif*"``
+            to touch only one output's temporaries).
+        recursive: also look in subfolders.
+    """
+    n = 0
+    if not folder.is_dir():
+        return 0
+    found = folder.rglob if recursive else folder.glob
+    for p in found(f"{TMP_PREFIX}{pattern}"):
+        pid = _local_pid_of(p.name)
+        if pid is None or pid == os.getpid() or _alive(pid):
+            continue
+        try:
+            if p.is_dir() and not p.is_symlink():
+                import shutil
+
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            n += 1
+        except OSError:
+            pass
+    return n
+
+
+def _local_pid_of(name: str) -> int | None:
+    """The writer's pid if this host wrote the temporary (``<pid>.<host>-``), else None.
+
+    A bare ``<pid>-`` (no host) is taken as local.
+    """
+    head = name[len(TMP_PREFIX) :].split("-", 1)[0]
+    pid, _, host = head.partition(".")
+    if not pid.isdigit() or (host and host != HOST_TOKEN):
+        return None
+    return int(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Lock:
+    """An exclusive, non-blocking ``flock`` on ``path``, removed again on release.
+
+    ``acquire`` returns False when another live process holds it. Removing the lock file on
+    release is safe because ``acquire`` verifies, after locking, that the path still names
+    the file it locked: a process that opened the file just before its holder removed it
+    sees the difference and retries on the new file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> bool:
+        """Take the lock if it is free; False if another process holds it.
+
+        Raises:
+            OSError: the lock file cannot be created (read-only folder, ...).
+        """
+        while True:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:
+                continue  # the folder was removed by the last lock's holder: make it again
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+                return True
+            os.close(fd)  # removed or replaced by its last holder meanwhile: try again
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (idempotent)."""
+        if self._fd is None:
+            return
+        try:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            try:
+                self.path.parent.rmdir()  # only when empty: the last lock of a run
+            except OSError:
+                pass
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> Lock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+#: Hidden folder of an output folder that holds the per-output locks of live runs.
+LOCK_DIR = ".segnet-locks"
+
+
+def output_lock(out_root: Path, output: Path) -> Lock:
+    """The lock that claims one output of a run writing into ``out_root``."""
+    key = hashlib.sha1(os.fsencode(output.resolve())).hexdigest()[:20]
+    return Lock(out_root / LOCK_DIR / f"{key}.lock")
+
+
+def file_digest(path: Path, limit: int | None = None) -> str:
+    """SHA-256 of a file's content (first 16 hex digits)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        read = 0
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+            read += len(chunk)
+            if limit is not None and read >= limit:
+                break
+    return h.hexdigest()[:16]
+
+
+__all__ = [
+    "TMP_PREFIX",
+    "TMP_SUFFIX",
+    "HOST_TOKEN",
+    "atomic_path",
+    "temporary_name",
+    "is_temporary",
+    "remove_dead_temporaries",
+    "Lock",
+    "output_lock",
+    "file_digest",
+    "writer_tag",
+]

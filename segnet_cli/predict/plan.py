@@ -1,0 +1,281 @@
+"""What every ``segnet predict`` engine does before and around segmenting, without a model.
+
+* ``plan``: inputs, outputs, what is up to date, what cannot work (an output on an input,
+  two inputs with one output name, a folder given as an image), decided before any model
+  is loaded.
+* ``begin``: the plan reported, a dry run answered, a run with nothing to do ended.
+* ``claim``: an input entering the pipeline takes its output's claim and re-checks under it.
+* ``write_outputs``: the mask (and overlay) of one input, written atomically with the
+  provenance that later runs compare.
+
+Outputs mirror the inputs' relative paths under ``--out`` as ``<stem>.png`` and
+``<stem>.overlay.jpg``. An output is up to date when every output the run asks for exists,
+decodes completely and records the same provenance: a truncated mask, or a missing overlay
+when ``--overlay`` is asked for, is redone.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from segnet_cli import __version__
+from segnet_cli.config import PredictConfig, Report, Status
+from segnet_cli.errors import OutputError, UsageError
+from segnet_cli.io.files import atomic_path, file_digest
+from segnet_cli.io.images import write_mask_png, write_overlay
+from segnet_cli.jobs import Claim, InputItem, Outcome, Provenance, Run, collect_inputs, settings_key
+from segnet_cli.model.modelfile import ModelInfo, model_fingerprint, read_info, resolve_model_path
+from segnet_cli.tiling import check_tiling
+
+#: The PNG text chunk (and JPEG comment) that holds an output's provenance.
+PROVENANCE_KEY = "segnet"
+
+
+def mask_path(out: Path, item: InputItem) -> Path:
+    return out / item.rel.with_suffix(".png")
+
+
+def overlay_path(out: Path, item: InputItem) -> Path:
+    return out / item.rel.parent / f"{item.rel.stem}.overlay.jpg"
+
+
+def read_provenance(output: Path) -> Provenance | None:
+    """The provenance an existing output records, or None if absent, unreadable or damaged.
+
+    The whole file is decoded, not just its header: a mask truncated by a crash of another
+    tool, or a disk error, is not up to date and gets redone.
+    """
+    if not output.is_file():
+        return None
+    try:
+        from PIL import Image
+
+        with Image.open(output) as im:
+            im.load()
+            text = im.info.get(PROVENANCE_KEY) or im.info.get("comment")
+    except Exception:
+        return None
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return Provenance.from_json(text)
+
+
+@dataclass(eq=False)
+class Job:
+    """One input on its way through the pipeline."""
+
+    item: InputItem
+    mask: Path
+    overlay: Path | None
+    claim: Claim
+    model_sha: str = ""
+    settings: str = ""
+    provenance: Provenance | None = None  # computed on first need (see ensure_provenance)
+    seconds: float = 0.0
+    raw: np.ndarray | None = field(default=None, repr=False)
+
+    def ensure_provenance(self) -> Provenance:
+        """Hash the input (once) and return the provenance its outputs will record.
+
+        Planning hashes only inputs whose mask already exists (to decide a skip); new inputs
+        are hashed by the reader threads, in parallel and just before decoding, so a first
+        run over a big folder starts at once and reads each file while it is in the cache.
+        """
+        if self.provenance is None:
+            self.provenance = Provenance(file_digest(self.item.path), self.model_sha, self.settings)
+        return self.provenance
+
+    def outputs(self) -> list[Path]:
+        return [self.mask] + ([self.overlay] if self.overlay is not None else [])
+
+    def up_to_date(self) -> bool:
+        """Every output exists, decodes and records this input's provenance.
+
+        Raises:
+            OSError: the input cannot be read (to hash it).
+        """
+        if not self.mask.exists():
+            return False
+        prov = self.ensure_provenance()
+        return all(read_provenance(p) == prov for p in self.outputs())
+
+
+def check_writable(out: Path) -> None:
+    """Fail early, with a clear message, when the output folder cannot be written.
+
+    Raises:
+        UsageError: ``--out`` is a file, or the folder cannot be created or written: nothing
+            could run, so it is a usage error (exit 2), not a failed input.
+    """
+    if out.exists() and not out.is_dir():
+        raise UsageError("--out is a file, not a folder", out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".segnet-write-test"
+        with atomic_path(probe) as tmp:
+            tmp.write_bytes(b"ok")
+        probe.unlink()
+    except OutputError as exc:
+        raise UsageError(f"cannot write to the output folder: {exc.message}", out) from None
+    except OSError as exc:
+        raise UsageError(f"cannot write to the output folder: {exc.strerror or exc}", out) from None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def plan(config: PredictConfig) -> tuple[list[Job], list[Outcome], str, ModelInfo]:
+    """Decide, before loading any model, what each input needs: work, skip, or failure.
+
+    Returns:
+        ``(jobs, outcomes, model_sha, info)``. Claims are taken later, one input at a time
+        as it enters the pipeline, so a huge folder never holds more than a queue's worth
+        of locks (or file descriptors).
+
+    Raises:
+        UsageError: a bad option, or an output that would land on an input (the user's
+            photos are never replaced by masks): nothing is written.
+        ModelFileError: the model file is missing or not a segnet model.
+        NoInputError: no input matched.
+    """
+    inference = config.inference
+    model_path = resolve_model_path(inference.model)
+    info = read_info(model_path)  # a foreign or corrupt model fails here, before any work
+    check_tiling(inference.tiling, info.stride)
+    model_sha = model_fingerprint(model_path)
+    t = inference.tiling
+    settings = settings_key(
+        tile=t.tile, halo=t.halo, blend=t.blend, precision=inference.precision, version=1
+    )
+    items, missing = collect_inputs(config.inputs, exclude=config.out)
+    outcomes = [Outcome(spec, None, Status.FAILED, error="no input matched this") for spec in missing]
+    inputs = {Path(os.path.abspath(i.path)) for i in items}
+    jobs: list[Job] = []
+    claimed: dict[Path, Path] = {}
+    for item in items:
+        m = mask_path(config.out, item)
+        ov = overlay_path(config.out, item) if config.overlay else None
+        for output in [m] + ([ov] if ov is not None else []):
+            if Path(os.path.abspath(output)) in inputs or _same_file(output, item.path):
+                raise UsageError(
+                    f"the output {output} would overwrite an input; give another --out", item.path
+                )
+        if m in claimed:
+            outcomes.append(
+                Outcome(
+                    str(item.path), str(m), Status.FAILED,
+                    error=f"same output name as {claimed[m]} (rename one of them)",
+                )
+            )
+            continue
+        claimed[m] = item.path
+        if not item.path.is_file():
+            why = "is a folder, not an image" if item.path.is_dir() else (
+                "broken symbolic link (or a link loop)" if item.path.is_symlink() else "not a regular file"
+            )
+            outcomes.append(Outcome(str(item.path), None, Status.FAILED, error=why))
+            continue
+        job = Job(item, m, ov, Claim(config.out, m), model_sha, settings)
+        if not config.overwrite:
+            try:
+                up_to_date = job.up_to_date()
+            except OSError as exc:
+                outcomes.append(
+                    Outcome(str(item.path), None, Status.FAILED, error=f"cannot read: {exc.strerror}")
+                )
+                continue
+            if up_to_date:
+                outcomes.append(
+                    Outcome(str(item.path), str(m), Status.SKIPPED, extra={"reason": "up to date"})
+                )
+                continue
+        jobs.append(job)
+    return jobs, outcomes, model_sha, info
+
+
+def begin(config: PredictConfig, run: Run, **details) -> tuple[list[Job], str, Report | None]:
+    """What every engine does before segmenting: plan, report skips and failures found while
+    planning, and answer a dry run or a run with nothing to do without loading any model.
+
+    Returns:
+        ``(jobs, model_sha, early_report)``; ``early_report`` is not None when the run ends
+        here. ``details`` are added to that report's details.
+    """
+    jobs, outcomes, model_sha, _info = plan(config)
+    for o in outcomes:
+        run.emit(o, advance=False)
+    if config.dry_run:
+        for job in jobs:
+            run.emit(Outcome(str(job.item.path), str(job.mask), Status.PLANNED), advance=False)
+        return jobs, model_sha, run.report(planned=len(jobs), dry_run=True, **details)
+    if not jobs:
+        return jobs, model_sha, run.report(nothing_to_do=True, **details)
+    return jobs, model_sha, None
+
+
+def claim(job: Job, overwrite: bool) -> str | None:
+    """Take the job's claim and re-check under it; None when the job is to be done.
+
+    Returns:
+        Why the job is skipped instead (the claim is then not held).
+
+    Raises:
+        OSError: the claim's lock file or the input cannot be read or written.
+    """
+    if not job.claim.acquire():
+        return "another segnet run is writing this mask"
+    try:
+        # An overlapping run may have finished it meanwhile.
+        if not overwrite and job.up_to_date():
+            job.claim.release()
+            return "up to date"
+    except BaseException:
+        job.claim.release()
+        raise
+    return None
+
+
+def mask_text(job: Job, info: ModelInfo) -> dict[str, str]:
+    """The PNG text chunks of a mask: provenance, software, source, class names."""
+    return {
+        PROVENANCE_KEY: job.ensure_provenance().to_json(),
+        "Software": f"segnet {__version__}",
+        "Source": os.fsdecode(job.item.path.name).encode("utf-8", "replace").decode("utf-8"),
+        "Classes": ",".join(info.class_names),
+    }
+
+
+def write_outputs(job: Job, mask: np.ndarray, raw: np.ndarray | None, info: ModelInfo, alpha: float) -> None:
+    """Write one input's overlay (if asked) and then its mask, each atomically.
+
+    The mask goes last: a run stopped between the two leaves no mask, so the input is
+    redone, overlay included.
+
+    Raises:
+        OutputError, OSError, ValueError: a file could not be written.
+    """
+    if job.overlay is not None and raw is not None:
+        write_overlay(raw, mask, job.overlay, info.palette, alpha, job.ensure_provenance().to_json())
+    write_mask_png(mask, job.mask, info.palette, mask_text(job, info))
+
+
+__all__ = [
+    "plan",
+    "begin",
+    "claim",
+    "Job",
+    "check_writable",
+    "mask_path",
+    "overlay_path",
+    "read_provenance",
+    "write_outputs",
+    "PROVENANCE_KEY",
+]
