@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segnet_cli.config import Blend, Precision, TilingConfig
+from segnet_cli.config import TTA, Blend, Precision, TilingConfig
 from segnet_cli.model.modelfile import ModelInfo
 
 
@@ -29,9 +29,10 @@ class Model:
         path: the model file.
     """
 
-    def __init__(self, segmenter, tiling: TilingConfig) -> None:
+    def __init__(self, segmenter, tiling: TilingConfig, tta: TTA = TTA.NONE) -> None:
         self._seg = segmenter
         self.tiling = tiling
+        self.tta = TTA.parse(tta, "tta")
 
     @property
     def info(self) -> ModelInfo:
@@ -87,7 +88,7 @@ class Model:
         given = {"tile": tile, "halo": halo, "blend": blend}
         tiling = replace(self.tiling, **{k: v for k, v in given.items() if v is not None})
         x = to_model_input(arr, self.info.in_channels, source)
-        mask, conf = segment_image(self._seg, x, tiling, confidence=confidence)
+        mask, conf = segment_image(self._seg, x, tiling, confidence=confidence, tta=self.tta)
         return (mask, conf) if confidence else mask
 
     def __repr__(self) -> str:
@@ -100,6 +101,7 @@ def load_model(
     precision: Precision | str = Precision.FLOAT32,
     device: str | None = None,
     tiling: TilingConfig | None = None,
+    tta: TTA | str = TTA.NONE,
 ) -> Model:
     """Load a segnet model (the bundled CamVid model when ``path`` is None) for inference.
 
@@ -111,7 +113,7 @@ def load_model(
     from segnet_cli.model.tfload import import_tf
 
     import_tf()
-    return Model(Segmenter(path, precision, device), tiling or TilingConfig())
+    return Model(Segmenter(path, precision, device), tiling or TilingConfig(), tta)
 
 
 def custom_objects() -> dict:

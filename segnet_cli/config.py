@@ -82,6 +82,13 @@ class Precision(Choice):
     FLOAT16 = "float16"
 
 
+class TTA(Choice):
+    """Test-time augmentation: which views of the image the model sees."""
+
+    NONE = "none"
+    FLIP = "flip"  # the image and its left-right mirror; their probabilities averaged
+
+
 class Engine(Choice):
     """Where a run's work happens."""
 
@@ -162,9 +169,23 @@ class InferenceConfig:
     precision: Precision = Precision.FLOAT32
     device: str | None = None  # None: TensorFlow's choice; cpu, gpu or gpu:N
     max_pixels: int | None = None  # decompression-bomb limit; None: Pillow's default
+    tta: TTA = TTA.NONE
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", Precision.parse(self.precision, "--precision"))
+        object.__setattr__(self, "tta", TTA.parse(self.tta, "--tta"))
+
+    def output_settings(self) -> dict:
+        """The settings that change a mask (outputs record them in their provenance).
+
+        Batch size, device and pixel limit do not change a mask. TTA appears only when on,
+        so masks made before it existed stay up to date.
+        """
+        t = self.tiling
+        settings = {"tile": t.tile, "halo": t.halo, "blend": t.blend, "precision": self.precision}
+        if self.tta is not TTA.NONE:
+            settings["tta"] = self.tta
+        return settings
         if self.max_pixels is not None and self.max_pixels < 1:
             raise UsageError("--max-pixels must be positive")
 

@@ -44,8 +44,8 @@ from segnet_cli.io.files import atomic_path
 from segnet_cli.io.images import read_image, to_model_input, write_mask_png
 from segnet_cli.metrics import confusion, scores
 from segnet_cli.model.modelfile import ModelInfo, read_info
-from segnet_cli.pipeline import Work, crop, read_ahead, run_works
-from segnet_cli.tiling import Stitcher, TileGrid, stitch_all
+from segnet_cli.pipeline import image_work, read_ahead, run_works
+from segnet_cli.tiling import TileGrid, stitch_all
 
 #: Images decoded ahead of the one being scored (reading overlaps inference).
 READ_AHEAD = 2
@@ -328,8 +328,9 @@ def run_eval(config: EvalConfig, progress=None, log: Callable[[str], None] | Non
                 continue
             del fut
             grid = TileGrid.make(*image.shape[:2], tiling.tile, tiling.halo, segmenter.stride)
-            stitcher = Stitcher(grid, segmenter.num_classes, tiling.blend)
-            yield Work((item, truth), stitcher, list(grid.tiles()), lambda t, image=image: crop(image, t))
+            yield image_work(
+                (item, truth), image, grid, segmenter.num_classes, tiling, config.inference.tta
+            )
             del image, truth
 
     if segmenter is not None:
@@ -388,6 +389,7 @@ def run_eval(config: EvalConfig, progress=None, log: Callable[[str], None] | Non
             "blend": str(t.blend),
         }
         details["precision"] = str(config.inference.precision)
+        details["tta"] = str(config.inference.tta)
     if config.plot is not None:
         if per_image:
             plot_confusion(cm, classes.names, config.plot, title=_plot_title(details))

@@ -25,16 +25,18 @@ from typing import TypeVar
 
 import numpy as np
 
-from segnet_cli.config import TilingConfig
+from segnet_cli.config import TTA, TilingConfig
 from segnet_cli.tiling import Stitcher, Tile, TileGrid, stitch_all
 
 T = TypeVar("T")
 
 
 def crop(image: np.ndarray, tile: Tile, y0: int = 0) -> np.ndarray:
-    """The tile's window of ``image`` (whose first row is image row ``y0``)."""
+    """The tile's window of ``image`` (whose first row is image row ``y0``), as the model
+    sees it: mirrored left-right for a tile of the mirrored view (test-time augmentation)."""
     wy0, x0, wy1, x1 = tile.window
-    return image[wy0 - y0 : wy1 - y0, x0:x1]
+    window = image[wy0 - y0 : wy1 - y0, x0:x1]
+    return window[:, ::-1] if tile.flipped else window
 
 
 def split_outputs(outputs) -> list:
@@ -187,8 +189,20 @@ def _drain(finished: list[Work]) -> Iterator[Work]:
         yield finished.pop(0)
 
 
+def image_work(key, image: np.ndarray, grid: TileGrid, num_classes: int, tiling: TilingConfig,
+               tta: TTA = TTA.NONE, confidence: bool = False) -> Work:
+    """A whole in-memory ``(H, W, C)`` float32 image as one work of the pipeline."""
+    mirrored = tta is TTA.FLIP
+    stitcher = Stitcher(grid, num_classes, tiling.blend, confidence=confidence, mirrored=mirrored)
+    return Work(key, stitcher, grid.all_tiles(mirrored), lambda t: crop(image, t))
+
+
 def segment_image(
-    segmenter, image: np.ndarray, tiling: TilingConfig, confidence: bool = False
+    segmenter,
+    image: np.ndarray,
+    tiling: TilingConfig,
+    confidence: bool = False,
+    tta: TTA = TTA.NONE,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Segment one ``(H, W, C)`` float32 image in memory; returns ``(mask, confidence)``.
 
@@ -197,11 +211,19 @@ def segment_image(
     """
     h, w = image.shape[:2]
     grid = TileGrid.make(h, w, tiling.tile, tiling.halo, segmenter.stride)
-    stitcher = Stitcher(grid, segmenter.num_classes, tiling.blend, confidence=confidence)
-    work = Work(None, stitcher, list(grid.tiles()), lambda t: crop(image, t))
+    work = image_work(None, image, grid, segmenter.num_classes, tiling, tta, confidence)
+    stitcher = work.stitcher
     for _ in run_works(segmenter, [work], tiling.batch_size):
         pass
     return stitch_all(stitcher, h, w, confidence)
 
 
-__all__ = ["Work", "run_works", "read_ahead", "segment_image", "crop", "split_outputs"]
+__all__ = [
+    "Work",
+    "run_works",
+    "read_ahead",
+    "image_work",
+    "segment_image",
+    "crop",
+    "split_outputs",
+]

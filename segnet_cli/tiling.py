@@ -81,13 +81,19 @@ def axis_spans(size: int, tile: int, halo: int, stride: int) -> list[Span]:
 
 @dataclass(frozen=True)
 class Tile:
-    """One tile: its index, grid row and column, and its window/core boxes (y0, x0, y1, x1)."""
+    """One tile: its index, grid row and column, and its window/core boxes (y0, x0, y1, x1).
+
+    A ``flipped`` tile belongs to the mirrored view of test-time augmentation
+    (``TileGrid.mirrored``): the model sees its window's pixels left-right mirrored, and its
+    output is mirrored back before stitching. Its boxes are in the image's own coordinates.
+    """
 
     index: int
     row: int
     col: int
     window: tuple[int, int, int, int]
     core: tuple[int, int, int, int]
+    flipped: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -157,8 +163,32 @@ class TileGrid:
             for c in range(len(self.cols)):
                 yield self.tile_at(r, c)
 
-    def row_tiles(self, r: int) -> list[Tile]:
-        return [self.tile_at(r, c) for c in range(len(self.cols))]
+    def row_tiles(self, r: int, mirrored: bool = False) -> list[Tile]:
+        """The tiles of grid row ``r``; with ``mirrored``, then those of its mirrored view."""
+        tiles = [self.tile_at(r, c) for c in range(len(self.cols))]
+        return tiles + [self.mirrored(t) for t in tiles] if mirrored else tiles
+
+    def all_tiles(self, mirrored: bool = False) -> list[Tile]:
+        """Every tile row by row; with ``mirrored``, each row's mirrored view after it."""
+        return [t for r in range(len(self.rows)) for t in self.row_tiles(r, mirrored)]
+
+    def mirrored(self, tile: Tile) -> Tile:
+        """The tile at the same place in the left-right mirrored image, in this image's
+        coordinates.
+
+        Why this keeps tiling exact: the mirrored image has the same width, so the same
+        column spans; a window ``[x0, x1)`` of the mirrored image, stride-aligned there, is
+        the columns ``[W - x1, W - x0)`` here. Cores still partition the row, so every pixel
+        gets exactly one value from each view, as whole-image inference on the image and on
+        its mirror gives it.
+        """
+        w = self.width
+        y0, x0, y1, x1 = tile.window
+        cy0, cx0, cy1, cx1 = tile.core
+        return Tile(
+            tile.index, tile.row, tile.col, (y0, w - x1, y1, w - x0), (cy0, w - cx1, cy1, w - cx0),
+            not tile.flipped,
+        )
 
     @property
     def single(self) -> bool:
@@ -230,6 +260,11 @@ class Stitcher:
     ``(h, w, K)``). Center mode needs no more than classes unless asked for probabilities,
     so the model can reduce its logits where it runs (in parallel, and on a GPU before they
     cross to the host): K floats per pixel become one byte.
+
+    With ``mirrored=True`` (test-time augmentation) every grid row also takes the tiles of
+    its mirrored view (``TileGrid.mirrored``), whose outputs are mirrored back here; a pixel's
+    probabilities are the mean of the two views' (center mode: each view's one core; gaussian
+    mode: every covering window of both views), and the mask is their argmax.
     """
 
     def __init__(
@@ -239,6 +274,7 @@ class Stitcher:
         mode: Blend | str = Blend.CENTER,
         confidence: bool = False,
         probabilities: bool = False,
+        mirrored: bool = False,
     ) -> None:
         mode = Blend.parse(mode, "blend mode")
         self.grid = grid
@@ -246,7 +282,11 @@ class Stitcher:
         self.mode = mode
         self.confidence = confidence or probabilities
         self.probabilities = probabilities
-        self._pending = {r: set(range(len(grid.cols))) for r in range(len(grid.rows))}
+        self.views = (False, True) if mirrored else (False,)
+        self._pending = {
+            r: {(c, f) for c in range(len(grid.cols)) for f in self.views}
+            for r in range(len(grid.rows))
+        }
         self._done_rows = 0  # grid rows finished and handed to ``pop``
         self._ready: list = []
         # Center mode: one class-index band per grid row in flight (a batch may hold tiles
@@ -259,7 +299,7 @@ class Stitcher:
             "w": np.zeros((0, grid.width), np.float32),
         }
         self._windows: dict[tuple[int, int], np.ndarray] = {}
-        if mode is Blend.CENTER and not self.probabilities:
+        if mode is Blend.CENTER and not self.probabilities and not mirrored:
             self.needs = "confidence" if self.confidence else "classes"
         else:
             self.needs = "logits"
@@ -270,11 +310,14 @@ class Stitcher:
         if band is None:
             g = self.grid
             n = g.rows[r].core_end - g.rows[r].core_start
-            band = {"mask": np.zeros((n, g.width), np.uint8)}
-            if self.confidence:
-                band["conf"] = np.zeros((n, g.width), np.float32)
-            if self.probabilities:
-                band["prob"] = np.zeros((n, g.width, self.k), np.float32)
+            if len(self.views) > 1:  # the views' probabilities are summed, then reduced
+                band = {"psum": np.zeros((n, g.width, self.k), np.float32)}
+            else:
+                band = {"mask": np.zeros((n, g.width), np.uint8)}
+                if self.confidence:
+                    band["conf"] = np.zeros((n, g.width), np.float32)
+                if self.probabilities:
+                    band["prob"] = np.zeros((n, g.width, self.k), np.float32)
             self._bands[r] = band
         return band
 
@@ -309,10 +352,14 @@ class Stitcher:
         got = (logits if logits is not None else classes).shape[:2]
         if got != tile.shape:
             raise ValueError(f"tile {tile.index}: output {got} != window {tile.shape}")
-        if logits is None and (self.mode is not Blend.CENTER or self.probabilities):
+        if logits is None and self.needs == "logits":
             raise ValueError("this stitcher needs logits")
         if logits is None and self.confidence and conf is None:
             raise ValueError("this stitcher needs (classes, confidence)")
+        if tile.flipped:
+            if tile.flipped not in self.views:
+                raise ValueError(f"tile {tile.index} is mirrored but this stitcher has no mirror")
+            logits = logits[:, ::-1]  # back to the image's own orientation
         wy0, wx0, wy1, wx1 = tile.window
         cy0, cx0, cy1, cx1 = tile.core
         if self.mode is Blend.CENTER:
@@ -320,7 +367,9 @@ class Stitcher:
             b0 = self.grid.rows[tile.row].core_start
             core = (slice(cy0 - wy0, cy1 - wy0), slice(cx0 - wx0, cx1 - wx0))
             rows = slice(cy0 - b0, cy1 - b0)
-            if logits is None:
+            if "psum" in band:
+                band["psum"][rows, cx0:cx1] += softmax(logits[core].astype(np.float32))
+            elif logits is None:
                 band["mask"][rows, cx0:cx1] = classes[core]
                 if self.confidence:
                     band["conf"][rows, cx0:cx1] = conf[core]
@@ -341,7 +390,7 @@ class Stitcher:
             self._grow_band(wy1)
             self._band["sum"][wy0 - b0 : wy1 - b0, wx0:wx1] += p * win[..., None]
             self._band["w"][wy0 - b0 : wy1 - b0, wx0:wx1] += win
-        self._pending[tile.row].discard(tile.col)
+        self._pending[tile.row].discard((tile.col, tile.flipped))
         self._advance()
 
     def _advance(self) -> None:
@@ -353,6 +402,14 @@ class Stitcher:
             # Grid row r is complete.
             if self.mode is Blend.CENTER:
                 b = self._bands.pop(r)
+                if "psum" in b:  # the views' mean probability decides
+                    p = b.pop("psum")
+                    p /= len(self.views)
+                    b["mask"] = np.argmax(p, axis=-1).astype(np.uint8)
+                    if self.confidence:
+                        b["conf"] = p.max(axis=-1)
+                    if self.probabilities:
+                        b["prob"] = p
                 self._ready.append((g.rows[r].core_start, b["mask"], b.get("conf"), b.get("prob")))
             else:
                 # Rows above the next grid row's windows receive no more tiles: final.
@@ -394,12 +451,19 @@ def check_tiling(tiling: TilingConfig, stride: int) -> None:
 
 
 def band_bytes(
-    grid: TileGrid, k: int, mode: Blend | str, confidence: bool = False, probabilities: bool = False
+    grid: TileGrid,
+    k: int,
+    mode: Blend | str,
+    confidence: bool = False,
+    probabilities: bool = False,
+    mirrored: bool = False,
 ) -> int:
     """Peak bytes of a stitcher's band: proportional to width x tile, never to height."""
     if Blend.parse(mode, "blend mode") is Blend.CENTER:
         rows = max(r.core_end - r.core_start for r in grid.rows)
         per = 1 + (4 if confidence or probabilities else 0) + (4 * k if probabilities else 0)
+        if mirrored:  # the views' probability sums, then the mask and what is asked for
+            per += 4 * k
         return rows * grid.width * per
     rows = max(
         grid.rows[i].window_end - (grid.rows[i].window_start if i else 0)

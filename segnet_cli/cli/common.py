@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from segnet_cli.config import Blend, InferenceConfig, Precision, TilingConfig
+from segnet_cli.config import TTA, Blend, InferenceConfig, Precision, TilingConfig
 from segnet_cli.errors import SegnetError
 
 EXIT_CODES_HELP = (
@@ -27,6 +27,7 @@ BlendOpt = Annotated[Optional[str], typer.Option("--blend", help=f"{' or '.join(
 ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="Model file (default: the bundled CamVid model).")]
 PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help=f"{', '.join(Precision.values())} (mixed; float16 is for GPUs). Default {Precision.FLOAT32}.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, gpu or gpu:N (default: TensorFlow's choice).")]
+TTAOpt = Annotated[Optional[str], typer.Option("--tta", help=f"Test-time augmentation: {TTA.NONE} (default) or {TTA.FLIP} (mean of the image's and its mirror's probabilities; twice the compute; exact under tiling).")]
 MaxPixelsOpt = Annotated[Optional[int], typer.Option("--max-pixels", help="Raise the decompression-bomb limit (pixels).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and the summary.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per input and a summary on stdout.")]
@@ -76,6 +77,7 @@ def inference_config(
     precision: str | None,
     device: str | None,
     max_pixels: int | None,
+    tta: str | None = None,
 ) -> InferenceConfig:
     """The shared inference config from the options the user gave (None: the default).
 
@@ -90,6 +92,7 @@ def inference_config(
         device=device,
         max_pixels=max_pixels,
         **({"precision": precision} if precision is not None else {}),
+        **({"tta": tta} if tta is not None else {}),
     )
 
 

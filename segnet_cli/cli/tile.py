@@ -24,6 +24,7 @@ from segnet_cli.cli.common import (
     PrecisionOpt,
     QuietOpt,
     TileOpt,
+    TTAOpt,
     fail,
     inference_config,
     quiet_tf,
@@ -49,6 +50,7 @@ def tile_command(
     halo: HaloOpt = None,
     batch_size: BatchOpt = None,
     blend: BlendOpt = None,
+    tta: TTAOpt = None,
     plan: Annotated[bool, typer.Option("--plan", help="Print the grid, output size, estimated peak memory and run time; run nothing.")] = False,
     max_memory: Annotated[Optional[float], typer.Option("--max-memory", help="Hard peak-memory limit in MiB: lowers the batch, then the tile size, to fit, or refuses. Without it (and without --batch-size) the batch is lowered to stay under " f"{MEMORY_BUDGET_MB:.0f} MiB.")] = None,
     probabilities: Annotated[Optional[str], typer.Option("--probabilities", help=f"Also write <stem>.prob.tif: {ProbabilityMode.CONFIDENCE!s} (winning class's probability) or {ProbabilityMode.CLASSES!s} (one band per class).")] = None,
@@ -92,7 +94,7 @@ def tile_command(
             out=out,
             inference=inference_config(
                 model=model, tile=tile, halo=halo, batch_size=batch_size, blend=blend,
-                precision=precision, device=device, max_pixels=max_pixels,
+                precision=precision, device=device, max_pixels=max_pixels, tta=tta,
             ),
             probabilities=probabilities,
             # An explicit --batch-size is the user's choice: the default memory budget (which

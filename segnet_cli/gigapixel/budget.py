@@ -12,7 +12,14 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from segnet_cli.config import MEMORY_BUDGET_MB, Precision, ProbabilityMode, TileConfig, TilingConfig
+from segnet_cli.config import (
+    MEMORY_BUDGET_MB,
+    TTA,
+    Precision,
+    ProbabilityMode,
+    TileConfig,
+    TilingConfig,
+)
 from segnet_cli.errors import UsageError
 from segnet_cli.io.tiff import SourceInfo
 from segnet_cli.model.modelfile import ModelInfo
@@ -183,6 +190,7 @@ def estimate(
             tiling.blend,
             prob is ProbabilityMode.CONFIDENCE,
             prob is ProbabilityMode.CLASSES,
+            config.inference.tta is TTA.FLIP,
         ),
         out_tile=config.out_tile,
         prob_bands=bands,
@@ -240,13 +248,17 @@ def probability_bands(mode: ProbabilityMode | None, num_classes: int) -> int:
     return 1 if mode is ProbabilityMode.CONFIDENCE else num_classes
 
 
-def seconds_estimate(grid: TileGrid, arch, precision: Precision) -> tuple[float, str]:
+def seconds_estimate(
+    grid: TileGrid, arch, precision: Precision, tta: TTA = TTA.NONE
+) -> tuple[float, str]:
     """Estimated model time of a grid on a CPU, and the basis of the estimate (a sentence)."""
     rate = CPU_EFFECTIVE_GFLOPS * 1e9 * PRECISION_SPEEDUP.get(precision, 1.0)
     fpp = arch.flops_per_pixel()
-    seconds = grid.computed_pixels() * fpp / rate
+    views = 2 if tta is TTA.FLIP else 1
+    computed = grid.computed_pixels() * views
+    seconds = computed * fpp / rate
     basis = (
-        f"model compute only: {grid.computed_pixels() / 1e6:,.0f} Mpx x "
+        f"model compute only: {computed / 1e6:,.0f} Mpx x "
         f"{fpp / 1e3:,.1f} kFLOP/px at an assumed {rate / 1e9:,.0f} GFLOP/s, "
         "a constant measured on a 2-core CPU, not on this machine; a GPU is much faster"
     )

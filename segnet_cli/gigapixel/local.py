@@ -74,6 +74,7 @@ def stream(plan: TilePlan, config: TileConfig, prov: Provenance, guard, progress
                 nodata_class=config.nodata_class,
                 stats=stats,
                 on_batch=on_batch,
+                tta=inference.tta,
             )
             for _y0, mask, prob in rows:
                 tw = time.perf_counter()

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import segnet_cli.gigapixel.budget as budget
-from segnet_cli.config import Report, TileConfig, TilingConfig
+from segnet_cli.config import TTA, Report, TileConfig, TilingConfig
 from segnet_cli.errors import (
     EXIT_OK,
     ImageTooLargeError,
@@ -214,7 +214,9 @@ def plan_tile(config: TileConfig) -> TilePlan:
             f"{source.fmt} cannot be read window by window: it is decoded whole "
             f"({source.pixels * source.band_channels * source.band_itemsize / MiB:,.0f} MiB)"
         )
-    seconds, basis = budget.seconds_estimate(grid, arch, config.inference.precision)
+    seconds, basis = budget.seconds_estimate(
+        grid, arch, config.inference.precision, config.inference.tta
+    )
     mask_bytes = source.pixels
     bands = budget.probability_bands(config.probabilities, info.num_classes)
     prob_dtype = config.probability_dtype if prob_out is not None else None
@@ -244,6 +246,7 @@ def plan_tile(config: TileConfig) -> TilePlan:
 def provenance_settings(plan: TilePlan, config: TileConfig) -> str:
     """The settings that change the outputs (batch size and memory limit do not)."""
     g = plan.grid
+    extra = {"tta": config.inference.tta} if config.inference.tta is not TTA.NONE else {}
     return settings_key(
         command="tile",
         tile=g.tile,
@@ -256,6 +259,7 @@ def provenance_settings(plan: TilePlan, config: TileConfig) -> str:
         out_tile=config.out_tile,
         compression=config.compression,
         version=1,
+        **extra,
     )
 
 

@@ -58,6 +58,7 @@ from segnet_cli.cluster import (
     session,
 )
 from segnet_cli.config import (
+    TTA,
     Blend,
     Precision,
     ProbabilityDtype,
@@ -221,6 +222,7 @@ class TileJob:
     max_pixels: int | None
     parts: str
     stop_file: str
+    tta: TTA = TTA.NONE
 
     def part_files(self, unit: Unit) -> list[tuple[Path, tuple[int, ...], np.dtype]]:
         """``(path, shape, dtype)`` of the unit's parts, probabilities first, mask last.
@@ -393,6 +395,7 @@ class TileActor:
                 nodata=job.nodata,
                 nodata_class=job.nodata_class,
                 on_batch=self._check_stop,
+                tta=job.tta,
             )
             for y, mask, prob in rows:
                 # Gaussian units also finish rows above their own (incomplete there): skip.
@@ -470,6 +473,7 @@ def make_job(plan, config: TileConfig, parts: Path, nodata: float | None, run_id
         max_pixels=config.inference.max_pixels,
         parts=str(parts.absolute()),
         stop_file=str((parts / f"{STOP_PREFIX}{run_id}").absolute()),
+        tta=config.inference.tta,
     )
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segnet_cli.config import Blend, ProbabilityDtype, ProbabilityMode
+from segnet_cli.config import TTA, Blend, ProbabilityDtype, ProbabilityMode
 from segnet_cli.errors import OutputError
 from segnet_cli.io.images import to_model_input
 from segnet_cli.io.tiff import RegionReader, SourceInfo, iter_bands
@@ -90,6 +90,7 @@ def stitch_rows(
     nodata_class: int,
     stats: dict | None = None,
     on_batch: Callable | None = None,
+    tta: TTA = TTA.NONE,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
     """Run every grid row through the model and yield finished output rows, top to bottom.
 
@@ -107,6 +108,7 @@ def stitch_rows(
         nodata_class: the mask value of nodata pixels.
         stats: when given, ``model_seconds`` is added to it.
         on_batch: called with each batch's tiles once they are stitched (progress, signals).
+        tta: ``flip`` also runs each grid row's mirrored view (``TileGrid.mirrored``).
 
     Yields:
         ``(y0, mask, prob)``: rows ``[y0, y0 + len(mask))`` as uint8 class indices, and their
@@ -122,6 +124,7 @@ def stitch_rows(
         blend,
         confidence=prob is ProbabilityMode.CONFIDENCE,
         probabilities=prob is ProbabilityMode.CLASSES,
+        mirrored=tta is TTA.FLIP,
     )
     channels = seg.info.in_channels
 
@@ -133,7 +136,7 @@ def stitch_rows(
             def pixels(tile, band=band, b0=b0):
                 return to_model_input(crop(band, tile, b0), channels, source_path)
 
-            yield Work((b0, band), stitcher, grid.row_tiles(r), pixels)
+            yield Work((b0, band), stitcher, grid.row_tiles(r, tta is TTA.FLIP), pixels)
             # Drop every reference to the band (the closure's too) before the next is read:
             # two bands alive at most.
             del band, pixels

@@ -23,9 +23,9 @@ from segnet_cli.errors import ImageReadError, SegnetError
 from segnet_cli.io.files import remove_dead_temporaries
 from segnet_cli.io.images import read_image, to_model_input
 from segnet_cli.jobs import Outcome, Run, SignalGuard
-from segnet_cli.pipeline import Work, crop, read_ahead, run_works
+from segnet_cli.pipeline import image_work, read_ahead, run_works
 from segnet_cli.predict.plan import Job, begin, check_writable, claim, write_outputs
-from segnet_cli.tiling import Stitcher, TileGrid, stitch_all
+from segnet_cli.tiling import TileGrid, stitch_all
 
 #: Reader threads: decoding overlaps itself as well as the model.
 READERS = 2
@@ -112,8 +112,7 @@ def _segment(config: PredictConfig, jobs: list[Job], run: Run, guard: SignalGuar
                 continue
             del fut
             job.raw = raw if job.overlay is not None else None
-            stitcher = Stitcher(grid, seg.num_classes, tiling.blend)
-            yield Work(job, stitcher, list(grid.tiles()), lambda t, image=image: crop(image, t))
+            yield image_work(job, image, grid, seg.num_classes, tiling, inference.tta)
             del raw, image
 
     # The writer: encoding and writing overlap the model's next batches.

@@ -151,10 +151,7 @@ def plan(config: PredictConfig) -> tuple[list[Job], list[Outcome], str, ModelInf
     info = read_info(model_path)  # a foreign or corrupt model fails here, before any work
     check_tiling(inference.tiling, info.stride)
     model_sha = model_fingerprint(model_path)
-    t = inference.tiling
-    settings = settings_key(
-        tile=t.tile, halo=t.halo, blend=t.blend, precision=inference.precision, version=1
-    )
+    settings = settings_key(**inference.output_settings(), version=1)
     items, missing = collect_inputs(config.inputs, exclude=config.out)
     outcomes = [Outcome(spec, None, Status.FAILED, error="no input matched this") for spec in missing]
     inputs = {Path(os.path.abspath(i.path)) for i in items}

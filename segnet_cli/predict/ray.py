@@ -104,7 +104,9 @@ class SegmentActor:
         try:
             raw = read_image(job.item.path, self.inference.max_pixels)
             image = to_model_input(raw, info.in_channels, job.item.path)
-            mask, _ = segment_image(self.seg, image, self.inference.tiling)
+            mask, _ = segment_image(
+                self.seg, image, self.inference.tiling, tta=self.inference.tta
+            )
         except SegnetError as exc:
             return exc.message if exc.path else str(exc)
         except Exception as exc:  # an unexpected decoder failure must not stop the batch
