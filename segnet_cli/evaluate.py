@@ -21,7 +21,6 @@ the classes) is reported as a failure and the rest are scored; the return code i
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,11 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from segnet_cli.classes import ClassTable, load_classes
-from segnet_cli.config import EvalConfig, Report
+from segnet_cli.config import EvalConfig, Report, Status
 from segnet_cli.dataset import find_pairs, index_by_stem, label_values, read_label_mask
 from segnet_cli.errors import (
-    EXIT_OK,
-    EXIT_SOME_FAILED,
     ImageReadError,
     NoInputError,
     OutputError,
@@ -42,6 +39,7 @@ from segnet_cli.errors import (
 )
 from segnet_cli.io.files import atomic_path
 from segnet_cli.io.images import read_image, to_model_input, write_mask_png
+from segnet_cli.jobs import Outcome, Run
 from segnet_cli.metrics import confusion, scores
 from segnet_cli.model.modelfile import ModelInfo, read_info
 from segnet_cli.pipeline import image_work, read_ahead, run_works
@@ -229,7 +227,7 @@ def run_eval(config: EvalConfig, progress=None, log: Callable[[str], None] | Non
         UsageError, NoInputError, ModelFileError: bad options, nothing to score, bad model.
     """
     log = log or (lambda _msg: None)
-    t0 = time.time()
+    run = Run(progress=progress, log=log)
     pred_dir = Path(config.pred) if config.pred is not None else None
     if pred_dir is not None and not pred_dir.is_dir():
         raise UsageError("predictions folder not found", pred_dir)
@@ -255,6 +253,8 @@ def run_eval(config: EvalConfig, progress=None, log: Callable[[str], None] | Non
     k = classes.num_classes
 
     items, failures = gather_items(config)
+    for f in failures:  # problems found while pairing (an image without a mask, ...)
+        run.fail(f["path"], f["error"], advance=False)
     if not items:
         raise NoInputError(
             "no ground-truth masks to score" + (f" ({len(failures)} problem(s))" if failures else "")
@@ -314,8 +314,10 @@ def run_eval(config: EvalConfig, progress=None, log: Callable[[str], None] | Non
     def failed(exc: SegnetError) -> None:
         # One file's problem; anything else (a bad tiling option, say) stops the run.
         failures.append({"path": str(exc.path) if exc.path else None, "error": exc.message})
-        if progress is not None:
-            progress.advance()
+        run.fail(exc.path, exc.message)
+
+    def scored(item: EvalItem) -> None:
+        run.emit(Outcome(str(item.image or item.mask), None, Status.DONE))
 
     def works():
         """Each readable item as a work of the pipeline (model mode)."""
@@ -344,8 +346,7 @@ def run_eval(config: EvalConfig, progress=None, log: Callable[[str], None] | Non
             except OutputError as exc:
                 failed(exc)
                 continue
-            if progress is not None:
-                progress.advance()
+            scored(item)
     else:
         for item, fut in read_ahead(read, items, READ_AHEAD, workers=READ_AHEAD):
             try:
@@ -354,8 +355,7 @@ def run_eval(config: EvalConfig, progress=None, log: Callable[[str], None] | Non
             except (ImageReadError, EvalFailure, OutputError) as exc:
                 failed(exc)
                 continue
-            if progress is not None:
-                progress.advance()
+            scored(item)
 
     ignore = classes.void if classes.void is not None and classes.void < k else None
     sc = scores(cm, ignore=ignore)
@@ -396,13 +396,7 @@ def run_eval(config: EvalConfig, progress=None, log: Callable[[str], None] | Non
             details["plot"] = str(config.plot)
         else:
             log(f"no plot written to {config.plot}: no image could be scored")
-    return Report(
-        return_code=EXIT_SOME_FAILED if failures else EXIT_OK,
-        done=len(per_image),
-        failed=len(failures),
-        seconds=time.time() - t0,
-        details=details,
-    )
+    return run.report(**details)
 
 
 def _check_save_masks(folder: Path, items: list[EvalItem]) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import resource
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
@@ -20,9 +19,8 @@ from pathlib import Path
 import numpy as np
 
 import segnet_cli.gigapixel.budget as budget
-from segnet_cli.config import TTA, Report, TileConfig, TilingConfig
+from segnet_cli.config import TTA, Report, Status, TileConfig, TilingConfig
 from segnet_cli.errors import (
-    EXIT_OK,
     ImageTooLargeError,
     Interrupted,
     LockedError,
@@ -33,7 +31,7 @@ from segnet_cli.gigapixel.budget import MemoryEstimate, MiB, estimate, fit_tilin
 from segnet_cli.io.files import file_digest, remove_dead_temporaries
 from segnet_cli.io.images import match_channels, pixel_limit
 from segnet_cli.io.tiff import SourceInfo, inspect_source, needs_bigtiff, read_description
-from segnet_cli.jobs import Claim, Provenance, SignalGuard, settings_key
+from segnet_cli.jobs import Claim, Outcome, Provenance, Run, SignalGuard, settings_key
 from segnet_cli.model.modelfile import ModelInfo, model_fingerprint, read_info, resolve_model_path
 from segnet_cli.model.network import Architecture
 from segnet_cli.tiling import TileGrid
@@ -298,11 +296,11 @@ def run_planned(
     Returns:
         The report (see ``run_tile``).
     """
-    t0 = time.perf_counter()
+    run = Run(log=log)
     plan = plan_tile(config)
     details: dict = {"plan": plan.as_dict(), "output": str(plan.output)}
     if config.plan_only:
-        return Report(return_code=EXIT_OK, seconds=time.perf_counter() - t0, details=details)
+        return run.report(**details)
     out = plan.output
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -327,21 +325,21 @@ def run_planned(
             )
             if not config.overwrite and up_to_date(plan, prov):
                 details["reason"] = "up to date"
-                return Report(skipped=1, seconds=time.perf_counter() - t0, details=details)
+                run.skip(plan.source.path, out, "up to date", advance=False)
+                return run.report(**details)
             guard.check()
             stats = stream(plan, config, prov, guard, progress, log)
     except Interrupted as exc:
-        if log and interrupted_note:
-            log(interrupted_note)
-        details["interrupted"] = exc.signum
-        return Report(
-            return_code=exc.exit_code, seconds=time.perf_counter() - t0, details=details
-        )
+        if interrupted_note:
+            run.log(interrupted_note)
+        run.interrupted = exc.signum
+        return run.report(**details)
     finally:
         claim.release()
     details.update(stats)
     details["peak_rss_bytes"] = peak_rss()
-    return Report(done=1, seconds=time.perf_counter() - t0, details=details)
+    run.emit(Outcome(str(plan.source.path), str(out), Status.DONE, run.timer()), advance=False)
+    return run.report(**details)
 
 
 def peak_rss() -> int:
