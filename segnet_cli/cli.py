@@ -219,21 +219,16 @@ def train(
         "crop": _parse_pair(crop, "--crop") if crop else None,
         "scale": _parse_pair(scale, "--scale", float) if scale else None,
     }
-    if images is None and not resume:
-        ui.error("give the training images folder (it is optional only with --resume)")
-        raise typer.Exit(EXIT_USAGE)
-    cfg = TrainConfig(
-        images=images,
-        rgb_masks=rgb_masks,
-        resume=resume,
-        **{k: v for k, v in given.items() if v is not None},
-    )
-    if cfg.val_images is not None and cfg.val_masks is None:
-        guess = cfg.val_images.parent / f"{cfg.val_images.name}annot"
+    given = {k: v for k, v in given.items() if v is not None}
+    if val is not None and val_masks is None:
+        guess = val.parent / f"{val.name}annot"
         if guess.is_dir():
-            from dataclasses import replace
-
-            cfg = replace(cfg, val_masks=guess)
+            given["val_masks"] = guess
+    try:
+        # Every value is checked here, before any data is read.
+        cfg = TrainConfig(images=images, rgb_masks=rgb_masks, resume=resume, **given)
+    except SegnetError as exc:
+        raise _fail(exc) from None
     _quiet_tf()
     from segnet_cli.train import run_train
 

@@ -267,3 +267,38 @@ def test_sigterm_mid_run_leaves_a_resumable_checkpoint(data, tmp_path):
     assert [h["epoch"] for h in state["history"]] == list(range(1, done + 2))
     assert state["epochs"] == done + 1 and state["schedule_epochs"] == 500
     assert int(checkpoint_optimizer(out / CHECKPOINT).iterations.numpy()) == (done + 1) * 3
+
+
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["-b", "0"], "--batch-size"),
+        (["--val-every", "0"], "--val-every"),
+        (["--crop", "0"], "--crop"),
+        (["--crop", "31x-2"], "--crop"),
+        (["--workers", "-3"], "--workers"),
+        (["--epochs", "0"], "--epochs"),
+        (["--lr", "0"], "--lr"),
+        (["--lr", "-0.001"], "--lr"),
+        (["--lr", "nan"], "--lr"),
+        (["--scale", "1.25,0.75"], "--scale"),
+        (["--scale", "0,1"], "--scale"),
+        (["--stages", "6"], "--stages"),
+        (["--stages", "0"], "--stages"),
+        (["--width", "0"], "--width"),
+        (["--width", "-0.5"], "--width"),
+        (["--precision", "int8"], "--precision"),
+    ],
+)
+def test_bad_options_are_refused_before_any_data_is_read(tmp_path, args, option):
+    out = tmp_path / "run"
+    # The images folder does not exist: a check that ran after reading data would say so.
+    r = runner.invoke(app, ["train", str(tmp_path / "no-such-images"), "--out", str(out), *args])
+    assert r.exit_code == 2, r.output
+    assert option in r.stderr and "not found" not in r.stderr
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+    assert not out.exists()
+    # The library refuses the same values: the check is in TrainConfig itself.
+    with pytest.raises(UsageError, match="must"):
+        TrainConfig(images=tmp_path, batch_size=0)
+
