@@ -29,10 +29,13 @@ import io
 import json
 import math
 import os
+import shutil
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
+from enum import Enum
 from pathlib import Path
 
+import keras
 import numpy as np
 
 from segnet_cli.classes import ClassTable, load_classes
@@ -41,6 +44,7 @@ from segnet_cli.dataset import Pair, find_pairs, load_mask, require_ok, verify
 from segnet_cli.errors import LockedError, ModelFileError, UsageError
 from segnet_cli.imageio import atomic_path, read_image, to_model_input
 from segnet_cli.metrics import confusion, scores
+from segnet_cli.model import Architecture, build_segnet, count_params, save_model
 from segnet_cli.modelfile import InputScaling, ModelInfo, read_info
 
 #: Epochs of a new run when ``TrainConfig.epochs`` is not given.
@@ -53,12 +57,8 @@ FINAL = "model.keras"
 
 
 def _set_precision(precision: str) -> None:
-    import keras
-
     from segnet_cli.model import POLICIES
 
-    if precision not in POLICIES:
-        raise UsageError(f"precision must be one of {', '.join(POLICIES)}")
     keras.mixed_precision.set_global_policy(POLICIES[precision])
 
 
@@ -241,10 +241,6 @@ def evaluate_arrays(model, items, k: int, void: int | None, batch: int = 4) -> n
 
 def _export_copy(model, arch_kwargs, mean, std):
     """A float32, optimizer-free copy of ``model`` for shipping and prediction."""
-    import keras
-
-    from segnet_cli.model import Architecture, build_segnet
-
     policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")
     try:
@@ -279,8 +275,12 @@ def _run_lock(out: Path):
 
     Raises:
         LockedError: another live ``segnet train`` holds the folder.
+        UsageError: nothing can be written in the folder (read-only, no permission).
     """
-    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise UsageError(f"cannot write in the run folder (--out): {exc.strerror or exc}", out) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -326,11 +326,14 @@ def run_train(config: TrainConfig, progress=None, log=print) -> Report:
         LockedError: another trainer is using the run folder.
     """
     out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError("--out names a file; give a run folder", out)
     if config.resume and not (out / CHECKPOINT).exists():
         raise UsageError("nothing to resume: no checkpoint.keras in the run folder", out)
-    if not config.resume and config.images is None:
-        raise UsageError("give the training IMAGES folder (or --resume a run)")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the run folder (--out): {exc.strerror or exc}", out) from None
     with _run_lock(out):
         _remove_stale_temporaries(out)
         return _train(config, progress, log)
@@ -339,42 +342,106 @@ def run_train(config: TrainConfig, progress=None, log=print) -> Report:
 def _train(config: TrainConfig, progress, log) -> Report:
     t0 = time.time()
     out = Path(config.out)
-    ckpt = out / CHECKPOINT
-    state: dict = {}
-    if config.resume:
-        state = read_info(ckpt).training
-        saved = state.get("config", {})
-        # The run's settings come from the checkpoint, so it goes on exactly as it began.
-        fields = {k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}
-        for key in ("images", "masks", "val_images", "val_masks", "out"):
-            if fields.get(key) is not None:
-                fields[key] = Path(fields[key])
-        for key in ("crop", "scale"):
-            if key in fields:
-                fields[key] = tuple(fields[key])
-        # Where the run is, how long to run and how many threads to use are about this
-        # invocation, not the run: the folder may have moved, the machine may differ.
-        # ``epochs`` given with --resume is the new total; not given, the run's own.
-        config = replace(
-            TrainConfig(**fields),
-            out=out,
-            epochs=config.epochs if config.epochs is not None else int(saved.get("epochs", 0)),
-            resume=True,
-            max_minutes=config.max_minutes,
-            workers=config.workers,
-        )
-    elif ckpt.exists():
-        raise UsageError(
-            "run folder already has a checkpoint: pass --resume to continue it, or another --out",
-            out,
-        )
-    if config.epochs is None:
-        config = replace(config, epochs=DEFAULT_EPOCHS)
-    if config.epochs < 1:
-        raise UsageError("--epochs must be at least 1")
+    config, state = _settings(config, out)
+    data = _load_data(config, state, log)
+    _set_precision(config.precision)
+    keras.utils.set_random_seed(config.seed + int(state.get("epoch", 0)))
+    steps = len(data.pairs) // config.batch_size
+    model = _build_model(config, state, data, steps, log)
+    run = _Run(
+        config=config,
+        out=out,
+        data=data,
+        arch=dict(
+            width=config.width,
+            stages=config.stages,
+            in_channels=data.channels,
+            num_classes=data.classes.num_classes,
+        ),
+        params=count_params(model),
+        planned=_planned_epochs(state) or config.epochs,
+        history=list(state.get("history", [])),
+        best=float(state.get("best_miou", -1.0)),
+        seconds=float(state.get("seconds", 0.0)),
+        t0=t0,
+    )
+    start_epoch = int(state.get("epoch", 0))
+    epoch_end = EpochEnd(run, progress, log)
+    if start_epoch >= config.epochs:
+        log(f"already trained {start_epoch} of {config.epochs} epochs: nothing to do")
+    else:
+        _fit(model, run, steps, start_epoch, epoch_end, progress, log)
+    final_state = _final_model(model, run)
+    return Report(
+        return_code=0,
+        done=len(run.history) - len(state.get("history", [])),
+        seconds=time.time() - t0,
+        details={
+            "out": str(out),
+            "model": str(out / FINAL),
+            "best_val_miou": run.best if run.best >= 0 else None,
+            "epochs": int(final_state.get("epoch", start_epoch)),
+            "stopped_early": epoch_end.stop_reason,
+        },
+    )
 
+
+def _settings(config: TrainConfig, out: Path) -> tuple[TrainConfig, dict]:
+    """The settings this invocation trains with, and the saved state of a resumed run.
+
+    A new run takes ``config`` as it is (60 epochs unless given). ``--resume`` takes the
+    run's settings from its checkpoint, so it goes on exactly as it began; only the fields
+    about this invocation (``TrainConfig.PER_INVOCATION``) come from ``config``.
+
+    Raises:
+        UsageError: a new run in a folder that already holds a run.
+    """
+    ckpt = out / CHECKPOINT
+    if not config.resume:
+        if ckpt.exists():
+            raise UsageError(
+                "run folder already has a checkpoint: pass --resume to continue it, or another --out",
+                out,
+            )
+        return replace(config, epochs=config.epochs or DEFAULT_EPOCHS), {}
+    state = read_info(ckpt).training
+    saved = state.get("config", {})
+    fields = {k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}
+    # Where the run is, how long to run and how many threads to use are about this
+    # invocation, not the run: the folder may have moved, the machine may differ.
+    # ``epochs`` given with --resume is the new total; not given, the run's own.
+    resumed = replace(
+        TrainConfig(**fields),
+        out=out,
+        epochs=config.epochs if config.epochs is not None else int(saved.get("epochs", 0)),
+        resume=True,
+        max_minutes=config.max_minutes,
+        workers=config.workers,
+    )
+    return resumed, state
+
+
+@dataclass
+class _Data:
+    """The run's data, read and checked: everything that does not depend on the model."""
+
+    classes: ClassTable
+    pairs: list[Pair]
+    channels: int
+    weights: np.ndarray
+    mean: list[float]
+    std: list[float]
+    val_items: list[tuple[np.ndarray, np.ndarray]]
+
+
+def _load_data(config: TrainConfig, state: dict, log) -> _Data:
+    """Find and verify the training and validation pairs; class weights and input scaling.
+
+    Raises:
+        DatasetError: the data has problems (every one is listed).
+        UsageError: inconsistent channels, fewer pairs than a batch, bad class weights.
+    """
     classes = load_classes(config.classes, config.void)
-    k = classes.num_classes
     pairs, problems = find_pairs(config.images, config.masks)
     log(f"verifying {len(pairs)} training pairs ...")
     report = verify(pairs, classes, problems, config.rgb_masks, config.weight_power)
@@ -387,69 +454,14 @@ def _train(config: TrainConfig, progress, log) -> Report:
         require_ok(vreport)
         if vreport.channels != report.channels:
             raise UsageError("validation images have other channels than training images")
-    weights = load_class_weights(config.class_weights, report.weights, k)
+    weights = load_class_weights(config.class_weights, report.weights, classes.num_classes)
     log("class weights: " + ", ".join(f"{n}={w:.3f}" for n, w in zip(classes.names, weights)))
-
-    _set_precision(config.precision)
-    import keras
-
-    from segnet_cli.model import Architecture, build_segnet, count_params, save_model
-
-    keras.utils.set_random_seed(config.seed + int(state.get("epoch", 0)))
-    arch_kwargs = dict(
-        width=config.width, stages=config.stages, in_channels=channels, num_classes=k
-    )
-    arch = Architecture(**arch_kwargs)
+    if len(pairs) < config.batch_size:
+        raise UsageError(f"{len(pairs)} training pairs are fewer than the batch size")
     if config.resume:
         mean, std = state["mean"], state["std"]
     else:
         mean, std = channel_stats(pairs, channels)
-    steps = max(1, len(pairs) // config.batch_size)
-    if len(pairs) < config.batch_size:
-        raise UsageError(f"{len(pairs)} training pairs are fewer than the batch size")
-
-    # The epochs the learning-rate schedule was built for (it lives in the optimizer).
-    planned = int(
-        state.get("schedule_epochs") or state.get("config", {}).get("epochs") or config.epochs
-    )
-    scope = _strategy_scope()
-    scope.__enter__()
-    if config.resume:
-        import segnet_cli.layers  # noqa: F401
-
-        try:
-            model = keras.saving.load_model(str(ckpt), compile=True, safe_mode=True)
-        except Exception as exc:  # Keras raises many types for a broken archive
-            raise ModelFileError(f"cannot load the checkpoint: {exc}", ckpt) from None
-        log(f"resuming after epoch {state['epoch']} (optimizer step {int(model.optimizer.iterations.numpy())})")
-        if config.epochs > planned > 0:
-            # The schedule is part of the optimizer state; rebuilding it would jump the rate.
-            log(
-                f"the learning-rate schedule was planned for {planned} epochs; "
-                f"epochs {planned + 1}-{config.epochs} run at its final rate"
-            )
-    else:
-        model = build_segnet(arch, mean, std)
-        total = steps * config.epochs
-        warm = min(steps * config.warmup_epochs, max(total - 1, 0))
-        schedule = keras.optimizers.schedules.CosineDecay(
-            initial_learning_rate=config.learning_rate / 10 if warm else config.learning_rate,
-            decay_steps=max(total - warm, 1),
-            alpha=0.01,
-            warmup_target=config.learning_rate if warm else None,
-            warmup_steps=warm,
-        )
-        model.compile(
-            optimizer=keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        )
-    scope.__exit__(None, None, None)
-    params = count_params(model)
-    history: list[dict] = list(state.get("history", []))
-    best = float(state.get("best_miou", -1.0))
-    start_epoch = int(state.get("epoch", 0))
-    spent = float(state.get("seconds", 0.0))
-
     val_items = [
         (
             to_model_input(read_image(p.image), channels, p.image),
@@ -457,145 +469,254 @@ def _train(config: TrainConfig, progress, log) -> Report:
         )
         for p in val_pairs
     ]
-    train_ds = make_dataset(pairs, classes, channels, weights, config, start_epoch)
+    return _Data(classes, pairs, channels, weights, mean, std, val_items)
 
-    def info_for(training: dict) -> ModelInfo:
+
+def _build_model(config: TrainConfig, state: dict, data: _Data, steps: int, log):
+    """The compiled model to train: the checkpoint's (``--resume``) or a new one.
+
+    Raises:
+        ModelFileError: the checkpoint cannot be loaded.
+    """
+    with _strategy_scope():
+        if config.resume:
+            return _load_checkpoint(config, state, log)
+        arch = Architecture(
+            width=config.width,
+            stages=config.stages,
+            in_channels=data.channels,
+            num_classes=data.classes.num_classes,
+        )
+        model = build_segnet(arch, data.mean, data.std)
+        model.compile(optimizer=_optimizer(config, steps), loss=_loss(config))
+        return model
+
+
+def _load_checkpoint(config: TrainConfig, state: dict, log):
+    """The checkpoint's model with its optimizer state (the schedule continues from its step)."""
+    import segnet_cli.layers  # noqa: F401  (registers the custom layers)
+
+    ckpt = Path(config.out) / CHECKPOINT
+    try:
+        model = keras.saving.load_model(str(ckpt), compile=True, safe_mode=True)
+    except Exception as exc:  # Keras raises many types for a broken archive
+        raise ModelFileError(f"cannot load the checkpoint: {exc}", ckpt) from None
+    step = int(model.optimizer.iterations.numpy())
+    log(f"resuming after epoch {state['epoch']} (optimizer step {step})")
+    planned = _planned_epochs(state)
+    if config.epochs > planned > 0:
+        # The schedule is part of the optimizer state; rebuilding it would jump the rate.
+        log(
+            f"the learning-rate schedule was planned for {planned} epochs; "
+            f"epochs {planned + 1}-{config.epochs} run at its final rate"
+        )
+    return model
+
+
+def _planned_epochs(state: dict) -> int:
+    """The epochs a run's learning-rate schedule was built for (0 for a new run).
+
+    The schedule lives in the optimizer, so a resumed run keeps it, whatever --epochs says.
+    """
+    return int(state.get("schedule_epochs") or state.get("config", {}).get("epochs") or 0)
+
+
+def _optimizer(config: TrainConfig, steps: int):
+    """AdamW with a linear warm-up and a cosine decay over the whole run."""
+    total = steps * config.epochs
+    warm = min(steps * config.warmup_epochs, max(total - 1, 0))
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=config.learning_rate / 10 if warm else config.learning_rate,
+        decay_steps=max(total - warm, 1),
+        alpha=0.01,
+        warmup_target=config.learning_rate if warm else None,
+        warmup_steps=warm,
+    )
+    return keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
+
+
+def _loss(config: TrainConfig):
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+@dataclass
+class _Run:
+    """One invocation's settings and the run's record so far (``EpochEnd`` updates it)."""
+
+    config: TrainConfig
+    out: Path
+    data: _Data
+    arch: dict  # Architecture fields, also recorded in the model files
+    params: int
+    planned: int  # epochs the learning-rate schedule was built for
+    history: list[dict]
+    best: float  # best validation mIoU so far, -1 before any
+    seconds: float  # training time of every invocation of the run
+    t0: float  # this invocation's start (time.time())
+
+    def training_state(self, epoch: int) -> dict:
+        """What the model files record about the run after ``epoch`` (``--resume`` reads it)."""
+        return {
+            "epoch": epoch,
+            "epochs": self.config.epochs,
+            "schedule_epochs": self.planned,
+            "history": self.history,
+            "best_miou": self.best,
+            "seconds": round(self.seconds, 1),
+            "mean": self.data.mean,
+            "std": self.data.std,
+            "config": _config_json(self.config),
+            "class_weights": [float(w) for w in self.data.weights],
+        }
+
+    def model_info(self, training: dict) -> ModelInfo:
+        arch = Architecture(**self.arch)
         return ModelInfo(
-            class_names=classes.names,
-            palette=classes.palette(),
-            in_channels=channels,
-            scaling=InputScaling(mean=tuple(mean), std=tuple(std)),
+            class_names=self.data.classes.names,
+            palette=self.data.classes.palette(),
+            in_channels=self.data.channels,
+            scaling=InputScaling(mean=tuple(self.data.mean), std=tuple(self.data.std)),
             stride=arch.stride,
             receptive_field=arch.receptive_field,
-            architecture={**arch_kwargs, "params": params, "decoder": "argmax-unpooling"},
+            architecture={**self.arch, "params": self.params, "decoder": "argmax-unpooling"},
             training=training,
-            void_class=classes.void,
+            void_class=self.data.classes.void,
         )
 
-    # Absolute paths, so that --resume works from any working directory.
-    config_json = {
-        k_: (str(v.absolute()) if isinstance(v, Path) else v) for k_, v in asdict(config).items()
-    }
+    def export_copy(self, model):
+        """A float32, optimizer-free copy of ``model`` for shipping and prediction."""
+        return _export_copy(model, self.arch, self.data.mean, self.data.std)
 
-    class EpochEnd(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.epoch_start = time.time()
-            self.losses: list[float] = []
-            self.stop_reason = None
 
-        def on_epoch_begin(self, epoch, logs=None):
-            self.epoch_start = time.time()
-            self.losses = []
+def _config_json(config: TrainConfig) -> dict:
+    """``config`` as the checkpoint records it; absolute paths, so --resume works from anywhere."""
+    out = {}
+    for key, value in asdict(config).items():
+        if key == "given":
+            continue  # about one invocation's command line, not the run
+        if isinstance(value, Path):
+            value = str(value.absolute())
+        elif isinstance(value, Enum):
+            value = value.value
+        out[key] = value
+    return out
 
-        def on_train_batch_end(self, batch, logs=None):
-            loss = float((logs or {}).get("loss", float("nan")))
-            self.losses.append(loss)
-            if progress is not None:
-                progress.step(loss)
 
-        def on_epoch_end(self, epoch, logs=None):
-            nonlocal best, spent
-            ep = epoch + 1
-            row = {"epoch": ep, "loss": round(float((logs or {}).get("loss", float("nan"))), 5)}
-            # Keras 3's ``learning_rate`` is the schedule's value at the current step.
-            row["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-            is_best = False
-            if val_items and (ep % config.val_every == 0 or ep == config.epochs):
-                cm = evaluate_arrays(self.model, val_items, k, classes.void)
-                in_range_void = classes.void if classes.void is not None and classes.void < k else None
-                sc = scores(cm, ignore=in_range_void)
-                row.update(
-                    val_miou=round(sc.mean_iou, 5),
-                    val_g=round(sc.global_accuracy, 5),
-                    val_c=round(sc.class_accuracy, 5),
-                )
-                row["val_iou"] = [None if math.isnan(v) else round(v, 4) for v in sc.per_class_iou]
-                if sc.mean_iou > best:
-                    best, is_best = sc.mean_iou, True
-            spent += time.time() - self.epoch_start
-            row["seconds"] = round(time.time() - self.epoch_start, 1)
-            history.append(row)
-            training = {
-                "epoch": ep,
-                "epochs": config.epochs,
-                "schedule_epochs": planned,
-                "history": history,
-                "best_miou": best,
-                "seconds": round(spent, 1),
-                "mean": mean,
-                "std": std,
-                "config": config_json,
-                "class_weights": [float(w) for w in weights],
-            }
-            # Best first, checkpoint last: a kill between them loses at most the epoch.
-            if is_best:
-                save_model(_export_copy(self.model, arch_kwargs, mean, std), info_for(training), out / BEST)
-            save_model(self.model, info_for(training), ckpt)
-            _write_history(out, history)
-            msg = f"epoch {ep}/{config.epochs} loss {row['loss']:.4f}"
-            if "val_miou" in row:
-                msg += (
-                    f"  val mIoU {row['val_miou'] * 100:.1f}  G {row['val_g'] * 100:.1f}"
-                    f"  C {row['val_c'] * 100:.1f}" + ("  (best)" if is_best else "")
-                )
-            log(msg + f"  [{row['seconds']:.0f}s]")
-            if config.max_minutes is not None and (time.time() - t0) / 60 > config.max_minutes:
-                self.stop_reason = f"time budget of {config.max_minutes:g} min reached"
-                self.model.stop_training = True
+class EpochEnd(keras.callbacks.Callback):
+    """After each epoch: validate, record the history, save best model and checkpoint.
 
-    cb = EpochEnd()
-    if start_epoch >= config.epochs:
-        log(f"already trained {start_epoch} of {config.epochs} epochs: nothing to do")
-    else:
-        log(
-            f"training SegNet ({params:,} parameters, width {config.width}, {config.stages} "
-            f"stages) on {len(pairs)} pairs, {steps} steps/epoch, epochs {start_epoch + 1}-"
-            f"{config.epochs}, {config.precision}"
+    Also feeds the progress bar per step and stops the run when its time budget is spent.
+    """
+
+    def __init__(self, run: _Run, progress=None, log=print) -> None:
+        super().__init__()
+        self.run = run
+        self.progress = progress
+        self.log = log
+        self.epoch_start = time.time()
+        self.stop_reason: str | None = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start = time.time()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.progress is not None:
+            self.progress.step(float((logs or {}).get("loss", float("nan"))))
+
+    def on_epoch_end(self, epoch, logs=None):
+        run, config = self.run, self.run.config
+        ep = epoch + 1
+        row = {"epoch": ep, "loss": round(float((logs or {}).get("loss", float("nan"))), 5)}
+        # Keras 3's ``learning_rate`` is the schedule's value at the current step.
+        row["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        is_best = False
+        if run.data.val_items and (ep % config.val_every == 0 or ep == config.epochs):
+            miou, figures = self._validate()
+            row.update(figures)
+            if miou > run.best:
+                run.best, is_best = miou, True
+        elapsed = time.time() - self.epoch_start
+        run.seconds += elapsed
+        row["seconds"] = round(elapsed, 1)
+        run.history.append(row)
+        info = run.model_info(run.training_state(ep))
+        # Best first, checkpoint last: a kill between them loses at most the epoch.
+        if is_best:
+            save_model(run.export_copy(self.model), info, run.out / BEST)
+        save_model(self.model, info, run.out / CHECKPOINT)
+        _write_history(run.out, run.history)
+        self.log(_epoch_line(row, config.epochs, is_best))
+        if config.max_minutes is not None and (time.time() - run.t0) / 60 > config.max_minutes:
+            self.stop_reason = f"time budget of {config.max_minutes:g} min reached"
+            self.model.stop_training = True
+
+    def _validate(self) -> tuple[float, dict]:
+        """The validation mIoU and the figures the history records (rounded)."""
+        data = self.run.data
+        k, void = data.classes.num_classes, data.classes.void
+        cm = evaluate_arrays(self.model, data.val_items, k, void)
+        sc = scores(cm, ignore=void if void is not None and void < k else None)
+        return sc.mean_iou, {
+            "val_miou": round(sc.mean_iou, 5),
+            "val_g": round(sc.global_accuracy, 5),
+            "val_c": round(sc.class_accuracy, 5),
+            "val_iou": [None if math.isnan(v) else round(v, 4) for v in sc.per_class_iou],
+        }
+
+
+def _epoch_line(row: dict, epochs: int, is_best: bool) -> str:
+    msg = f"epoch {row['epoch']}/{epochs} loss {row['loss']:.4f}"
+    if "val_miou" in row:
+        msg += (
+            f"  val mIoU {row['val_miou'] * 100:.1f}  G {row['val_g'] * 100:.1f}"
+            f"  C {row['val_c'] * 100:.1f}" + ("  (best)" if is_best else "")
         )
-        if progress is not None:
-            progress.start(steps * config.epochs, steps * start_epoch)
-        try:
-            model.fit(
-                train_ds,
-                epochs=config.epochs,
-                initial_epoch=start_epoch,
-                steps_per_epoch=steps,
-                callbacks=[cb],
-                shuffle=False,  # the dataset shuffles itself
-                verbose=0,
-            )
-        finally:
-            if progress is not None:
-                progress.stop()
-        if cb.stop_reason:
-            log(f"stopped early: {cb.stop_reason}; continue with --resume")
+    return msg + f"  [{row['seconds']:.0f}s]"
 
-    # The final model: best on validation if there was one, else the last epoch.
-    final_state = read_info(ckpt).training if ckpt.exists() else {}
-    if (out / BEST).exists():
-        best_info = read_info(out / BEST)
-        import shutil
 
-        with atomic_path(out / FINAL) as tmp:
-            shutil.copyfile(out / BEST, tmp)
-        del best_info
-    elif ckpt.exists():
-        save_model(
-            _export_copy(model, arch_kwargs, mean, std), info_for(final_state), out / FINAL
-        )
-    return Report(
-        return_code=0,
-        done=len(history) - len(state.get("history", [])),
-        seconds=time.time() - t0,
-        details={
-            "out": str(out),
-            "model": str(out / FINAL),
-            "best_val_miou": best if best >= 0 else None,
-            "epochs": int(final_state.get("epoch", start_epoch)),
-            "stopped_early": cb.stop_reason,
-        },
+def _fit(model, run: _Run, steps: int, start_epoch: int, epoch_end: EpochEnd, progress, log):
+    """Train from ``start_epoch`` to ``run.config.epochs``; ``epoch_end`` saves each epoch."""
+    config = run.config
+    log(
+        f"training SegNet ({run.params:,} parameters, width {config.width}, {config.stages} "
+        f"stages) on {len(run.data.pairs)} pairs, {steps} steps/epoch, epochs {start_epoch + 1}-"
+        f"{config.epochs}, {config.precision}"
     )
+    data = run.data
+    train_ds = make_dataset(data.pairs, data.classes, data.channels, data.weights, config, start_epoch)
+    if progress is not None:
+        progress.start(steps * config.epochs, steps * start_epoch)
+    try:
+        model.fit(
+            train_ds,
+            epochs=config.epochs,
+            initial_epoch=start_epoch,
+            steps_per_epoch=steps,
+            callbacks=[epoch_end],
+            shuffle=False,  # the dataset shuffles itself
+            verbose=0,
+        )
+    finally:
+        if progress is not None:
+            progress.stop()
+    if epoch_end.stop_reason:
+        log(f"stopped early: {epoch_end.stop_reason}; continue with --resume")
+
+
+def _final_model(model, run: _Run) -> dict:
+    """Write ``model.keras``: the best on validation if there was one, else the last epoch.
+
+    Returns:
+        The training state of the last finished epoch (empty before any).
+    """
+    ckpt = run.out / CHECKPOINT
+    final_state = read_info(ckpt).training if ckpt.exists() else {}
+    if (run.out / BEST).exists():
+        with atomic_path(run.out / FINAL) as tmp:
+            shutil.copyfile(run.out / BEST, tmp)
+    elif ckpt.exists():
+        save_model(run.export_copy(model), run.model_info(final_state), run.out / FINAL)
+    return final_state
 
 
 def _strategy_scope():

@@ -302,3 +302,22 @@ def test_bad_options_are_refused_before_any_data_is_read(tmp_path, args, option)
     with pytest.raises(UsageError, match="must"):
         TrainConfig(images=tmp_path, batch_size=0)
 
+
+def test_out_must_be_a_folder_that_can_be_written(data, tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    cases = [
+        (a_file, "names a file"),
+        (a_file / "run", "cannot create the run folder"),  # its parent is a file
+    ]
+    if Path("/sys/kernel").is_dir():  # sysfs: no folder can be made, nothing written
+        cases += [
+            (Path("/sys/segnet-test-run"), "cannot create the run folder"),
+            (Path("/sys/kernel"), "cannot write in the run folder"),
+        ]
+    for out, reason in cases:
+        r = runner.invoke(app, ["train", str(data / "train"), "--classes", "3", "--out", str(out)])
+        assert r.exit_code == 2, (out, r.output)
+        assert reason in r.stderr and str(out) in r.stderr
+        assert r.exception is None or isinstance(r.exception, SystemExit)
+    assert a_file.read_text() == "not a folder"
