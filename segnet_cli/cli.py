@@ -237,10 +237,21 @@ def train(
             report = run_train(cfg, progress=bar, log=ui.info)
     except SegnetError as exc:
         raise _fail(exc) from None
-    except KeyboardInterrupt:
-        ui.error("interrupted: the last finished epoch is in the checkpoint; continue with --resume")
+    except KeyboardInterrupt:  # before the run's own signal handling is in place
+        ui.error("interrupted before training started")
         raise typer.Exit(130) from None
     d = report.details
+    if d.get("interrupted"):
+        import signal
+
+        ui.summary(
+            f"interrupted by {signal.Signals(d['interrupted']).name}: nothing half-written; "
+            f"{d['out']}/checkpoint.keras holds epoch {d['epochs']}; continue with --resume"
+            if d["epochs"]
+            else f"interrupted by {signal.Signals(d['interrupted']).name} before the first "
+            "epoch ended: nothing written"
+        )
+        raise typer.Exit(report.return_code)
     best = d.get("best_val_miou")
     ui.info(
         f"model: {d['model']}  (epochs {d['epochs']}"

@@ -13,8 +13,9 @@ Files in the run folder (``--out``):
 * ``model.keras``: the final model (best on validation if there was one, else the last).
 * ``history.csv`` / ``history.json``: loss, validation mIoU, G and C per epoch.
 
-Every file is written atomically, so a kill at any moment (SIGTERM, SIGKILL, Ctrl-C) leaves
-the previous epoch's files. The data stream is a pure function of the seed and the epoch
+Every file is written atomically, so a kill at any moment (even SIGKILL) leaves the previous
+epoch's files. SIGINT and SIGTERM stop a run cleanly (exit 130/143): the step under way and
+any save under way finish, the cut-short epoch is not saved, nothing else is written. The data stream is a pure function of the seed and the epoch
 (``epoch_plan``: order and per-crop stateless augmentation seeds), so a resumed run trains on
 exactly the crops the uninterrupted run would have seen and reaches the same weights. A
 ``flock`` on the folder keeps two trainers from sharing one run.
@@ -38,10 +39,11 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from segnet_cli.batch import SignalGuard
 from segnet_cli.classes import ClassTable, load_classes
 from segnet_cli.config import Report, TrainConfig
 from segnet_cli.dataset import Pair, find_pairs, load_mask, require_ok, verify
-from segnet_cli.errors import LockedError, ModelFileError, UsageError
+from segnet_cli.errors import Interrupted, LockedError, ModelFileError, UsageError
 from segnet_cli.imageio import atomic_path, read_image, to_model_input
 from segnet_cli.metrics import confusion, scores
 from segnet_cli.model import Architecture, build_segnet, count_params, save_model
@@ -321,10 +323,15 @@ def run_train(config: TrainConfig, progress=None, log=print) -> Report:
             ``step(loss)`` and ``stop()`` (the CLI passes a rich bar).
         log: where one-line human messages go.
 
+    SIGINT and SIGTERM stop the run cleanly: the step running finishes, a save under way
+    completes, nothing more is written, and the report's ``return_code`` is 130 or 143 with
+    ``details["interrupted"]`` the signal; the checkpoint holds the last finished epoch.
+
     Raises:
         UsageError, DatasetError: bad options or a dataset with problems.
         LockedError: another trainer is using the run folder.
     """
+    t0 = time.time()
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise UsageError("--out names a file; give a run folder", out)
@@ -334,16 +341,29 @@ def run_train(config: TrainConfig, progress=None, log=print) -> Report:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create the run folder (--out): {exc.strerror or exc}", out) from None
-    with _run_lock(out):
+    with _run_lock(out), SignalGuard() as guard:
         _remove_stale_temporaries(out)
-        return _train(config, progress, log)
+        try:
+            return _train(config, guard, progress, log)
+        except Interrupted as exc:
+            ckpt = out / CHECKPOINT
+            return Report(
+                return_code=exc.exit_code,
+                seconds=time.time() - t0,
+                details={
+                    "out": str(out),
+                    "model": None,
+                    "interrupted": exc.signum,
+                    "epochs": int(read_info(ckpt).training.get("epoch", 0)) if ckpt.exists() else 0,
+                },
+            )
 
 
-def _train(config: TrainConfig, progress, log) -> Report:
+def _train(config: TrainConfig, guard: SignalGuard, progress, log) -> Report:
     t0 = time.time()
     out = Path(config.out)
     config, state = _settings(config, out)
-    data = _load_data(config, state, log)
+    data = _load_data(config, state, guard, log)
     _set_precision(config.precision)
     keras.utils.set_random_seed(config.seed + int(state.get("epoch", 0)))
     steps = len(data.pairs) // config.batch_size
@@ -366,11 +386,13 @@ def _train(config: TrainConfig, progress, log) -> Report:
         t0=t0,
     )
     start_epoch = int(state.get("epoch", 0))
-    epoch_end = EpochEnd(run, progress, log)
+    epoch_end = EpochEnd(run, guard, progress, log)
     if start_epoch >= config.epochs:
         log(f"already trained {start_epoch} of {config.epochs} epochs: nothing to do")
     else:
+        guard.check()
         _fit(model, run, steps, start_epoch, epoch_end, progress, log)
+        guard.check()  # a signal stopped fit: no final model from a cut-short run
     final_state = _final_model(model, run)
     return Report(
         return_code=0,
@@ -434,23 +456,29 @@ class _Data:
     val_items: list[tuple[np.ndarray, np.ndarray]]
 
 
-def _load_data(config: TrainConfig, state: dict, log) -> _Data:
+def _load_data(config: TrainConfig, state: dict, guard: SignalGuard, log) -> _Data:
     """Find and verify the training and validation pairs; class weights and input scaling.
 
     Raises:
+        Interrupted: a signal came while the pairs were verified.
         DatasetError: the data has problems (every one is listed).
         UsageError: inconsistent channels, fewer pairs than a batch, bad class weights.
     """
     classes = load_classes(config.classes, config.void)
     pairs, problems = find_pairs(config.images, config.masks)
     log(f"verifying {len(pairs)} training pairs ...")
-    report = verify(pairs, classes, problems, config.rgb_masks, config.weight_power)
+    # Verifying a large dataset takes minutes: a signal is answered between pairs.
+    report = verify(
+        pairs, classes, problems, config.rgb_masks, config.weight_power, lambda *_: guard.check()
+    )
     require_ok(report)
     channels = next(iter(report.channels))
     val_pairs: list[Pair] = []
     if config.val_images is not None:
         val_pairs, vproblems = find_pairs(config.val_images, config.val_masks)
-        vreport = verify(val_pairs, classes, vproblems, config.rgb_masks)
+        vreport = verify(
+            val_pairs, classes, vproblems, config.rgb_masks, progress=lambda *_: guard.check()
+        )
         require_ok(vreport)
         if vreport.channels != report.channels:
             raise UsageError("validation images have other channels than training images")
@@ -605,12 +633,15 @@ def _config_json(config: TrainConfig) -> dict:
 class EpochEnd(keras.callbacks.Callback):
     """After each epoch: validate, record the history, save best model and checkpoint.
 
-    Also feeds the progress bar per step and stops the run when its time budget is spent.
+    Also feeds the progress bar per step and stops the run when its time budget is spent or
+    a signal came (``guard``): after the step under way, and without saving a cut-short
+    epoch, so the checkpoint keeps the last finished one and --resume redoes the rest.
     """
 
-    def __init__(self, run: _Run, progress=None, log=print) -> None:
+    def __init__(self, run: _Run, guard: SignalGuard, progress=None, log=print) -> None:
         super().__init__()
         self.run = run
+        self.guard = guard
         self.progress = progress
         self.log = log
         self.epoch_start = time.time()
@@ -620,10 +651,14 @@ class EpochEnd(keras.callbacks.Callback):
         self.epoch_start = time.time()
 
     def on_train_batch_end(self, batch, logs=None):
+        if self.guard.stop:
+            self.model.stop_training = True
         if self.progress is not None:
             self.progress.step(float((logs or {}).get("loss", float("nan"))))
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.guard.stop:
+            return  # Keras ends a stopped epoch early and still calls this: save nothing
         run, config = self.run, self.run.config
         ep = epoch + 1
         row = {"epoch": ep, "loss": round(float((logs or {}).get("loss", float("nan"))), 5)}
@@ -646,7 +681,9 @@ class EpochEnd(keras.callbacks.Callback):
         save_model(self.model, info, run.out / CHECKPOINT)
         _write_history(run.out, run.history)
         self.log(_epoch_line(row, config.epochs, is_best))
-        if config.max_minutes is not None and (time.time() - run.t0) / 60 > config.max_minutes:
+        if self.guard.stop:  # came while validating or saving: both finished, stop now
+            self.model.stop_training = True
+        elif config.max_minutes is not None and (time.time() - run.t0) / 60 > config.max_minutes:
             self.stop_reason = f"time budget of {config.max_minutes:g} min reached"
             self.model.stop_training = True
 
