@@ -220,13 +220,18 @@ def train(
         "scale": _parse_pair(scale, "--scale", float) if scale else None,
     }
     given = {k: v for k, v in given.items() if v is not None}
+    # What the user typed, so that --resume can refuse an option that contradicts the run
+    # even when its value is the default.
+    typed = set(given) | {k for k, v in (("images", images), ("rgb_masks", rgb_masks)) if v}
     if val is not None and val_masks is None:
         guess = val.parent / f"{val.name}annot"
         if guess.is_dir():
             given["val_masks"] = guess
     try:
         # Every value is checked here, before any data is read.
-        cfg = TrainConfig(images=images, rgb_masks=rgb_masks, resume=resume, **given)
+        cfg = TrainConfig(
+            images=images, rgb_masks=rgb_masks, resume=resume, given=frozenset(typed), **given
+        )
     except SegnetError as exc:
         raise _fail(exc) from None
     _quiet_tf()

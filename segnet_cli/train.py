@@ -32,7 +32,8 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+import zipfile
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
@@ -362,12 +363,13 @@ def run_train(config: TrainConfig, progress=None, log=print) -> Report:
 def _train(config: TrainConfig, guard: SignalGuard, progress, log) -> Report:
     t0 = time.time()
     out = Path(config.out)
-    config, state = _settings(config, out)
-    data = _load_data(config, state, guard, log)
+    config, start = _settings(config, out)
+    state = start.state
+    data = _load_data(config, start, guard, log)
     _set_precision(config.precision)
     keras.utils.set_random_seed(config.seed + int(state.get("epoch", 0)))
     steps = len(data.pairs) // config.batch_size
-    model = _build_model(config, state, data, steps, log)
+    model = _build_model(config, start, data, steps, log)
     run = _Run(
         config=config,
         out=out,
@@ -408,15 +410,27 @@ def _train(config: TrainConfig, guard: SignalGuard, progress, log) -> Report:
     )
 
 
-def _settings(config: TrainConfig, out: Path) -> tuple[TrainConfig, dict]:
-    """The settings this invocation trains with, and the saved state of a resumed run.
+@dataclass(frozen=True)
+class _Start:
+    """What a run starts from: nothing (a new model) or the checkpoint of a resumed run."""
+
+    state: dict = field(default_factory=dict)  # the checkpoint's training state
+    path: Path | None = None  # the checkpoint
+    info: ModelInfo | None = None  # its metadata
+
+
+def _settings(config: TrainConfig, out: Path) -> tuple[TrainConfig, _Start]:
+    """The settings this invocation trains with, and what the run starts from.
 
     A new run takes ``config`` as it is (60 epochs unless given). ``--resume`` takes the
     run's settings from its checkpoint, so it goes on exactly as it began; only the fields
-    about this invocation (``TrainConfig.PER_INVOCATION``) come from ``config``.
+    about this invocation (``TrainConfig.PER_INVOCATION``) come from ``config``, and an
+    option set to anything else than the run's own is refused rather than ignored.
 
     Raises:
-        UsageError: a new run in a folder that already holds a run.
+        UsageError: a new run in a folder that already holds a run; options that contradict
+            the resumed run.
+        ModelFileError: the checkpoint is not one a run can continue from.
     """
     ckpt = out / CHECKPOINT
     if not config.resume:
@@ -425,22 +439,109 @@ def _settings(config: TrainConfig, out: Path) -> tuple[TrainConfig, dict]:
                 "run folder already has a checkpoint: pass --resume to continue it, or another --out",
                 out,
             )
-        return replace(config, epochs=config.epochs or DEFAULT_EPOCHS), {}
-    state = read_info(ckpt).training
-    saved = state.get("config", {})
+        return replace(config, epochs=config.epochs or DEFAULT_EPOCHS), _Start()
+    info, state = _checkpoint_state(ckpt)
+    saved = state["config"]
     fields = {k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}
+    run = TrainConfig(**fields)
+    clashes = _contradictions(config, run)
+    if clashes:
+        raise UsageError(
+            "--resume continues the run with its own settings, and these options contradict "
+            f"them: {'; '.join(clashes)}. Leave them out, or start a new run in another --out",
+            out,
+        )
     # Where the run is, how long to run and how many threads to use are about this
     # invocation, not the run: the folder may have moved, the machine may differ.
     # ``epochs`` given with --resume is the new total; not given, the run's own.
-    resumed = replace(
-        TrainConfig(**fields),
-        out=out,
-        epochs=config.epochs if config.epochs is not None else int(saved.get("epochs", 0)),
-        resume=True,
-        max_minutes=config.max_minutes,
-        workers=config.workers,
+    now = {name: getattr(config, name) for name in TrainConfig.PER_INVOCATION}
+    if config.epochs is None:
+        now["epochs"] = int(saved.get("epochs") or state["epoch"])
+    resumed = replace(run, **now)
+    return resumed, _Start(state, ckpt, info)
+
+
+def _checkpoint_state(ckpt: Path) -> tuple[ModelInfo, dict]:
+    """A run's checkpoint metadata and training state, if a run can continue from it.
+
+    Raises:
+        ModelFileError: not a segnet model, no training state, or no optimizer state (a
+            shipped model such as ``best.keras`` copied over the checkpoint).
+    """
+    info = read_info(ckpt)
+    state = info.training
+    if not all(key in state for key in ("epoch", "config", "mean", "std")):
+        raise ModelFileError(
+            "not a training checkpoint (it holds no training state): --resume continues only "
+            "from the checkpoint.keras that `segnet train` wrote",
+            ckpt,
+        )
+    if not _has_optimizer_state(ckpt):
+        raise _no_optimizer_state(ckpt)
+    return info, state
+
+
+def _has_optimizer_state(path: Path) -> bool:
+    """Whether a ``.keras`` file holds a compiled model (Keras then saves the optimizer).
+
+    Read from the archive's ``config.json``, without TensorFlow, so the check comes before
+    the data is verified.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            config = json.loads(zf.read("config.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return False
+    return bool(config.get("compile_config"))
+
+
+def _no_optimizer_state(ckpt: Path) -> ModelFileError:
+    return ModelFileError(
+        "has no optimizer state (a shipped model such as best.keras copied over the "
+        "checkpoint?), so the run cannot continue exactly; start a new run from it with "
+        "--init instead",
+        ckpt,
     )
-    return resumed, state
+
+
+def _contradictions(config: TrainConfig, run: TrainConfig) -> list[str]:
+    """The options ``config`` sets that differ from the resumed run's, each described."""
+    clashes = []
+    for name in TrainConfig.__dataclass_fields__:
+        if name in TrainConfig.PER_INVOCATION or not config.was_given(name):
+            continue
+        mine, theirs = getattr(config, name), getattr(run, name)
+        if name in TrainConfig.PATHS:
+            if name == "masks":  # not given: <images>annot, which find_pairs looks for
+                mine, theirs = _masks_folder(config), _masks_folder(run)
+            same = _same_path(mine, theirs)
+        elif name == "classes" and Path(mine).is_file() and Path(theirs).is_file():
+            same = os.path.samefile(mine, theirs)
+        else:
+            same = mine == theirs
+        if not same:
+            clashes.append(f"{TrainConfig.option(name)} {_shown(mine)} (the run's: {_shown(theirs)})")
+    return clashes
+
+
+def _masks_folder(config: TrainConfig) -> Path | None:
+    if config.masks is not None or config.images is None or Path(config.images).is_file():
+        return config.masks
+    return config.images.parent / f"{config.images.name}annot"
+
+
+def _same_path(a: Path | None, b: Path | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    if Path(a).absolute() == Path(b).absolute():
+        return True
+    return Path(a).exists() and Path(b).exists() and os.path.samefile(a, b)
+
+
+def _shown(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
 
 
 @dataclass
@@ -456,13 +557,14 @@ class _Data:
     val_items: list[tuple[np.ndarray, np.ndarray]]
 
 
-def _load_data(config: TrainConfig, state: dict, guard: SignalGuard, log) -> _Data:
+def _load_data(config: TrainConfig, start: _Start, guard: SignalGuard, log) -> _Data:
     """Find and verify the training and validation pairs; class weights and input scaling.
 
     Raises:
         Interrupted: a signal came while the pairs were verified.
         DatasetError: the data has problems (every one is listed).
-        UsageError: inconsistent channels, fewer pairs than a batch, bad class weights.
+        UsageError: inconsistent channels (also with the resumed run), fewer pairs than a
+            batch, bad class weights.
     """
     classes = load_classes(config.classes, config.void)
     pairs, problems = find_pairs(config.images, config.masks)
@@ -473,6 +575,13 @@ def _load_data(config: TrainConfig, state: dict, guard: SignalGuard, log) -> _Da
     )
     require_ok(report)
     channels = next(iter(report.channels))
+    if start.info is not None and channels != start.info.in_channels:
+        raise UsageError(
+            f"the training images have {channels} channel(s) but the run was trained on "
+            f"{start.info.in_channels} (were the images converted?); start a new run in "
+            "another --out",
+            config.images,
+        )
     val_pairs: list[Pair] = []
     if config.val_images is not None:
         val_pairs, vproblems = find_pairs(config.val_images, config.val_masks)
@@ -487,7 +596,7 @@ def _load_data(config: TrainConfig, state: dict, guard: SignalGuard, log) -> _Da
     if len(pairs) < config.batch_size:
         raise UsageError(f"{len(pairs)} training pairs are fewer than the batch size")
     if config.resume:
-        mean, std = state["mean"], state["std"]
+        mean, std = start.state["mean"], start.state["std"]
     else:
         mean, std = channel_stats(pairs, channels)
     val_items = [
@@ -500,7 +609,7 @@ def _load_data(config: TrainConfig, state: dict, guard: SignalGuard, log) -> _Da
     return _Data(classes, pairs, channels, weights, mean, std, val_items)
 
 
-def _build_model(config: TrainConfig, state: dict, data: _Data, steps: int, log):
+def _build_model(config: TrainConfig, start: _Start, data: _Data, steps: int, log):
     """The compiled model to train: the checkpoint's (``--resume``) or a new one.
 
     Raises:
@@ -508,7 +617,7 @@ def _build_model(config: TrainConfig, state: dict, data: _Data, steps: int, log)
     """
     with _strategy_scope():
         if config.resume:
-            return _load_checkpoint(config, state, log)
+            return _load_checkpoint(start, config.epochs, log)
         arch = Architecture(
             width=config.width,
             stages=config.stages,
@@ -520,23 +629,30 @@ def _build_model(config: TrainConfig, state: dict, data: _Data, steps: int, log)
         return model
 
 
-def _load_checkpoint(config: TrainConfig, state: dict, log):
-    """The checkpoint's model with its optimizer state (the schedule continues from its step)."""
+def _load_checkpoint(start: _Start, epochs: int, log):
+    """The checkpoint's model with its optimizer state (the schedule continues from its step).
+
+    Raises:
+        ModelFileError: the checkpoint cannot be loaded or has no optimizer state.
+    """
     import segnet_cli.layers  # noqa: F401  (registers the custom layers)
 
-    ckpt = Path(config.out) / CHECKPOINT
+    ckpt = start.path
     try:
         model = keras.saving.load_model(str(ckpt), compile=True, safe_mode=True)
     except Exception as exc:  # Keras raises many types for a broken archive
         raise ModelFileError(f"cannot load the checkpoint: {exc}", ckpt) from None
-    step = int(model.optimizer.iterations.numpy())
-    log(f"resuming after epoch {state['epoch']} (optimizer step {step})")
-    planned = _planned_epochs(state)
-    if config.epochs > planned > 0:
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or int(optimizer.iterations.numpy()) == 0:
+        raise _no_optimizer_state(ckpt)
+    step = int(optimizer.iterations.numpy())
+    log(f"resuming after epoch {start.state['epoch']} (optimizer step {step})")
+    planned = _planned_epochs(start.state)
+    if epochs > planned > 0:
         # The schedule is part of the optimizer state; rebuilding it would jump the rate.
         log(
             f"the learning-rate schedule was planned for {planned} epochs; "
-            f"epochs {planned + 1}-{config.epochs} run at its final rate"
+            f"epochs {planned + 1}-{epochs} run at its final rate"
         )
     return model
 

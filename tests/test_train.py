@@ -328,3 +328,80 @@ def test_out_must_be_a_folder_that_can_be_written(data, tmp_path):
         assert reason in r.stderr and str(out) in r.stderr
         assert r.exception is None or isinstance(r.exception, SystemExit)
     assert a_file.read_text() == "not a folder"
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(LOCK))
+    return dst
+
+
+def test_resume_refuses_options_that_contradict_the_run(data, straight, tmp_path):
+    run = copy_run(straight, tmp_path / "run")
+    before = (run / CHECKPOINT).read_bytes()
+    r = runner.invoke(app, ["train", str(tmp_path), "--resume", "--out", str(run),
+                            "--lr", "0.5", "--width", "0.5", "--classes", "5"])
+    assert r.exit_code == 2, r.output
+    for text in ("--lr 0.5 (the run's: 0.01)", "--width 0.5 (the run's: 0.0625)",
+                 "--classes 5 (the run's:", f"IMAGES {tmp_path} (the run's:"):
+        assert text in r.stderr
+    # Typed, even a default value is an option the user meant: the run used another one.
+    r = runner.invoke(app, ["train", "--resume", "--out", str(run), "--lr", "0.002"])
+    assert r.exit_code == 2 and "--lr 0.002 (the run's: 0.01)" in r.stderr
+    # A script's config: a field that differs from its default is an option set too.
+    with pytest.raises(UsageError, match=r"--batch-size 4 \(the run's: 2\)"):
+        run_train(TrainConfig(images=None, out=run, resume=True, batch_size=4), log=quiet)
+    assert (run / CHECKPOINT).read_bytes() == before
+    # Options equal to the run's, and those about this invocation only, are fine.
+    r = runner.invoke(app, [
+        "train", str(data / "train"), "--resume", "--out", str(run), "--lr", "0.01",
+        "--width", "0.0625", "--stages", "2", "--classes", str(data / "classes.json"),
+        "--crop", "31x29", "-b", "2", "--val", str(data / "val"), "--masks",
+        str(data / "trainannot"), "--epochs", "2", "--workers", "1", "--max-minutes", "5",
+    ])
+    assert r.exit_code == 0, r.output
+    assert "already trained 2 of 2 epochs" in r.stderr
+
+
+def test_resume_needs_a_checkpoint_with_training_and_optimizer_state(straight, tiny_model, tmp_path):
+    import shutil
+
+    cases = [
+        # A shipped model copied over the checkpoint: weights, but no optimizer state.
+        (straight / "best.keras", "no optimizer state"),
+        (tiny_model, "not a training checkpoint"),
+        (None, "not a .keras model file"),
+    ]
+    for i, (source, reason) in enumerate(cases):
+        run = copy_run(straight, tmp_path / f"run{i}")
+        if source is None:
+            (run / CHECKPOINT).write_bytes(b"not a zip")
+        else:
+            shutil.copyfile(source, run / CHECKPOINT)
+        r = runner.invoke(app, ["train", "--resume", "--out", str(run)])
+        assert r.exit_code == 2, r.output
+        assert reason in r.stderr and str(run / CHECKPOINT) in r.stderr
+        assert r.exception is None or isinstance(r.exception, SystemExit)
+        assert "verifying" not in r.stderr  # refused before the data is read
+
+
+def test_resume_refuses_images_whose_channels_changed(data, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    root = tmp_path / "d"
+    shutil.copytree(data / "trainannot", root / "trainannot")
+    (root / "train").mkdir()
+    for p in sorted((data / "train").glob("*.png")):
+        Image.open(p).convert("L").save(root / "train" / p.name)
+    out = tmp_path / "run"
+    run_train(replace(tiny(data, out), images=root / "train", epochs=1), log=quiet)
+    assert read_info(out / CHECKPOINT).in_channels == 1
+    for p in sorted((data / "train").glob("*.png")):
+        shutil.copyfile(p, root / "train" / p.name)  # the images are RGB now
+    r = runner.invoke(app, ["train", "--resume", "--out", str(out), "--epochs", "2"])
+    assert r.exit_code == 2, r.output
+    assert "3 channel(s) but the run was trained on 1" in r.stderr
+    assert read_info(out / CHECKPOINT).training["epoch"] == 1
