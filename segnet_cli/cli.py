@@ -21,7 +21,7 @@ from typing import Annotated, Optional
 import typer
 
 from segnet_cli import __version__
-from segnet_cli.config import TilingConfig
+from segnet_cli.config import Loss, TilingConfig, TrainConfig
 from segnet_cli.errors import EXIT_USAGE, SegnetError
 
 EXIT_CODES_HELP = (
@@ -183,6 +183,7 @@ def train(
     scale: Annotated[Optional[str], typer.Option(help="Random scale range, e.g. 0.75,1.25.")] = None,
     jitter: Annotated[Optional[float], typer.Option(help="Colour jitter strength (0 = off).")] = None,
     precision: Annotated[Optional[str], typer.Option(help="float32, bfloat16 (mixed) or float16 (mixed, GPU).")] = None,
+    loss: Annotated[Optional[Loss], typer.Option("--loss", help=f"ce: class-weighted cross-entropy (the paper's); ce+lovasz: plus the Lovász-softmax loss (per-image IoU); lovasz: that alone. Default {TrainConfig.loss}.")] = None,
     val_every: Annotated[Optional[int], typer.Option(help="Validate every N epochs.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")] = False,
     max_minutes: Annotated[Optional[float], typer.Option(help="Stop after the epoch that passes this wall time.")] = None,
@@ -192,7 +193,6 @@ def train(
 ) -> None:
     """Train SegNet on image/mask folders (verifies the data first; resumable)."""
     from segnet_cli import ui
-    from segnet_cli.config import TrainConfig
 
     ui.configure(quiet)
     given = {
@@ -212,6 +212,7 @@ def train(
         "weight_power": weight_power,
         "jitter": jitter,
         "precision": precision,
+        "loss": loss,
         "val_every": val_every,
         "max_minutes": max_minutes,
         "seed": seed,

@@ -3,6 +3,7 @@
 The recipe follows the SegNet paper (cross-entropy with median-frequency class balancing,
 void ignored) with what a CPU needs: random crops (any size, odd allowed) with scale jitter,
 flips and colour jitter; AdamW with a warm-up and a cosine decay; optional mixed bfloat16.
+``--loss ce+lovasz`` adds the Lovász-softmax loss (``segnet_cli.losses``).
 
 Files in the run folder (``--out``):
 
@@ -46,6 +47,7 @@ from segnet_cli.config import Report, TrainConfig
 from segnet_cli.dataset import Pair, find_pairs, load_mask, require_ok, verify
 from segnet_cli.errors import Interrupted, LockedError, ModelFileError, UsageError
 from segnet_cli.imageio import atomic_path, read_image, to_model_input
+from segnet_cli.losses import make_loss
 from segnet_cli.metrics import confusion, scores
 from segnet_cli.model import Architecture, build_segnet, count_params, save_model
 from segnet_cli.modelfile import InputScaling, ModelInfo, read_info
@@ -59,10 +61,17 @@ BEST = "best.keras"
 FINAL = "model.keras"
 
 
-def _set_precision(precision: str) -> None:
+@contextlib.contextmanager
+def _precision(precision: str):
+    """Build and train under a Keras precision policy; the previous one is put back after."""
     from segnet_cli.model import POLICIES
 
+    previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(POLICIES[precision])
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 def channel_stats(pairs: list[Pair], channels: int, limit: int = 64) -> tuple[list, list]:
@@ -362,11 +371,18 @@ def run_train(config: TrainConfig, progress=None, log=print) -> Report:
 
 def _train(config: TrainConfig, guard: SignalGuard, progress, log) -> Report:
     t0 = time.time()
-    out = Path(config.out)
-    config, start = _settings(config, out)
-    state = start.state
+    config, start = _settings(config, Path(config.out))
     data = _load_data(config, start, guard, log)
-    _set_precision(config.precision)
+    with _precision(config.precision):
+        return _train_model(config, start, data, guard, progress, log, t0)
+
+
+def _train_model(
+    config: TrainConfig, start: _Start, data: _Data, guard: SignalGuard, progress, log, t0: float
+) -> Report:
+    """Build (or load) the model, fit it epoch by epoch, write the final model."""
+    out = Path(config.out)
+    state = start.state
     keras.utils.set_random_seed(config.seed + int(state.get("epoch", 0)))
     steps = len(data.pairs) // config.batch_size
     model = _build_model(config, start, data, steps, log)
@@ -625,7 +641,7 @@ def _build_model(config: TrainConfig, start: _Start, data: _Data, steps: int, lo
             num_classes=data.classes.num_classes,
         )
         model = build_segnet(arch, data.mean, data.std)
-        model.compile(optimizer=_optimizer(config, steps), loss=_loss(config))
+        model.compile(optimizer=_optimizer(config, steps), loss=make_loss(config.loss))
         return model
 
 
@@ -636,6 +652,7 @@ def _load_checkpoint(start: _Start, epochs: int, log):
         ModelFileError: the checkpoint cannot be loaded or has no optimizer state.
     """
     import segnet_cli.layers  # noqa: F401  (registers the custom layers)
+    import segnet_cli.losses  # noqa: F401  (and the loss a checkpoint may be compiled with)
 
     ckpt = start.path
     try:
@@ -677,10 +694,6 @@ def _optimizer(config: TrainConfig, steps: int):
         warmup_steps=warm,
     )
     return keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
-
-
-def _loss(config: TrainConfig):
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from conftest import shapes_image, write_png
 from typer.testing import CliRunner
 
 from segnet_cli.cli import app
-from segnet_cli.config import TrainConfig
+from segnet_cli.config import Loss, TrainConfig
 from segnet_cli.errors import DatasetError, LockedError, UsageError
 from segnet_cli.modelfile import read_info
 from segnet_cli.train import CHECKPOINT, LOCK, epoch_plan, load_class_weights, run_train
@@ -65,6 +65,7 @@ def checkpoint_optimizer(path: Path):
     import keras
 
     import segnet_cli.layers  # noqa: F401
+    import segnet_cli.losses  # noqa: F401
 
     return keras.saving.load_model(str(path), compile=True).optimizer
 
@@ -405,3 +406,22 @@ def test_resume_refuses_images_whose_channels_changed(data, tmp_path):
     assert r.exit_code == 2, r.output
     assert "3 channel(s) but the run was trained on 1" in r.stderr
     assert read_info(out / CHECKPOINT).training["epoch"] == 1
+
+
+def test_lovasz_loss_trains_and_resumes_in_mixed_bfloat16(data, tmp_path):
+    import keras
+
+    out = tmp_path / "ce+lovasz"
+    # One epoch, stopped; --resume loads the checkpoint compiled with the Lovász loss.
+    # Mixed bfloat16: the loss is computed in float32 (from the float32 logits).
+    config = tiny(data, out, loss=Loss.CE_LOVASZ, precision="bfloat16", max_minutes=0)
+    r = run_train(config, log=quiet)
+    assert r.details["stopped_early"]
+    assert keras.mixed_precision.global_policy().name == "float32"  # put back after the run
+    r = run_train(TrainConfig(images=None, out=out, resume=True), log=quiet)
+    assert r.done == 1
+    history = read_info(out / CHECKPOINT).training["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[1]["loss"] < history[0]["loss"]
+    assert read_info(out / "model.keras").training["config"]["loss"] == "ce+lovasz"
+
