@@ -162,7 +162,9 @@ class TrainConfig:
     given: frozenset[str] = frozenset()
 
     #: Command-line spelling of the fields whose option is not ``--field-name``.
-    OPTIONS: ClassVar[dict[str, str]] = {"images": "IMAGES", "val_images": "--val", "learning_rate": "--lr"}
+    OPTIONS: ClassVar[dict[str, str]] = {
+        "images": "IMAGES", "val_images": "--val", "learning_rate": "--lr",
+    }  # fmt: skip
     #: Fields about one invocation rather than the run: ``--resume`` takes them as given.
     PER_INVOCATION: ClassVar[tuple[str, ...]] = (
         "out", "epochs", "max_minutes", "workers", "cache_mb", "resume", "given",

@@ -14,12 +14,18 @@ Files in the run folder (``--out``):
 * ``model.keras``: the final model (best on validation if there was one, else the last).
 * ``history.csv`` / ``history.json``: loss, validation mIoU, G and C per epoch.
 
+``--init MODEL`` starts a new run (fresh optimizer and schedule) from a segnet model's
+weights, with its width, stages and input scaling; a classifier for another number of classes
+starts afresh. The run records the model's path and SHA-256 (``training["init"]``).
+
 Every file is written atomically, so a kill at any moment (even SIGKILL) leaves the previous
 epoch's files. SIGINT and SIGTERM stop a run cleanly (exit 130/143): the step under way and
-any save under way finish, the cut-short epoch is not saved, nothing else is written. The data stream is a pure function of the seed and the epoch
-(``epoch_plan``: order and per-crop stateless augmentation seeds), so a resumed run trains on
-exactly the crops the uninterrupted run would have seen and reaches the same weights. A
-``flock`` on the folder keeps two trainers from sharing one run.
+any save under way finish, the cut-short epoch is not saved, nothing else is written.
+
+The data stream is a pure function of the seed and the epoch (``epoch_plan``: order and
+per-crop stateless augmentation seeds), so a resumed run trains on exactly the crops the
+uninterrupted run would have seen and reaches the same weights. A ``flock`` on the folder
+keeps two trainers from sharing one run.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import fcntl
+import hashlib
 import io
 import json
 import math
@@ -292,7 +299,8 @@ def _run_lock(out: Path):
     try:
         fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise UsageError(f"cannot write in the run folder (--out): {exc.strerror or exc}", out) from None
+        reason = exc.strerror or exc
+        raise UsageError(f"cannot write in the run folder (--out): {reason}", out) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -323,9 +331,11 @@ def _remove_stale_temporaries(out: Path, max_age: float = 3600.0) -> None:
 def run_train(config: TrainConfig, progress=None, log=print) -> Report:
     """Train a SegNet as ``config`` says and return a report.
 
-    With ``config.resume`` the run's settings come from its checkpoint (only ``out``,
-    ``epochs``, ``max_minutes`` and ``workers`` are taken from ``config``) and training
-    continues exactly: same weights, optimizer state, schedule step and data stream.
+    With ``config.resume`` the run's settings come from its checkpoint and training
+    continues exactly: same weights, optimizer state, schedule step and data stream. Only the
+    fields in ``TrainConfig.PER_INVOCATION`` (``out``, ``epochs``, ``max_minutes``,
+    ``workers``, ...) are taken from ``config``; any other option it sets must equal the
+    run's. With ``config.init`` a new run starts from a segnet model's weights.
 
     Args:
         config: the training options.
@@ -339,6 +349,7 @@ def run_train(config: TrainConfig, progress=None, log=print) -> Report:
 
     Raises:
         UsageError, DatasetError: bad options or a dataset with problems.
+        ModelFileError: a checkpoint or ``--init`` model that cannot be used.
         LockedError: another trainer is using the run folder.
     """
     t0 = time.time()
@@ -350,7 +361,8 @@ def run_train(config: TrainConfig, progress=None, log=print) -> Report:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UsageError(f"cannot create the run folder (--out): {exc.strerror or exc}", out) from None
+        reason = exc.strerror or exc
+        raise UsageError(f"cannot create the run folder (--out): {reason}", out) from None
     with _run_lock(out), SignalGuard() as guard:
         _remove_stale_temporaries(out)
         try:
@@ -402,6 +414,7 @@ def _train_model(
         best=float(state.get("best_miou", -1.0)),
         seconds=float(state.get("seconds", 0.0)),
         t0=t0,
+        init=start.init,
     )
     start_epoch = int(state.get("epoch", 0))
     epoch_end = EpochEnd(run, guard, progress, log)
@@ -428,11 +441,12 @@ def _train_model(
 
 @dataclass(frozen=True)
 class _Start:
-    """What a run starts from: nothing (a new model) or the checkpoint of a resumed run."""
+    """What a run starts from: nothing, its checkpoint (--resume) or a model's weights (--init)."""
 
     state: dict = field(default_factory=dict)  # the checkpoint's training state
-    path: Path | None = None  # the checkpoint
+    path: Path | None = None  # the checkpoint or the --init model
     info: ModelInfo | None = None  # its metadata
+    init: dict | None = None  # what the run records about its --init model: path, sha256
 
 
 def _settings(config: TrainConfig, out: Path) -> tuple[TrainConfig, _Start]:
@@ -452,10 +466,14 @@ def _settings(config: TrainConfig, out: Path) -> tuple[TrainConfig, _Start]:
     if not config.resume:
         if ckpt.exists():
             raise UsageError(
-                "run folder already has a checkpoint: pass --resume to continue it, or another --out",
+                "run folder already has a checkpoint: pass --resume to continue it, or "
+                "another --out",
                 out,
             )
-        return replace(config, epochs=config.epochs or DEFAULT_EPOCHS), _Start()
+        config = replace(config, epochs=config.epochs or DEFAULT_EPOCHS)
+        if config.init is None:
+            return config, _Start()
+        return _init_settings(config)
     info, state = _checkpoint_state(ckpt)
     saved = state["config"]
     fields = {k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}
@@ -474,7 +492,44 @@ def _settings(config: TrainConfig, out: Path) -> tuple[TrainConfig, _Start]:
     if config.epochs is None:
         now["epochs"] = int(saved.get("epochs") or state["epoch"])
     resumed = replace(run, **now)
-    return resumed, _Start(state, ckpt, info)
+    return resumed, _Start(state, ckpt, info, state.get("init"))
+
+
+def _init_settings(config: TrainConfig) -> tuple[TrainConfig, _Start]:
+    """A new run from ``config.init``'s weights: its architecture, read from the model file.
+
+    Raises:
+        ModelFileError: the model file is missing, broken, not a segnet model or lacks its
+            architecture.
+        UsageError: ``--width`` or ``--stages`` set to other values than the model's.
+    """
+    path = Path(config.init)
+    info = read_info(path)
+    arch = info.architecture
+    if not all(key in arch for key in ("width", "stages", "in_channels", "num_classes")):
+        raise ModelFileError("its metadata lacks the architecture (width, stages)", path)
+    clashes = [
+        f"{TrainConfig.option(name)} {getattr(config, name)} (the model's: {arch[name]})"
+        for name in ("width", "stages")
+        if config.was_given(name) and getattr(config, name) != arch[name]
+    ]
+    if clashes:
+        raise UsageError(
+            f"--init takes the architecture from the model: {'; '.join(clashes)}; leave "
+            "--width and --stages out",
+            path,
+        )
+    config = replace(config, width=float(arch["width"]), stages=int(arch["stages"]))
+    record = {"path": str(path.absolute()), "sha256": _sha256(path)}
+    return config, _Start(path=path, info=info, init=record)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _checkpoint_state(ckpt: Path) -> tuple[ModelInfo, dict]:
@@ -536,7 +591,8 @@ def _contradictions(config: TrainConfig, run: TrainConfig) -> list[str]:
         else:
             same = mine == theirs
         if not same:
-            clashes.append(f"{TrainConfig.option(name)} {_shown(mine)} (the run's: {_shown(theirs)})")
+            option = TrainConfig.option(name)
+            clashes.append(f"{option} {_shown(mine)} (the run's: {_shown(theirs)})")
     return clashes
 
 
@@ -592,11 +648,17 @@ def _load_data(config: TrainConfig, start: _Start, guard: SignalGuard, log) -> _
     require_ok(report)
     channels = next(iter(report.channels))
     if start.info is not None and channels != start.info.in_channels:
+        if config.resume:
+            raise UsageError(
+                f"the training images have {channels} channel(s) but the run was trained on "
+                f"{start.info.in_channels} (were the images converted?); start a new run in "
+                "another --out",
+                config.images,
+            )
         raise UsageError(
-            f"the training images have {channels} channel(s) but the run was trained on "
-            f"{start.info.in_channels} (were the images converted?); start a new run in "
-            "another --out",
-            config.images,
+            f"the model takes {start.info.in_channels}-channel images but the training images "
+            f"have {channels} channel(s)",
+            start.path,
         )
     val_pairs: list[Pair] = []
     if config.val_images is not None:
@@ -613,6 +675,8 @@ def _load_data(config: TrainConfig, start: _Start, guard: SignalGuard, log) -> _
         raise UsageError(f"{len(pairs)} training pairs are fewer than the batch size")
     if config.resume:
         mean, std = start.state["mean"], start.state["std"]
+    elif start.info is not None:  # --init: the model's weights expect the model's scaling
+        mean, std = list(start.info.scaling.mean), list(start.info.scaling.std)
     else:
         mean, std = channel_stats(pairs, channels)
     val_items = [
@@ -641,8 +705,48 @@ def _build_model(config: TrainConfig, start: _Start, data: _Data, steps: int, lo
             num_classes=data.classes.num_classes,
         )
         model = build_segnet(arch, data.mean, data.std)
+        if start.init is not None:
+            _copy_weights(start, model, log)
+        # --init too: a new run, so a fresh optimizer and schedule (warm-up included).
         model.compile(optimizer=_optimizer(config, steps), loss=make_loss(config.loss))
         return model
+
+
+def _copy_weights(start: _Start, model, log) -> None:
+    """Give ``model`` the ``--init`` model's weights, layer by layer.
+
+    Every layer is copied, except the classifier when the class counts differ: it then
+    keeps its fresh initialisation (a 1x1 convolution to the new classes' logits).
+
+    Raises:
+        ModelFileError: the model cannot be loaded or its layers do not match its metadata.
+    """
+    from segnet_cli.model import load_model
+
+    source, info = load_model(start.path)
+    log(
+        f"starting from the weights of {start.path} (width {info.architecture['width']}, "
+        f"{info.architecture['stages']} stages and input scaling taken from it)"
+    )
+    k = model.output_shape[-1]
+    fresh = set()
+    if info.num_classes != k:
+        fresh.add("classifier")
+        log(
+            f"the model has {info.num_classes} classes and the training data {k}: every layer "
+            "keeps the model's weights except the classifier, which starts afresh"
+        )
+    names = {layer.name for layer in source.layers}
+    for layer in model.layers:
+        if not layer.weights or layer.name in fresh:
+            continue
+        values = source.get_layer(layer.name).get_weights() if layer.name in names else None
+        if values is None or [v.shape for v in values] != [tuple(w.shape) for w in layer.weights]:
+            raise ModelFileError(
+                f"its layer {layer.name} does not match the architecture in its metadata",
+                start.path,
+            )
+        layer.set_weights(values)
 
 
 def _load_checkpoint(start: _Start, epochs: int, log):
@@ -652,7 +756,6 @@ def _load_checkpoint(start: _Start, epochs: int, log):
         ModelFileError: the checkpoint cannot be loaded or has no optimizer state.
     """
     import segnet_cli.layers  # noqa: F401  (registers the custom layers)
-    import segnet_cli.losses  # noqa: F401  (and the loss a checkpoint may be compiled with)
 
     ckpt = start.path
     try:
@@ -710,6 +813,7 @@ class _Run:
     best: float  # best validation mIoU so far, -1 before any
     seconds: float  # training time of every invocation of the run
     t0: float  # this invocation's start (time.time())
+    init: dict | None = None  # the --init model the run started from: path, sha256
 
     def training_state(self, epoch: int) -> dict:
         """What the model files record about the run after ``epoch`` (``--resume`` reads it)."""
@@ -724,6 +828,7 @@ class _Run:
             "std": self.data.std,
             "config": _config_json(self.config),
             "class_weights": [float(w) for w in self.data.weights],
+            **({"init": self.init} if self.init else {}),
         }
 
     def model_info(self, training: dict) -> ModelInfo:
@@ -849,7 +954,9 @@ def _fit(model, run: _Run, steps: int, start_epoch: int, epoch_end: EpochEnd, pr
         f"{config.epochs}, {config.precision}"
     )
     data = run.data
-    train_ds = make_dataset(data.pairs, data.classes, data.channels, data.weights, config, start_epoch)
+    train_ds = make_dataset(
+        data.pairs, data.classes, data.channels, data.weights, config, start_epoch
+    )
     if progress is not None:
         progress.start(steps * config.epochs, steps * start_epoch)
     try:

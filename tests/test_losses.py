@@ -105,7 +105,8 @@ def test_segmentation_loss_is_weighted_ce_plus_unweighted_lovasz_in_float32():
         want_ce + want_lovasz, rel=1e-5
     )
     alone = make_loss(Loss.LOVASZ)
-    assert float(alone(labels, logits, sample_weight=pixel_w)) == pytest.approx(want_lovasz, rel=1e-5)
+    value = float(alone(labels, logits, sample_weight=pixel_w))
+    assert value == pytest.approx(want_lovasz, rel=1e-5)
     # Class weights scale the cross-entropy, never the Lovász term: only weight 0 counts.
     assert float(alone(labels, logits, sample_weight=pixel_w * 10)) == pytest.approx(
         want_lovasz, rel=1e-5

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shapes_image, write_png
+from conftest import make_model_file, shapes_image, write_png
 from typer.testing import CliRunner
 
 from segnet_cli.cli import app
 from segnet_cli.config import Loss, TrainConfig
-from segnet_cli.errors import DatasetError, LockedError, UsageError
+from segnet_cli.errors import DatasetError, LockedError, ModelFileError, UsageError
 from segnet_cli.modelfile import read_info
 from segnet_cli.train import CHECKPOINT, LOCK, epoch_plan, load_class_weights, run_train
 
@@ -365,7 +365,9 @@ def test_resume_refuses_options_that_contradict_the_run(data, straight, tmp_path
     assert "already trained 2 of 2 epochs" in r.stderr
 
 
-def test_resume_needs_a_checkpoint_with_training_and_optimizer_state(straight, tiny_model, tmp_path):
+def test_resume_needs_a_checkpoint_with_training_and_optimizer_state(
+    straight, tiny_model, tmp_path
+):
     import shutil
 
     cases = [
@@ -425,3 +427,110 @@ def test_lovasz_loss_trains_and_resumes_in_mixed_bfloat16(data, tmp_path):
     assert history[1]["loss"] < history[0]["loss"]
     assert read_info(out / "model.keras").training["config"]["loss"] == "ce+lovasz"
 
+
+def sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def trainable(path: Path) -> dict:
+    """A model file's trainable weights by layer name (batch norm statistics move in training)."""
+    import keras
+
+    import segnet_cli.layers  # noqa: F401
+
+    model = keras.saving.load_model(str(path), compile=False)
+    return {
+        f"{layer.name}/{i}": w.numpy()
+        for layer in model.layers
+        for i, w in enumerate(layer.trainable_weights)
+    }
+
+
+def frozen(data: Path, out: Path, **kw) -> TrainConfig:
+    """One epoch at a learning rate of 1e-9: the trained weights stay the initial ones."""
+    base = dict(
+        images=data / "train", out=out, classes=str(data / "classes.json"), crop=(31, 29),
+        batch_size=2, epochs=1, learning_rate=1e-9, warmup_epochs=0, weight_decay=0.0,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def test_init_starts_a_new_run_from_a_models_weights(data, tiny_model, tmp_path):
+    digest = sha256(tiny_model)
+    out = tmp_path / "init"
+    messages: list[str] = []
+    # Width and stages are not given: they come from the model (3 stages; tiny() uses 2).
+    run_train(frozen(data, out, init=tiny_model), log=messages.append)
+    assert any("taken from it" in m and str(tiny_model) in m for m in messages)
+    info = read_info(out / CHECKPOINT)
+    assert info.architecture["stages"] == 3 and info.architecture["width"] == 0.0625
+    assert info.scaling.mean == (0.5, 0.5, 0.5) and info.scaling.std == (0.25, 0.25, 0.25)
+    assert info.training["init"] == {"path": str(tiny_model.absolute()), "sha256": digest}
+    assert read_info(out / "model.keras").training["init"]["sha256"] == digest
+    source, trained = trainable(tiny_model), trainable(out / CHECKPOINT)
+    assert source.keys() == trained.keys()
+    for name, value in source.items():
+        np.testing.assert_allclose(trained[name], value, atol=1e-6, err_msg=name)
+    # A fresh optimizer: its step counts this run's steps only.
+    assert int(checkpoint_optimizer(out / CHECKPOINT).iterations.numpy()) == 3
+    assert sha256(tiny_model) == digest  # the model's own file is never written
+
+
+def test_init_with_other_classes_keeps_all_but_the_classifier(data, tmp_path):
+    five = make_model_file(tmp_path / "five.keras", stages=2, num_classes=5, seed=3)
+    digest = sha256(five)
+    out = tmp_path / "run"
+    r = runner.invoke(app, [
+        "train", str(data / "train"), "--init", str(five), "--out", str(out),
+        "--classes", str(data / "classes.json"), "--crop", "31x29", "-b", "2", "--epochs", "1",
+        "--lr", "1e-9", "--weight-decay", "0",
+    ])
+    assert r.exit_code == 0, r.output
+    assert "the model has 5 classes and the training data 3" in r.stderr
+    assert "classifier, which starts afresh" in r.stderr
+    source, trained = trainable(five), trainable(out / CHECKPOINT)
+    assert trained["classifier/0"].shape == (1, 1, 4, 3) and trained["classifier/1"].shape == (3,)
+    assert source["classifier/0"].shape == (1, 1, 4, 5)
+    others = [n for n in source if not n.startswith("classifier/")]
+    assert len(others) == len(trained) - 2 > 0
+    for name in others:
+        np.testing.assert_allclose(trained[name], source[name], atol=1e-6, err_msg=name)
+    assert read_info(out / "model.keras").class_names == ("ground", "disc", "square")
+    assert sha256(five) == digest
+
+
+def test_init_refusals(data, tiny_model, tmp_path):
+    import shutil
+
+    # A model for grey images and RGB training images: the file and both counts are named.
+    grey = make_model_file(tmp_path / "grey.keras", stages=2, in_channels=1)
+    with pytest.raises(UsageError) as exc:
+        run_train(frozen(data, tmp_path / "r1", init=grey), log=quiet)
+    assert str(grey) in str(exc.value) and "1-channel" in str(exc.value)
+    assert "have 3 channel(s)" in str(exc.value)
+    # Missing, broken and foreign model files, before any data is read.
+    broken = tmp_path / "broken.keras"
+    broken.write_bytes(b"PK\x03\x04 not really a zip")
+    foreign = tmp_path / "foreign.keras"
+    shutil.copyfile(tiny_model, foreign)
+    import zipfile
+
+    with zipfile.ZipFile(tiny_model) as src, zipfile.ZipFile(foreign, "w") as dst:
+        for item in src.infolist():
+            if item.filename != "segnet.json":
+                dst.writestr(item, src.read(item.filename))
+    for path in (tmp_path / "missing.keras", broken, foreign, tmp_path):
+        messages: list[str] = []
+        with pytest.raises(ModelFileError) as exc:
+            run_train(frozen(data, tmp_path / "r2", init=path), log=messages.append)
+        assert exc.value.path == path and not any("verifying" in m for m in messages)
+    # Through the CLI: --width/--stages that contradict the model, and --init with --resume.
+    r = runner.invoke(app, ["train", str(data / "train"), "--init", str(tiny_model),
+                            "--stages", "2", "--width", "0.0625", "--out", str(tmp_path / "r3")])
+    assert r.exit_code == 2 and "--stages 2 (the model's: 3)" in r.stderr
+    assert "--width 0.0625" not in r.stderr  # the model's own width is no contradiction
+    r = runner.invoke(app, ["train", str(data / "train"), "--init", str(tiny_model), "--resume",
+                            "--out", str(tmp_path / "r4")])
+    assert r.exit_code == 2 and "give only one" in r.stderr
