@@ -3,6 +3,7 @@
 The recipe follows the SegNet paper (cross-entropy with median-frequency class balancing,
 void ignored) with what a CPU needs: random crops (any size, odd allowed) with scale jitter,
 flips and colour jitter; AdamW with a warm-up and a cosine decay; optional mixed bfloat16.
+``--loss ce+lovasz`` adds the Lovász-softmax loss (``segnet_cli.losses``).
 
 Files in the run folder (``--out``):
 
@@ -13,11 +14,18 @@ Files in the run folder (``--out``):
 * ``model.keras``: the final model (best on validation if there was one, else the last).
 * ``history.csv`` / ``history.json``: loss, validation mIoU, G and C per epoch.
 
-Every file is written atomically, so a kill at any moment (SIGTERM, SIGKILL, Ctrl-C) leaves
-the previous epoch's files. The data stream is a pure function of the seed and the epoch
-(``epoch_plan``: order and per-crop stateless augmentation seeds), so a resumed run trains on
-exactly the crops the uninterrupted run would have seen and reaches the same weights. A
-``flock`` on the folder keeps two trainers from sharing one run.
+``--init MODEL`` starts a new run (fresh optimizer and schedule) from a segnet model's
+weights, with its width, stages and input scaling; a classifier for another number of classes
+starts afresh. The run records the model's path and SHA-256 (``training["init"]``).
+
+Every file is written atomically, so a kill at any moment (even SIGKILL) leaves the previous
+epoch's files. SIGINT and SIGTERM stop a run cleanly (exit 130/143): the step under way and
+any save under way finish, the cut-short epoch is not saved, nothing else is written.
+
+The data stream is a pure function of the seed and the epoch (``epoch_plan``: order and
+per-crop stateless augmentation seeds), so a resumed run trains on exactly the crops the
+uninterrupted run would have seen and reaches the same weights. A ``flock`` on the folder
+keeps two trainers from sharing one run.
 """
 
 from __future__ import annotations
@@ -25,24 +33,32 @@ from __future__ import annotations
 import contextlib
 import csv
 import fcntl
+import hashlib
 import io
 import json
 import math
 import os
+import shutil
 import time
-from dataclasses import asdict, replace
+import zipfile
+from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
 from pathlib import Path
 
+import keras
 import numpy as np
 
 from segnet_cli.classes import ClassTable, load_classes
 from segnet_cli.config import Report, TrainConfig
 from segnet_cli.dataset import Pair, find_pairs, load_mask, require_ok, verify
-from segnet_cli.errors import LockedError, ModelFileError, UsageError
+from segnet_cli.errors import Interrupted, LockedError, ModelFileError, UsageError
 from segnet_cli.io.files import atomic_path, remove_dead_temporaries
 from segnet_cli.io.images import read_image, to_model_input
+from segnet_cli.jobs import SignalGuard
+from segnet_cli.losses import make_loss
 from segnet_cli.metrics import confusion, scores
 from segnet_cli.model.modelfile import InputScaling, ModelInfo, read_info
+from segnet_cli.model.network import Architecture, build_segnet, count_params, save_model
 
 #: Epochs of a new run when ``TrainConfig.epochs`` is not given.
 DEFAULT_EPOCHS = 60
@@ -53,14 +69,17 @@ BEST = "best.keras"
 FINAL = "model.keras"
 
 
-def _set_precision(precision: str) -> None:
-    import keras
-
+@contextlib.contextmanager
+def _precision(precision: str):
+    """Build and train under a Keras precision policy; the previous one is put back after."""
     from segnet_cli.model.network import POLICIES
 
-    if precision not in POLICIES:
-        raise UsageError(f"precision must be one of {', '.join(POLICIES)}")
+    previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(POLICIES[precision])
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 def channel_stats(pairs: list[Pair], channels: int, limit: int = 64) -> tuple[list, list]:
@@ -242,10 +261,6 @@ def evaluate_arrays(model, items, k: int, void: int | None, batch: int = 4) -> n
 
 def _export_copy(model, arch_kwargs, mean, std):
     """A float32, optimizer-free copy of ``model`` for shipping and prediction."""
-    import keras
-
-    from segnet_cli.model.network import Architecture, build_segnet
-
     policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")
     try:
@@ -280,8 +295,13 @@ def _run_lock(out: Path):
 
     Raises:
         LockedError: another live ``segnet train`` holds the folder.
+        UsageError: nothing can be written in the folder (read-only, no permission).
     """
-    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise UsageError(f"cannot write in the run folder (--out): {reason}", out) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -297,9 +317,11 @@ def _run_lock(out: Path):
 def run_train(config: TrainConfig, progress=None, log=print) -> Report:
     """Train a SegNet as ``config`` says and return a report.
 
-    With ``config.resume`` the run's settings come from its checkpoint (only ``out``,
-    ``epochs``, ``max_minutes`` and ``workers`` are taken from ``config``) and training
-    continues exactly: same weights, optimizer state, schedule step and data stream.
+    With ``config.resume`` the run's settings come from its checkpoint and training
+    continues exactly: same weights, optimizer state, schedule step and data stream. Only the
+    fields in ``TrainConfig.PER_INVOCATION`` (``out``, ``epochs``, ``max_minutes``,
+    ``workers``, ...) are taken from ``config``; any other option it sets must equal the
+    run's. With ``config.init`` a new run starts from a segnet model's weights.
 
     Args:
         config: the training options.
@@ -307,135 +329,342 @@ def run_train(config: TrainConfig, progress=None, log=print) -> Report:
             ``step(loss)`` and ``stop()`` (the CLI passes a rich bar).
         log: where one-line human messages go.
 
+    SIGINT and SIGTERM stop the run cleanly: the step running finishes, a save under way
+    completes, nothing more is written, and the report's ``return_code`` is 130 or 143 with
+    ``details["interrupted"]`` the signal; the checkpoint holds the last finished epoch.
+
     Raises:
         UsageError, DatasetError: bad options or a dataset with problems.
+        ModelFileError: a checkpoint or ``--init`` model that cannot be used.
         LockedError: another trainer is using the run folder.
     """
-    out = Path(config.out)
-    if config.resume and not (out / CHECKPOINT).exists():
-        raise UsageError("nothing to resume: no checkpoint.keras in the run folder", out)
-    if not config.resume and config.images is None:
-        raise UsageError("give the training IMAGES folder (or --resume a run)")
-    out.mkdir(parents=True, exist_ok=True)
-    with _run_lock(out):
-        remove_dead_temporaries(out, recursive=False)  # a killed save's leftovers
-        return _train(config, progress, log)
-
-
-def _train(config: TrainConfig, progress, log) -> Report:
     t0 = time.time()
     out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError("--out names a file; give a run folder", out)
+    if config.resume and not (out / CHECKPOINT).exists():
+        raise UsageError("nothing to resume: no checkpoint.keras in the run folder", out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise UsageError(f"cannot create the run folder (--out): {reason}", out) from None
+    with _run_lock(out), SignalGuard() as guard:
+        remove_dead_temporaries(out, recursive=False)  # a killed save's leftovers
+        try:
+            return _train(config, guard, progress, log)
+        except Interrupted as exc:
+            ckpt = out / CHECKPOINT
+            return Report(
+                return_code=exc.exit_code,
+                seconds=time.time() - t0,
+                details={
+                    "out": str(out),
+                    "model": None,
+                    "interrupted": exc.signum,
+                    "epochs": int(read_info(ckpt).training.get("epoch", 0)) if ckpt.exists() else 0,
+                },
+            )
+
+
+def _train(config: TrainConfig, guard: SignalGuard, progress, log) -> Report:
+    t0 = time.time()
+    config, start = _settings(config, Path(config.out))
+    data = _load_data(config, start, guard, log)
+    with _precision(config.precision):
+        return _train_model(config, start, data, guard, progress, log, t0)
+
+
+def _train_model(
+    config: TrainConfig, start: _Start, data: _Data, guard: SignalGuard, progress, log, t0: float
+) -> Report:
+    """Build (or load) the model, fit it epoch by epoch, write the final model."""
+    out = Path(config.out)
+    state = start.state
+    keras.utils.set_random_seed(config.seed + int(state.get("epoch", 0)))
+    steps = len(data.pairs) // config.batch_size
+    model = _build_model(config, start, data, steps, log)
+    run = _Run(
+        config=config,
+        out=out,
+        data=data,
+        arch=dict(
+            width=config.width,
+            stages=config.stages,
+            in_channels=data.channels,
+            num_classes=data.classes.num_classes,
+        ),
+        params=count_params(model),
+        planned=_planned_epochs(state) or config.epochs,
+        history=list(state.get("history", [])),
+        best=float(state.get("best_miou", -1.0)),
+        seconds=float(state.get("seconds", 0.0)),
+        t0=t0,
+        init=start.init,
+    )
+    start_epoch = int(state.get("epoch", 0))
+    epoch_end = EpochEnd(run, guard, progress, log)
+    if start_epoch >= config.epochs:
+        log(f"already trained {start_epoch} of {config.epochs} epochs: nothing to do")
+    else:
+        guard.check()
+        _fit(model, run, steps, start_epoch, epoch_end, progress, log)
+        guard.check()  # a signal stopped fit: no final model from a cut-short run
+    final_state = _final_model(model, run)
+    return Report(
+        return_code=0,
+        done=len(run.history) - len(state.get("history", [])),
+        seconds=time.time() - t0,
+        details={
+            "out": str(out),
+            "model": str(out / FINAL),
+            "best_val_miou": run.best if run.best >= 0 else None,
+            "epochs": int(final_state.get("epoch", start_epoch)),
+            "stopped_early": epoch_end.stop_reason,
+        },
+    )
+
+
+@dataclass(frozen=True)
+class _Start:
+    """What a run starts from: nothing, its checkpoint (--resume) or a model's weights (--init)."""
+
+    state: dict = field(default_factory=dict)  # the checkpoint's training state
+    path: Path | None = None  # the checkpoint or the --init model
+    info: ModelInfo | None = None  # its metadata
+    init: dict | None = None  # what the run records about its --init model: path, sha256
+
+
+def _settings(config: TrainConfig, out: Path) -> tuple[TrainConfig, _Start]:
+    """The settings this invocation trains with, and what the run starts from.
+
+    A new run takes ``config`` as it is (60 epochs unless given). ``--resume`` takes the
+    run's settings from its checkpoint, so it goes on exactly as it began; only the fields
+    about this invocation (``TrainConfig.PER_INVOCATION``) come from ``config``, and an
+    option set to anything else than the run's own is refused rather than ignored.
+
+    Raises:
+        UsageError: a new run in a folder that already holds a run; options that contradict
+            the resumed run.
+        ModelFileError: the checkpoint is not one a run can continue from.
+    """
     ckpt = out / CHECKPOINT
-    state: dict = {}
-    if config.resume:
-        state = read_info(ckpt).training
-        saved = state.get("config", {})
-        # The run's settings come from the checkpoint, so it goes on exactly as it began.
-        fields = {k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}
-        for key in ("images", "masks", "val_images", "val_masks", "out"):
-            if fields.get(key) is not None:
-                fields[key] = Path(fields[key])
-        for key in ("crop", "scale"):
-            if key in fields:
-                fields[key] = tuple(fields[key])
-        # Where the run is, how long to run and how many threads to use are about this
-        # invocation, not the run: the folder may have moved, the machine may differ.
-        # ``epochs`` given with --resume is the new total; not given, the run's own.
-        config = replace(
-            TrainConfig(**fields),
-            out=out,
-            epochs=config.epochs if config.epochs is not None else int(saved.get("epochs", 0)),
-            resume=True,
-            max_minutes=config.max_minutes,
-            workers=config.workers,
-        )
-    elif ckpt.exists():
+    if not config.resume:
+        if ckpt.exists():
+            raise UsageError(
+                "run folder already has a checkpoint: pass --resume to continue it, or "
+                "another --out",
+                out,
+            )
+        config = replace(config, epochs=config.epochs or DEFAULT_EPOCHS)
+        if config.init is None:
+            return config, _Start()
+        return _init_settings(config)
+    info, state = _checkpoint_state(ckpt)
+    saved = state["config"]
+    fields = {k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}
+    run = TrainConfig(**fields)
+    clashes = _contradictions(config, run)
+    if clashes:
         raise UsageError(
-            "run folder already has a checkpoint: pass --resume to continue it, or another --out",
+            "--resume continues the run with its own settings, and these options contradict "
+            f"them: {'; '.join(clashes)}. Leave them out, or start a new run in another --out",
             out,
         )
+    # Where the run is, how long to run and how many threads to use are about this
+    # invocation, not the run: the folder may have moved, the machine may differ.
+    # ``epochs`` given with --resume is the new total; not given, the run's own.
+    now = {name: getattr(config, name) for name in TrainConfig.PER_INVOCATION}
     if config.epochs is None:
-        config = replace(config, epochs=DEFAULT_EPOCHS)
-    if config.epochs < 1:
-        raise UsageError("--epochs must be at least 1")
+        now["epochs"] = int(saved.get("epochs") or state["epoch"])
+    resumed = replace(run, **now)
+    return resumed, _Start(state, ckpt, info, state.get("init"))
 
+
+def _init_settings(config: TrainConfig) -> tuple[TrainConfig, _Start]:
+    """A new run from ``config.init``'s weights: its architecture, read from the model file.
+
+    Raises:
+        ModelFileError: the model file is missing, broken, not a segnet model or lacks its
+            architecture.
+        UsageError: ``--width`` or ``--stages`` set to other values than the model's.
+    """
+    path = Path(config.init)
+    info = read_info(path)
+    arch = info.architecture
+    if not all(key in arch for key in ("width", "stages", "in_channels", "num_classes")):
+        raise ModelFileError("its metadata lacks the architecture (width, stages)", path)
+    clashes = [
+        f"{TrainConfig.option(name)} {getattr(config, name)} (the model's: {arch[name]})"
+        for name in ("width", "stages")
+        if config.was_given(name) and getattr(config, name) != arch[name]
+    ]
+    if clashes:
+        raise UsageError(
+            f"--init takes the architecture from the model: {'; '.join(clashes)}; leave "
+            "--width and --stages out",
+            path,
+        )
+    config = replace(config, width=float(arch["width"]), stages=int(arch["stages"]))
+    record = {"path": str(path.absolute()), "sha256": _sha256(path)}
+    return config, _Start(path=path, info=info, init=record)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _checkpoint_state(ckpt: Path) -> tuple[ModelInfo, dict]:
+    """A run's checkpoint metadata and training state, if a run can continue from it.
+
+    Raises:
+        ModelFileError: not a segnet model, no training state, or no optimizer state (a
+            shipped model such as ``best.keras`` copied over the checkpoint).
+    """
+    info = read_info(ckpt)
+    state = info.training
+    if not all(key in state for key in ("epoch", "config", "mean", "std")):
+        raise ModelFileError(
+            "not a training checkpoint (it holds no training state): --resume continues only "
+            "from the checkpoint.keras that `segnet train` wrote",
+            ckpt,
+        )
+    if not _has_optimizer_state(ckpt):
+        raise _no_optimizer_state(ckpt)
+    return info, state
+
+
+def _has_optimizer_state(path: Path) -> bool:
+    """Whether a ``.keras`` file holds a compiled model (Keras then saves the optimizer).
+
+    Read from the archive's ``config.json``, without TensorFlow, so the check comes before
+    the data is verified.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            config = json.loads(zf.read("config.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return False
+    return bool(config.get("compile_config"))
+
+
+def _no_optimizer_state(ckpt: Path) -> ModelFileError:
+    return ModelFileError(
+        "has no optimizer state (a shipped model such as best.keras copied over the "
+        "checkpoint?), so the run cannot continue exactly; start a new run from it with "
+        "--init instead",
+        ckpt,
+    )
+
+
+def _contradictions(config: TrainConfig, run: TrainConfig) -> list[str]:
+    """The options ``config`` sets that differ from the resumed run's, each described."""
+    clashes = []
+    for name in TrainConfig.__dataclass_fields__:
+        if name in TrainConfig.PER_INVOCATION or not config.was_given(name):
+            continue
+        mine, theirs = getattr(config, name), getattr(run, name)
+        if name in TrainConfig.PATHS:
+            if name == "masks":  # not given: <images>annot, which find_pairs looks for
+                mine, theirs = _masks_folder(config), _masks_folder(run)
+            same = _same_path(mine, theirs)
+        elif name == "classes" and Path(mine).is_file() and Path(theirs).is_file():
+            same = os.path.samefile(mine, theirs)
+        else:
+            same = mine == theirs
+        if not same:
+            option = TrainConfig.option(name)
+            clashes.append(f"{option} {_shown(mine)} (the run's: {_shown(theirs)})")
+    return clashes
+
+
+def _masks_folder(config: TrainConfig) -> Path | None:
+    if config.masks is not None or config.images is None or Path(config.images).is_file():
+        return config.masks
+    return config.images.parent / f"{config.images.name}annot"
+
+
+def _same_path(a: Path | None, b: Path | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    if Path(a).absolute() == Path(b).absolute():
+        return True
+    return Path(a).exists() and Path(b).exists() and os.path.samefile(a, b)
+
+
+def _shown(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+@dataclass
+class _Data:
+    """The run's data, read and checked: everything that does not depend on the model."""
+
+    classes: ClassTable
+    pairs: list[Pair]
+    channels: int
+    weights: np.ndarray
+    mean: list[float]
+    std: list[float]
+    val_items: list[tuple[np.ndarray, np.ndarray]]
+
+
+def _load_data(config: TrainConfig, start: _Start, guard: SignalGuard, log) -> _Data:
+    """Find and verify the training and validation pairs; class weights and input scaling.
+
+    Raises:
+        Interrupted: a signal came while the pairs were verified.
+        DatasetError: the data has problems (every one is listed).
+        UsageError: inconsistent channels (also with the resumed run), fewer pairs than a
+            batch, bad class weights.
+    """
     classes = load_classes(config.classes, config.void)
-    k = classes.num_classes
     pairs, problems = find_pairs(config.images, config.masks)
     log(f"verifying {len(pairs)} training pairs ...")
-    report = verify(pairs, classes, problems, config.rgb_masks, config.weight_power)
+    # Verifying a large dataset takes minutes: a signal is answered between pairs.
+    report = verify(
+        pairs, classes, problems, config.rgb_masks, config.weight_power, lambda *_: guard.check()
+    )
     require_ok(report)
     channels = next(iter(report.channels))
+    if start.info is not None and channels != start.info.in_channels:
+        if config.resume:
+            raise UsageError(
+                f"the training images have {channels} channel(s) but the run was trained on "
+                f"{start.info.in_channels} (were the images converted?); start a new run in "
+                "another --out",
+                config.images,
+            )
+        raise UsageError(
+            f"the model takes {start.info.in_channels}-channel images but the training images "
+            f"have {channels} channel(s)",
+            start.path,
+        )
     val_pairs: list[Pair] = []
     if config.val_images is not None:
         val_pairs, vproblems = find_pairs(config.val_images, config.val_masks)
-        vreport = verify(val_pairs, classes, vproblems, config.rgb_masks)
+        vreport = verify(
+            val_pairs, classes, vproblems, config.rgb_masks, progress=lambda *_: guard.check()
+        )
         require_ok(vreport)
         if vreport.channels != report.channels:
             raise UsageError("validation images have other channels than training images")
-    weights = load_class_weights(config.class_weights, report.weights, k)
+    weights = load_class_weights(config.class_weights, report.weights, classes.num_classes)
     log("class weights: " + ", ".join(f"{n}={w:.3f}" for n, w in zip(classes.names, weights)))
-
-    _set_precision(config.precision)
-    import keras
-
-    from segnet_cli.model.network import Architecture, build_segnet, count_params, save_model
-
-    keras.utils.set_random_seed(config.seed + int(state.get("epoch", 0)))
-    arch_kwargs = dict(
-        width=config.width, stages=config.stages, in_channels=channels, num_classes=k
-    )
-    arch = Architecture(**arch_kwargs)
-    if config.resume:
-        mean, std = state["mean"], state["std"]
-    else:
-        mean, std = channel_stats(pairs, channels)
-    steps = max(1, len(pairs) // config.batch_size)
     if len(pairs) < config.batch_size:
         raise UsageError(f"{len(pairs)} training pairs are fewer than the batch size")
-
-    # The epochs the learning-rate schedule was built for (it lives in the optimizer).
-    planned = int(
-        state.get("schedule_epochs") or state.get("config", {}).get("epochs") or config.epochs
-    )
-    scope = _strategy_scope()
-    scope.__enter__()
     if config.resume:
-        from segnet_cli.model import layers  # noqa: F401
-
-        try:
-            model = keras.saving.load_model(str(ckpt), compile=True, safe_mode=True)
-        except Exception as exc:  # Keras raises many types for a broken archive
-            raise ModelFileError(f"cannot load the checkpoint: {exc}", ckpt) from None
-        log(f"resuming after epoch {state['epoch']} (optimizer step {int(model.optimizer.iterations.numpy())})")
-        if config.epochs > planned > 0:
-            # The schedule is part of the optimizer state; rebuilding it would jump the rate.
-            log(
-                f"the learning-rate schedule was planned for {planned} epochs; "
-                f"epochs {planned + 1}-{config.epochs} run at its final rate"
-            )
+        mean, std = start.state["mean"], start.state["std"]
+    elif start.info is not None:  # --init: the model's weights expect the model's scaling
+        mean, std = list(start.info.scaling.mean), list(start.info.scaling.std)
     else:
-        model = build_segnet(arch, mean, std)
-        total = steps * config.epochs
-        warm = min(steps * config.warmup_epochs, max(total - 1, 0))
-        schedule = keras.optimizers.schedules.CosineDecay(
-            initial_learning_rate=config.learning_rate / 10 if warm else config.learning_rate,
-            decay_steps=max(total - warm, 1),
-            alpha=0.01,
-            warmup_target=config.learning_rate if warm else None,
-            warmup_steps=warm,
-        )
-        model.compile(
-            optimizer=keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        )
-    scope.__exit__(None, None, None)
-    params = count_params(model)
-    history: list[dict] = list(state.get("history", []))
-    best = float(state.get("best_miou", -1.0))
-    start_epoch = int(state.get("epoch", 0))
-    spent = float(state.get("seconds", 0.0))
-
+        mean, std = channel_stats(pairs, channels)
     val_items = [
         (
             to_model_input(read_image(p.image), channels, p.image),
@@ -443,145 +672,310 @@ def _train(config: TrainConfig, progress, log) -> Report:
         )
         for p in val_pairs
     ]
-    train_ds = make_dataset(pairs, classes, channels, weights, config, start_epoch)
+    return _Data(classes, pairs, channels, weights, mean, std, val_items)
 
-    def info_for(training: dict) -> ModelInfo:
+
+def _build_model(config: TrainConfig, start: _Start, data: _Data, steps: int, log):
+    """The compiled model to train: the checkpoint's (``--resume``) or a new one.
+
+    Raises:
+        ModelFileError: the checkpoint cannot be loaded.
+    """
+    with _strategy_scope():
+        if config.resume:
+            return _load_checkpoint(start, config.epochs, log)
+        arch = Architecture(
+            width=config.width,
+            stages=config.stages,
+            in_channels=data.channels,
+            num_classes=data.classes.num_classes,
+        )
+        model = build_segnet(arch, data.mean, data.std)
+        if start.init is not None:
+            _copy_weights(start, model, log)
+        # --init too: a new run, so a fresh optimizer and schedule (warm-up included).
+        model.compile(optimizer=_optimizer(config, steps), loss=make_loss(config.loss))
+        return model
+
+
+def _copy_weights(start: _Start, model, log) -> None:
+    """Give ``model`` the ``--init`` model's weights, layer by layer.
+
+    Every layer is copied, except the classifier when the class counts differ: it then
+    keeps its fresh initialisation (a 1x1 convolution to the new classes' logits).
+
+    Raises:
+        ModelFileError: the model cannot be loaded or its layers do not match its metadata.
+    """
+    from segnet_cli.model.network import load_model
+
+    source, info = load_model(start.path)
+    log(
+        f"starting from the weights of {start.path} (width {info.architecture['width']}, "
+        f"{info.architecture['stages']} stages and input scaling taken from it)"
+    )
+    k = model.output_shape[-1]
+    fresh = set()
+    if info.num_classes != k:
+        fresh.add("classifier")
+        log(
+            f"the model has {info.num_classes} classes and the training data {k}: every layer "
+            "keeps the model's weights except the classifier, which starts afresh"
+        )
+    names = {layer.name for layer in source.layers}
+    for layer in model.layers:
+        if not layer.weights or layer.name in fresh:
+            continue
+        values = source.get_layer(layer.name).get_weights() if layer.name in names else None
+        if values is None or [v.shape for v in values] != [tuple(w.shape) for w in layer.weights]:
+            raise ModelFileError(
+                f"its layer {layer.name} does not match the architecture in its metadata",
+                start.path,
+            )
+        layer.set_weights(values)
+
+
+def _load_checkpoint(start: _Start, epochs: int, log):
+    """The checkpoint's model with its optimizer state (the schedule continues from its step).
+
+    Raises:
+        ModelFileError: the checkpoint cannot be loaded or has no optimizer state.
+    """
+    from segnet_cli.model import layers  # noqa: F401  (registers the custom layers)
+
+    ckpt = start.path
+    try:
+        model = keras.saving.load_model(str(ckpt), compile=True, safe_mode=True)
+    except Exception as exc:  # Keras raises many types for a broken archive
+        raise ModelFileError(f"cannot load the checkpoint: {exc}", ckpt) from None
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or int(optimizer.iterations.numpy()) == 0:
+        raise _no_optimizer_state(ckpt)
+    step = int(optimizer.iterations.numpy())
+    log(f"resuming after epoch {start.state['epoch']} (optimizer step {step})")
+    planned = _planned_epochs(start.state)
+    if epochs > planned > 0:
+        # The schedule is part of the optimizer state; rebuilding it would jump the rate.
+        log(
+            f"the learning-rate schedule was planned for {planned} epochs; "
+            f"epochs {planned + 1}-{epochs} run at its final rate"
+        )
+    return model
+
+
+def _planned_epochs(state: dict) -> int:
+    """The epochs a run's learning-rate schedule was built for (0 for a new run).
+
+    The schedule lives in the optimizer, so a resumed run keeps it, whatever --epochs says.
+    """
+    return int(state.get("schedule_epochs") or state.get("config", {}).get("epochs") or 0)
+
+
+def _optimizer(config: TrainConfig, steps: int):
+    """AdamW with a linear warm-up and a cosine decay over the whole run."""
+    total = steps * config.epochs
+    warm = min(steps * config.warmup_epochs, max(total - 1, 0))
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=config.learning_rate / 10 if warm else config.learning_rate,
+        decay_steps=max(total - warm, 1),
+        alpha=0.01,
+        warmup_target=config.learning_rate if warm else None,
+        warmup_steps=warm,
+    )
+    return keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
+
+
+@dataclass
+class _Run:
+    """One invocation's settings and the run's record so far (``EpochEnd`` updates it)."""
+
+    config: TrainConfig
+    out: Path
+    data: _Data
+    arch: dict  # Architecture fields, also recorded in the model files
+    params: int
+    planned: int  # epochs the learning-rate schedule was built for
+    history: list[dict]
+    best: float  # best validation mIoU so far, -1 before any
+    seconds: float  # training time of every invocation of the run
+    t0: float  # this invocation's start (time.time())
+    init: dict | None = None  # the --init model the run started from: path, sha256
+
+    def training_state(self, epoch: int) -> dict:
+        """What the model files record about the run after ``epoch`` (``--resume`` reads it)."""
+        return {
+            "epoch": epoch,
+            "epochs": self.config.epochs,
+            "schedule_epochs": self.planned,
+            "history": self.history,
+            "best_miou": self.best,
+            "seconds": round(self.seconds, 1),
+            "mean": self.data.mean,
+            "std": self.data.std,
+            "config": _config_json(self.config),
+            "class_weights": [float(w) for w in self.data.weights],
+            **({"init": self.init} if self.init else {}),
+        }
+
+    def model_info(self, training: dict) -> ModelInfo:
+        arch = Architecture(**self.arch)
         return ModelInfo(
-            class_names=classes.names,
-            palette=classes.palette(),
-            in_channels=channels,
-            scaling=InputScaling(mean=tuple(mean), std=tuple(std)),
+            class_names=self.data.classes.names,
+            palette=self.data.classes.palette(),
+            in_channels=self.data.channels,
+            scaling=InputScaling(mean=tuple(self.data.mean), std=tuple(self.data.std)),
             stride=arch.stride,
             receptive_field=arch.receptive_field,
-            architecture={**arch_kwargs, "params": params, "decoder": "argmax-unpooling"},
+            architecture={**self.arch, "params": self.params, "decoder": "argmax-unpooling"},
             training=training,
-            void_class=classes.void,
+            void_class=self.data.classes.void,
         )
 
-    # Absolute paths, so that --resume works from any working directory.
-    config_json = {
-        k_: (str(v.absolute()) if isinstance(v, Path) else v) for k_, v in asdict(config).items()
-    }
+    def export_copy(self, model):
+        """A float32, optimizer-free copy of ``model`` for shipping and prediction."""
+        return _export_copy(model, self.arch, self.data.mean, self.data.std)
 
-    class EpochEnd(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.epoch_start = time.time()
-            self.losses: list[float] = []
-            self.stop_reason = None
 
-        def on_epoch_begin(self, epoch, logs=None):
-            self.epoch_start = time.time()
-            self.losses = []
+def _config_json(config: TrainConfig) -> dict:
+    """``config`` as the checkpoint records it; absolute paths, so --resume works from anywhere."""
+    out = {}
+    for key, value in asdict(config).items():
+        if key == "given":
+            continue  # about one invocation's command line, not the run
+        if isinstance(value, Path):
+            value = str(value.absolute())
+        elif isinstance(value, Enum):
+            value = value.value
+        out[key] = value
+    return out
 
-        def on_train_batch_end(self, batch, logs=None):
-            loss = float((logs or {}).get("loss", float("nan")))
-            self.losses.append(loss)
-            if progress is not None:
-                progress.step(loss)
 
-        def on_epoch_end(self, epoch, logs=None):
-            nonlocal best, spent
-            ep = epoch + 1
-            row = {"epoch": ep, "loss": round(float((logs or {}).get("loss", float("nan"))), 5)}
-            # Keras 3's ``learning_rate`` is the schedule's value at the current step.
-            row["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-            is_best = False
-            if val_items and (ep % config.val_every == 0 or ep == config.epochs):
-                cm = evaluate_arrays(self.model, val_items, k, classes.void)
-                in_range_void = classes.void if classes.void is not None and classes.void < k else None
-                sc = scores(cm, ignore=in_range_void)
-                row.update(
-                    val_miou=round(sc.mean_iou, 5),
-                    val_g=round(sc.global_accuracy, 5),
-                    val_c=round(sc.class_accuracy, 5),
-                )
-                row["val_iou"] = [None if math.isnan(v) else round(v, 4) for v in sc.per_class_iou]
-                if sc.mean_iou > best:
-                    best, is_best = sc.mean_iou, True
-            spent += time.time() - self.epoch_start
-            row["seconds"] = round(time.time() - self.epoch_start, 1)
-            history.append(row)
-            training = {
-                "epoch": ep,
-                "epochs": config.epochs,
-                "schedule_epochs": planned,
-                "history": history,
-                "best_miou": best,
-                "seconds": round(spent, 1),
-                "mean": mean,
-                "std": std,
-                "config": config_json,
-                "class_weights": [float(w) for w in weights],
-            }
-            # Best first, checkpoint last: a kill between them loses at most the epoch.
-            if is_best:
-                save_model(_export_copy(self.model, arch_kwargs, mean, std), info_for(training), out / BEST)
-            save_model(self.model, info_for(training), ckpt)
-            _write_history(out, history)
-            msg = f"epoch {ep}/{config.epochs} loss {row['loss']:.4f}"
-            if "val_miou" in row:
-                msg += (
-                    f"  val mIoU {row['val_miou'] * 100:.1f}  G {row['val_g'] * 100:.1f}"
-                    f"  C {row['val_c'] * 100:.1f}" + ("  (best)" if is_best else "")
-                )
-            log(msg + f"  [{row['seconds']:.0f}s]")
-            if config.max_minutes is not None and (time.time() - t0) / 60 > config.max_minutes:
-                self.stop_reason = f"time budget of {config.max_minutes:g} min reached"
-                self.model.stop_training = True
+class EpochEnd(keras.callbacks.Callback):
+    """After each epoch: validate, record the history, save best model and checkpoint.
 
-    cb = EpochEnd()
-    if start_epoch >= config.epochs:
-        log(f"already trained {start_epoch} of {config.epochs} epochs: nothing to do")
-    else:
-        log(
-            f"training SegNet ({params:,} parameters, width {config.width}, {config.stages} "
-            f"stages) on {len(pairs)} pairs, {steps} steps/epoch, epochs {start_epoch + 1}-"
-            f"{config.epochs}, {config.precision}"
+    Also feeds the progress bar per step and stops the run when its time budget is spent or
+    a signal came (``guard``): after the step under way, and without saving a cut-short
+    epoch, so the checkpoint keeps the last finished one and --resume redoes the rest.
+    """
+
+    def __init__(self, run: _Run, guard: SignalGuard, progress=None, log=print) -> None:
+        super().__init__()
+        self.run = run
+        self.guard = guard
+        self.progress = progress
+        self.log = log
+        self.epoch_start = time.time()
+        self.stop_reason: str | None = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start = time.time()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.guard.stop:
+            self.model.stop_training = True
+        if self.progress is not None:
+            self.progress.step(float((logs or {}).get("loss", float("nan"))))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.guard.stop:
+            return  # Keras ends a stopped epoch early and still calls this: save nothing
+        run, config = self.run, self.run.config
+        ep = epoch + 1
+        row = {"epoch": ep, "loss": round(float((logs or {}).get("loss", float("nan"))), 5)}
+        # Keras 3's ``learning_rate`` is the schedule's value at the current step.
+        row["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        is_best = False
+        if run.data.val_items and (ep % config.val_every == 0 or ep == config.epochs):
+            miou, figures = self._validate()
+            row.update(figures)
+            if miou > run.best:
+                run.best, is_best = miou, True
+        elapsed = time.time() - self.epoch_start
+        run.seconds += elapsed
+        row["seconds"] = round(elapsed, 1)
+        run.history.append(row)
+        info = run.model_info(run.training_state(ep))
+        # Best first, checkpoint last: a kill between them loses at most the epoch.
+        if is_best:
+            save_model(run.export_copy(self.model), info, run.out / BEST)
+        save_model(self.model, info, run.out / CHECKPOINT)
+        _write_history(run.out, run.history)
+        self.log(_epoch_line(row, config.epochs, is_best))
+        if self.guard.stop:  # came while validating or saving: both finished, stop now
+            self.model.stop_training = True
+        elif config.max_minutes is not None and (time.time() - run.t0) / 60 > config.max_minutes:
+            self.stop_reason = f"time budget of {config.max_minutes:g} min reached"
+            self.model.stop_training = True
+
+    def _validate(self) -> tuple[float, dict]:
+        """The validation mIoU and the figures the history records (rounded)."""
+        data = self.run.data
+        k, void = data.classes.num_classes, data.classes.void
+        cm = evaluate_arrays(self.model, data.val_items, k, void)
+        sc = scores(cm, ignore=void if void is not None and void < k else None)
+        return sc.mean_iou, {
+            "val_miou": round(sc.mean_iou, 5),
+            "val_g": round(sc.global_accuracy, 5),
+            "val_c": round(sc.class_accuracy, 5),
+            "val_iou": [None if math.isnan(v) else round(v, 4) for v in sc.per_class_iou],
+        }
+
+
+def _epoch_line(row: dict, epochs: int, is_best: bool) -> str:
+    msg = f"epoch {row['epoch']}/{epochs} loss {row['loss']:.4f}"
+    if "val_miou" in row:
+        msg += (
+            f"  val mIoU {row['val_miou'] * 100:.1f}  G {row['val_g'] * 100:.1f}"
+            f"  C {row['val_c'] * 100:.1f}" + ("  (best)" if is_best else "")
         )
-        if progress is not None:
-            progress.start(steps * config.epochs, steps * start_epoch)
-        try:
-            model.fit(
-                train_ds,
-                epochs=config.epochs,
-                initial_epoch=start_epoch,
-                steps_per_epoch=steps,
-                callbacks=[cb],
-                shuffle=False,  # the dataset shuffles itself
-                verbose=0,
-            )
-        finally:
-            if progress is not None:
-                progress.stop()
-        if cb.stop_reason:
-            log(f"stopped early: {cb.stop_reason}; continue with --resume")
+    return msg + f"  [{row['seconds']:.0f}s]"
 
-    # The final model: best on validation if there was one, else the last epoch.
-    final_state = read_info(ckpt).training if ckpt.exists() else {}
-    if (out / BEST).exists():
-        best_info = read_info(out / BEST)
-        import shutil
 
-        with atomic_path(out / FINAL) as tmp:
-            shutil.copyfile(out / BEST, tmp)
-        del best_info
-    elif ckpt.exists():
-        save_model(
-            _export_copy(model, arch_kwargs, mean, std), info_for(final_state), out / FINAL
-        )
-    return Report(
-        return_code=0,
-        done=len(history) - len(state.get("history", [])),
-        seconds=time.time() - t0,
-        details={
-            "out": str(out),
-            "model": str(out / FINAL),
-            "best_val_miou": best if best >= 0 else None,
-            "epochs": int(final_state.get("epoch", start_epoch)),
-            "stopped_early": cb.stop_reason,
-        },
+def _fit(model, run: _Run, steps: int, start_epoch: int, epoch_end: EpochEnd, progress, log):
+    """Train from ``start_epoch`` to ``run.config.epochs``; ``epoch_end`` saves each epoch."""
+    config = run.config
+    log(
+        f"training SegNet ({run.params:,} parameters, width {config.width}, {config.stages} "
+        f"stages) on {len(run.data.pairs)} pairs, {steps} steps/epoch, epochs {start_epoch + 1}-"
+        f"{config.epochs}, {config.precision}"
     )
+    data = run.data
+    train_ds = make_dataset(
+        data.pairs, data.classes, data.channels, data.weights, config, start_epoch
+    )
+    if progress is not None:
+        progress.start(steps * config.epochs, steps * start_epoch)
+    try:
+        model.fit(
+            train_ds,
+            epochs=config.epochs,
+            initial_epoch=start_epoch,
+            steps_per_epoch=steps,
+            callbacks=[epoch_end],
+            shuffle=False,  # the dataset shuffles itself
+            verbose=0,
+        )
+    finally:
+        if progress is not None:
+            progress.stop()
+    if epoch_end.stop_reason:
+        log(f"stopped early: {epoch_end.stop_reason}; continue with --resume")
+
+
+def _final_model(model, run: _Run) -> dict:
+    """Write ``model.keras``: the best on validation if there was one, else the last epoch.
+
+    Returns:
+        The training state of the last finished epoch (empty before any).
+    """
+    ckpt = run.out / CHECKPOINT
+    final_state = read_info(ckpt).training if ckpt.exists() else {}
+    if (run.out / BEST).exists():
+        with atomic_path(run.out / FINAL) as tmp:
+            shutil.copyfile(run.out / BEST, tmp)
+    elif ckpt.exists():
+        save_model(run.export_copy(model), run.model_info(final_state), run.out / FINAL)
+    return final_state
 
 
 def _strategy_scope():

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shapes_image, write_png
+from conftest import make_model_file, shapes_image, write_png
 from typer.testing import CliRunner
 
 from segnet_cli.cli import app
-from segnet_cli.config import TrainConfig
-from segnet_cli.errors import DatasetError, LockedError, UsageError
+from segnet_cli.config import Loss, TrainConfig
+from segnet_cli.errors import DatasetError, LockedError, ModelFileError, UsageError
 from segnet_cli.model.modelfile import read_info
 from segnet_cli.pipeline import segment_image
 from segnet_cli.train import CHECKPOINT, LOCK, epoch_plan, load_class_weights, run_train
@@ -65,7 +65,8 @@ def quiet(_msg: str) -> None:
 def checkpoint_optimizer(path: Path):
     import keras
 
-    import segnet_cli.model.layers  # noqa: F401
+    import segnet_cli.losses  # noqa: F401
+    from segnet_cli.model import layers  # noqa: F401
 
     return keras.saving.load_model(str(path), compile=True).optimizer
 
@@ -235,7 +236,7 @@ def test_epoch_plan_is_a_function_of_seed_and_epoch():
     assert c_idx.tolist() != a_idx.tolist() or d_idx.tolist() != a_idx.tolist()
 
 
-def test_sigterm_mid_run_leaves_a_resumable_checkpoint(data, tmp_path):
+def test_sigterm_mid_run_stops_cleanly_with_143_and_a_resumable_checkpoint(data, tmp_path):
     out = tmp_path / "killed"
     cmd = [
         sys.executable, "-m", "segnet_cli", "train", str(data / "train"), "--out", str(out),
@@ -252,14 +253,21 @@ def test_sigterm_mid_run_leaves_a_resumable_checkpoint(data, tmp_path):
             time.sleep(0.2)
         time.sleep(0.5)  # well into a later epoch, perhaps mid-save
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == -signal.SIGTERM
+    err = err.decode()
+    # Stopped by segnet itself, not killed by the signal: 128 + 15, one clear line.
+    assert proc.returncode == 143, err
+    assert "interrupted by SIGTERM" in err and "--resume" in err and "Traceback" not in err
+    # Nothing half-written: no model temporaries, no final model of a cut-short run.
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".") and "tmp" in p.name]
+    assert not (out / "model.keras").exists()
     state = read_info(out / CHECKPOINT).training
     done = state["epoch"]
+    assert f"holds epoch {done}" in err
     assert done >= 1 and [h["epoch"] for h in state["history"]] == list(range(1, done + 1))
     # Resume for one more epoch: the count and the optimizer's step continue.
     r = run_train(TrainConfig(images=data / "train", out=out, resume=True, epochs=done + 1), log=quiet)
@@ -268,3 +276,262 @@ def test_sigterm_mid_run_leaves_a_resumable_checkpoint(data, tmp_path):
     assert [h["epoch"] for h in state["history"]] == list(range(1, done + 2))
     assert state["epochs"] == done + 1 and state["schedule_epochs"] == 500
     assert int(checkpoint_optimizer(out / CHECKPOINT).iterations.numpy()) == (done + 1) * 3
+
+
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["-b", "0"], "--batch-size"),
+        (["--val-every", "0"], "--val-every"),
+        (["--crop", "0"], "--crop"),
+        (["--crop", "31x-2"], "--crop"),
+        (["--workers", "-3"], "--workers"),
+        (["--epochs", "0"], "--epochs"),
+        (["--lr", "0"], "--lr"),
+        (["--lr", "-0.001"], "--lr"),
+        (["--lr", "nan"], "--lr"),
+        (["--scale", "1.25,0.75"], "--scale"),
+        (["--scale", "0,1"], "--scale"),
+        (["--stages", "6"], "--stages"),
+        (["--stages", "0"], "--stages"),
+        (["--width", "0"], "--width"),
+        (["--width", "-0.5"], "--width"),
+        (["--precision", "int8"], "--precision"),
+    ],
+)
+def test_bad_options_are_refused_before_any_data_is_read(tmp_path, args, option):
+    out = tmp_path / "run"
+    # The images folder does not exist: a check that ran after reading data would say so.
+    r = runner.invoke(app, ["train", str(tmp_path / "no-such-images"), "--out", str(out), *args])
+    assert r.exit_code == 2, r.output
+    assert option in r.stderr and "not found" not in r.stderr
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+    assert not out.exists()
+    # The library refuses the same values: the check is in TrainConfig itself.
+    with pytest.raises(UsageError, match="must"):
+        TrainConfig(images=tmp_path, batch_size=0)
+
+
+def test_out_must_be_a_folder_that_can_be_written(data, tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    cases = [
+        (a_file, "names a file"),
+        (a_file / "run", "cannot create the run folder"),  # its parent is a file
+    ]
+    if Path("/sys/kernel").is_dir():  # sysfs: no folder can be made, nothing written
+        cases += [
+            (Path("/sys/segnet-test-run"), "cannot create the run folder"),
+            (Path("/sys/kernel"), "cannot write in the run folder"),
+        ]
+    for out, reason in cases:
+        r = runner.invoke(app, ["train", str(data / "train"), "--classes", "3", "--out", str(out)])
+        assert r.exit_code == 2, (out, r.output)
+        assert reason in r.stderr and str(out) in r.stderr
+        assert r.exception is None or isinstance(r.exception, SystemExit)
+    assert a_file.read_text() == "not a folder"
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(LOCK))
+    return dst
+
+
+def test_resume_refuses_options_that_contradict_the_run(data, straight, tmp_path):
+    run = copy_run(straight, tmp_path / "run")
+    before = (run / CHECKPOINT).read_bytes()
+    r = runner.invoke(app, ["train", str(tmp_path), "--resume", "--out", str(run),
+                            "--lr", "0.5", "--width", "0.5", "--classes", "5"])
+    assert r.exit_code == 2, r.output
+    for text in ("--lr 0.5 (the run's: 0.01)", "--width 0.5 (the run's: 0.0625)",
+                 "--classes 5 (the run's:", f"IMAGES {tmp_path} (the run's:"):
+        assert text in r.stderr
+    # Typed, even a default value is an option the user meant: the run used another one.
+    r = runner.invoke(app, ["train", "--resume", "--out", str(run), "--lr", "0.002"])
+    assert r.exit_code == 2 and "--lr 0.002 (the run's: 0.01)" in r.stderr
+    # A script's config: a field that differs from its default is an option set too.
+    with pytest.raises(UsageError, match=r"--batch-size 4 \(the run's: 2\)"):
+        run_train(TrainConfig(images=None, out=run, resume=True, batch_size=4), log=quiet)
+    assert (run / CHECKPOINT).read_bytes() == before
+    # Options equal to the run's, and those about this invocation only, are fine.
+    r = runner.invoke(app, [
+        "train", str(data / "train"), "--resume", "--out", str(run), "--lr", "0.01",
+        "--width", "0.0625", "--stages", "2", "--classes", str(data / "classes.json"),
+        "--crop", "31x29", "-b", "2", "--val", str(data / "val"), "--masks",
+        str(data / "trainannot"), "--epochs", "2", "--workers", "1", "--max-minutes", "5",
+    ])
+    assert r.exit_code == 0, r.output
+    assert "already trained 2 of 2 epochs" in r.stderr
+
+
+def test_resume_needs_a_checkpoint_with_training_and_optimizer_state(
+    straight, tiny_model, tmp_path
+):
+    import shutil
+
+    cases = [
+        # A shipped model copied over the checkpoint: weights, but no optimizer state.
+        (straight / "best.keras", "no optimizer state"),
+        (tiny_model, "not a training checkpoint"),
+        (None, "not a .keras model file"),
+    ]
+    for i, (source, reason) in enumerate(cases):
+        run = copy_run(straight, tmp_path / f"run{i}")
+        if source is None:
+            (run / CHECKPOINT).write_bytes(b"not a zip")
+        else:
+            shutil.copyfile(source, run / CHECKPOINT)
+        r = runner.invoke(app, ["train", "--resume", "--out", str(run)])
+        assert r.exit_code == 2, r.output
+        assert reason in r.stderr and str(run / CHECKPOINT) in r.stderr
+        assert r.exception is None or isinstance(r.exception, SystemExit)
+        assert "verifying" not in r.stderr  # refused before the data is read
+
+
+def test_resume_refuses_images_whose_channels_changed(data, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    root = tmp_path / "d"
+    shutil.copytree(data / "trainannot", root / "trainannot")
+    (root / "train").mkdir()
+    for p in sorted((data / "train").glob("*.png")):
+        Image.open(p).convert("L").save(root / "train" / p.name)
+    out = tmp_path / "run"
+    run_train(replace(tiny(data, out), images=root / "train", epochs=1), log=quiet)
+    assert read_info(out / CHECKPOINT).in_channels == 1
+    for p in sorted((data / "train").glob("*.png")):
+        shutil.copyfile(p, root / "train" / p.name)  # the images are RGB now
+    r = runner.invoke(app, ["train", "--resume", "--out", str(out), "--epochs", "2"])
+    assert r.exit_code == 2, r.output
+    assert "3 channel(s) but the run was trained on 1" in r.stderr
+    assert read_info(out / CHECKPOINT).training["epoch"] == 1
+
+
+def test_lovasz_loss_trains_and_resumes_in_mixed_bfloat16(data, tmp_path):
+    import keras
+
+    out = tmp_path / "ce+lovasz"
+    # One epoch, stopped; --resume loads the checkpoint compiled with the Lovász loss.
+    # Mixed bfloat16: the loss is computed in float32 (from the float32 logits).
+    config = tiny(data, out, loss=Loss.CE_LOVASZ, precision="bfloat16", max_minutes=0)
+    r = run_train(config, log=quiet)
+    assert r.details["stopped_early"]
+    assert keras.mixed_precision.global_policy().name == "float32"  # put back after the run
+    r = run_train(TrainConfig(images=None, out=out, resume=True), log=quiet)
+    assert r.done == 1
+    history = read_info(out / CHECKPOINT).training["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[1]["loss"] < history[0]["loss"]
+    assert read_info(out / "model.keras").training["config"]["loss"] == "ce+lovasz"
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def trainable(path: Path) -> dict:
+    """A model file's trainable weights by layer name (batch norm statistics move in training)."""
+    import keras
+
+    from segnet_cli.model import layers  # noqa: F401
+
+    model = keras.saving.load_model(str(path), compile=False)
+    return {
+        f"{layer.name}/{i}": w.numpy()
+        for layer in model.layers
+        for i, w in enumerate(layer.trainable_weights)
+    }
+
+
+def frozen(data: Path, out: Path, **kw) -> TrainConfig:
+    """One epoch at a learning rate of 1e-9: the trained weights stay the initial ones."""
+    base = dict(
+        images=data / "train", out=out, classes=str(data / "classes.json"), crop=(31, 29),
+        batch_size=2, epochs=1, learning_rate=1e-9, warmup_epochs=0, weight_decay=0.0,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def test_init_starts_a_new_run_from_a_models_weights(data, tiny_model, tmp_path):
+    digest = sha256(tiny_model)
+    out = tmp_path / "init"
+    messages: list[str] = []
+    # Width and stages are not given: they come from the model (3 stages; tiny() uses 2).
+    run_train(frozen(data, out, init=tiny_model), log=messages.append)
+    assert any("taken from it" in m and str(tiny_model) in m for m in messages)
+    info = read_info(out / CHECKPOINT)
+    assert info.architecture["stages"] == 3 and info.architecture["width"] == 0.0625
+    assert info.scaling.mean == (0.5, 0.5, 0.5) and info.scaling.std == (0.25, 0.25, 0.25)
+    assert info.training["init"] == {"path": str(tiny_model.absolute()), "sha256": digest}
+    assert read_info(out / "model.keras").training["init"]["sha256"] == digest
+    source, trained = trainable(tiny_model), trainable(out / CHECKPOINT)
+    assert source.keys() == trained.keys()
+    for name, value in source.items():
+        np.testing.assert_allclose(trained[name], value, atol=1e-6, err_msg=name)
+    # A fresh optimizer: its step counts this run's steps only.
+    assert int(checkpoint_optimizer(out / CHECKPOINT).iterations.numpy()) == 3
+    assert sha256(tiny_model) == digest  # the model's own file is never written
+
+
+def test_init_with_other_classes_keeps_all_but_the_classifier(data, tmp_path):
+    five = make_model_file(tmp_path / "five.keras", stages=2, num_classes=5, seed=3)
+    digest = sha256(five)
+    out = tmp_path / "run"
+    r = runner.invoke(app, [
+        "train", str(data / "train"), "--init", str(five), "--out", str(out),
+        "--classes", str(data / "classes.json"), "--crop", "31x29", "-b", "2", "--epochs", "1",
+        "--lr", "1e-9", "--weight-decay", "0",
+    ])
+    assert r.exit_code == 0, r.output
+    assert "the model has 5 classes and the training data 3" in r.stderr
+    assert "classifier, which starts afresh" in r.stderr
+    source, trained = trainable(five), trainable(out / CHECKPOINT)
+    assert trained["classifier/0"].shape == (1, 1, 4, 3) and trained["classifier/1"].shape == (3,)
+    assert source["classifier/0"].shape == (1, 1, 4, 5)
+    others = [n for n in source if not n.startswith("classifier/")]
+    assert len(others) == len(trained) - 2 > 0
+    for name in others:
+        np.testing.assert_allclose(trained[name], source[name], atol=1e-6, err_msg=name)
+    assert read_info(out / "model.keras").class_names == ("ground", "disc", "square")
+    assert sha256(five) == digest
+
+
+def test_init_refusals(data, tiny_model, tmp_path):
+    import shutil
+
+    # A model for grey images and RGB training images: the file and both counts are named.
+    grey = make_model_file(tmp_path / "grey.keras", stages=2, in_channels=1)
+    with pytest.raises(UsageError) as exc:
+        run_train(frozen(data, tmp_path / "r1", init=grey), log=quiet)
+    assert str(grey) in str(exc.value) and "1-channel" in str(exc.value)
+    assert "have 3 channel(s)" in str(exc.value)
+    # Missing, broken and foreign model files, before any data is read.
+    broken = tmp_path / "broken.keras"
+    broken.write_bytes(b"PK\x03\x04 not really a zip")
+    foreign = tmp_path / "foreign.keras"
+    shutil.copyfile(tiny_model, foreign)
+    import zipfile
+
+    with zipfile.ZipFile(tiny_model) as src, zipfile.ZipFile(foreign, "w") as dst:
+        for item in src.infolist():
+            if item.filename != "segnet.json":
+                dst.writestr(item, src.read(item.filename))
+    for path in (tmp_path / "missing.keras", broken, foreign, tmp_path):
+        messages: list[str] = []
+        with pytest.raises(ModelFileError) as exc:
+            run_train(frozen(data, tmp_path / "r2", init=path), log=messages.append)
+        assert exc.value.path == path and not any("verifying" in m for m in messages)
+    # Through the CLI: --width/--stages that contradict the model, and --init with --resume.
+    r = runner.invoke(app, ["train", str(data / "train"), "--init", str(tiny_model),
+                            "--stages", "2", "--width", "0.0625", "--out", str(tmp_path / "r3")])
+    assert r.exit_code == 2 and "--stages 2 (the model's: 3)" in r.stderr
+    assert "--width 0.0625" not in r.stderr  # the model's own width is no contradiction
+    r = runner.invoke(app, ["train", str(data / "train"), "--init", str(tiny_model), "--resume",
+                            "--out", str(tmp_path / "r4")])
+    assert r.exit_code == 2 and "give only one" in r.stderr

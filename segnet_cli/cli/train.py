@@ -10,7 +10,8 @@ from typing import Annotated, Optional
 import typer
 
 from segnet_cli.cli.common import fail, parse_pair, quiet_tf
-from segnet_cli.errors import EXIT_USAGE, SegnetError
+from segnet_cli.config import Loss, TrainConfig
+from segnet_cli.errors import SegnetError
 
 
 def verify_command(
@@ -80,8 +81,8 @@ def train_command(
     classes: Annotated[Optional[str], typer.Option(help="'camvid', a number of classes, or a JSON/CSV classes file.")] = None,
     void: Annotated[Optional[int], typer.Option(help="Void (ignored) mask value.")] = None,
     rgb_masks: Annotated[bool, typer.Option("--rgb-masks", help="Masks are colour images mapped with the class colours.")] = False,
-    width: Annotated[Optional[float], typer.Option(help="Width multiplier (1.0 = VGG16's 64..512 channels).")] = None,
-    stages: Annotated[Optional[int], typer.Option(help="Encoder/decoder stages (1-5).")] = None,
+    width: Annotated[Optional[float], typer.Option(help="Width multiplier (1.0 = VGG16's 64..512 channels); with --init, the model's.")] = None,
+    stages: Annotated[Optional[int], typer.Option(help="Encoder/decoder stages (1-5); with --init, the model's.")] = None,
     crop: Annotated[Optional[str], typer.Option(help="Random crop size, e.g. 224 or 257x321.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Crops per step.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs (with --resume: the new total).")] = None,
@@ -92,8 +93,10 @@ def train_command(
     scale: Annotated[Optional[str], typer.Option(help="Random scale range, e.g. 0.75,1.25.")] = None,
     jitter: Annotated[Optional[float], typer.Option(help="Colour jitter strength (0 = off).")] = None,
     precision: Annotated[Optional[str], typer.Option(help="float32, bfloat16 (mixed) or float16 (mixed, GPU).")] = None,
+    loss: Annotated[Optional[Loss], typer.Option("--loss", help=f"ce: class-weighted cross-entropy (the paper's); ce+lovasz: plus the Lovász-softmax loss (per-image IoU); lovasz: that alone. Default {TrainConfig.loss}.")] = None,
     val_every: Annotated[Optional[int], typer.Option(help="Validate every N epochs.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")] = False,
+    init: Annotated[Optional[Path], typer.Option("--init", help="Start a new run from this segnet model's weights (fresh optimizer and schedule); width, stages and input scaling are the model's. A classifier for another number of classes starts afresh.")] = None,
     max_minutes: Annotated[Optional[float], typer.Option(help="Stop after the epoch that passes this wall time.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Decoding threads (default: tf.data's choice).")] = None,
@@ -101,7 +104,6 @@ def train_command(
 ) -> None:
     """Train SegNet on image/mask folders (verifies the data first; resumable)."""
     from segnet_cli import ui
-    from segnet_cli.config import TrainConfig
 
     ui.configure(quiet)
     given = {
@@ -121,28 +123,30 @@ def train_command(
         "weight_power": weight_power,
         "jitter": jitter,
         "precision": precision,
+        "loss": loss,
         "val_every": val_every,
         "max_minutes": max_minutes,
         "seed": seed,
         "workers": workers,
+        "init": init,
         "crop": parse_pair(crop, "--crop") if crop else None,
         "scale": parse_pair(scale, "--scale", float) if scale else None,
     }
-    if images is None and not resume:
-        ui.error("give the training images folder (it is optional only with --resume)")
-        raise typer.Exit(EXIT_USAGE)
-    cfg = TrainConfig(
-        images=images,
-        rgb_masks=rgb_masks,
-        resume=resume,
-        **{k: v for k, v in given.items() if v is not None},
-    )
-    if cfg.val_images is not None and cfg.val_masks is None:
-        guess = cfg.val_images.parent / f"{cfg.val_images.name}annot"
+    given = {k: v for k, v in given.items() if v is not None}
+    # What the user typed, so that --resume can refuse an option that contradicts the run
+    # even when its value is the default.
+    typed = set(given) | {k for k, v in (("images", images), ("rgb_masks", rgb_masks)) if v}
+    if val is not None and val_masks is None:
+        guess = val.parent / f"{val.name}annot"
         if guess.is_dir():
-            from dataclasses import replace
-
-            cfg = replace(cfg, val_masks=guess)
+            given["val_masks"] = guess
+    try:
+        # Every value is checked here, before any data is read.
+        cfg = TrainConfig(
+            images=images, rgb_masks=rgb_masks, resume=resume, given=frozenset(typed), **given
+        )
+    except SegnetError as exc:
+        raise fail(exc) from None
     quiet_tf()
     from segnet_cli.train import run_train
 
@@ -151,10 +155,21 @@ def train_command(
             report = run_train(cfg, progress=bar, log=ui.info)
     except SegnetError as exc:
         raise fail(exc) from None
-    except KeyboardInterrupt:
-        ui.error("interrupted: the last finished epoch is in the checkpoint; continue with --resume")
+    except KeyboardInterrupt:  # before the run's own signal handling is in place
+        ui.error("interrupted before training started")
         raise typer.Exit(130) from None
     d = report.details
+    if d.get("interrupted"):
+        import signal
+
+        ui.summary(
+            f"interrupted by {signal.Signals(d['interrupted']).name}: nothing half-written; "
+            f"{d['out']}/checkpoint.keras holds epoch {d['epochs']}; continue with --resume"
+            if d["epochs"]
+            else f"interrupted by {signal.Signals(d['interrupted']).name} before the first "
+            "epoch ended: nothing written"
+        )
+        raise typer.Exit(report.return_code)
     best = d.get("best_val_miou")
     ui.info(
         f"model: {d['model']}  (epochs {d['epochs']}"

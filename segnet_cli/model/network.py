@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from segnet_cli.config import Precision
 from segnet_cli.errors import ModelFileError
 from segnet_cli.io.files import atomic_path
 from segnet_cli.model.modelfile import ModelInfo, add_info, read_info
@@ -224,7 +225,12 @@ def fold_batch_norm(trained, folded) -> None:
         )
 
 
-POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+#: The Keras precision policy of each ``config.Precision`` (the last two are mixed).
+POLICIES = {
+    Precision.FLOAT32: "float32",
+    Precision.BFLOAT16: "mixed_bfloat16",
+    Precision.FLOAT16: "mixed_float16",
+}
 
 
 def inference_form(model, info: ModelInfo, precision: str = "float32"):
