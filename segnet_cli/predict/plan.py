@@ -125,11 +125,64 @@ def check_writable(out: Path) -> None:
         raise UsageError(f"cannot write to the output folder: {exc.strerror or exc}", out) from None
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.abspath(a) == os.path.abspath(b)
+class _Files:
+    """A set of files known by resolved path and, when they exist, by device and inode, so
+    an output is recognised as an input through symbolic links, hard links and ``..``."""
+
+    def __init__(self, paths) -> None:
+        self._by_path: dict[Path, Path] = {}
+        self._by_inode: dict[tuple[int, int], Path] = {}
+        for p in paths:
+            self._by_path.setdefault(Path(os.path.realpath(p)), p)
+            try:
+                st = os.stat(p)
+            except OSError:
+                continue
+            self._by_inode.setdefault((st.st_dev, st.st_ino), p)
+
+    def find(self, path: Path) -> Path | None:
+        """The member ``path`` names, or None."""
+        hit = self._by_path.get(Path(os.path.realpath(path)))
+        if hit is not None:
+            return hit
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return self._by_inode.get((st.st_dev, st.st_ino))
+
+
+def check_outputs_off_inputs(config: PredictConfig, items: list[InputItem]) -> None:
+    """Refuse a run where any output (mask or overlay) would land on an input.
+
+    Also refuses an output folder that *is* an input folder: even where no name collides
+    today, its masks would be inputs of the next run (masks of masks). An output folder
+    strictly inside an input folder is fine: ``collect_inputs`` skips it.
+
+    Raises:
+        UsageError: naming the input that would be overwritten (or the folder).
+    """
+    inputs = _Files(i.path for i in items)
+    for item in items:
+        outputs = [mask_path(config.out, item)]
+        if config.overlay:
+            outputs.append(overlay_path(config.out, item))
+        for output in outputs:
+            hit = inputs.find(output)
+            if hit is not None:
+                raise UsageError(
+                    f"the output {output} would overwrite this input; nothing was written: "
+                    "give another --out",
+                    hit,
+                )
+    out = Path(os.path.realpath(config.out))
+    for spec in config.inputs:
+        if Path(spec).is_dir() and Path(os.path.realpath(spec)) == out:
+            raise UsageError(
+                f"--out is the input folder {spec}: its masks would be inputs of the next run; "
+                "give another folder (a subfolder is fine: it is not searched for inputs)",
+                config.out,
+            )
 
 
 def plan(config: PredictConfig) -> tuple[list[Job], list[Outcome], str, ModelInfo]:
@@ -154,17 +207,12 @@ def plan(config: PredictConfig) -> tuple[list[Job], list[Outcome], str, ModelInf
     settings = settings_key(**inference.output_settings(), version=1)
     items, missing = collect_inputs(config.inputs, exclude=config.out)
     outcomes = [Outcome(spec, None, Status.FAILED, error="no input matched this") for spec in missing]
-    inputs = {Path(os.path.abspath(i.path)) for i in items}
+    check_outputs_off_inputs(config, items)
     jobs: list[Job] = []
     claimed: dict[Path, Path] = {}
     for item in items:
         m = mask_path(config.out, item)
         ov = overlay_path(config.out, item) if config.overlay else None
-        for output in [m] + ([ov] if ov is not None else []):
-            if Path(os.path.abspath(output)) in inputs or _same_file(output, item.path):
-                raise UsageError(
-                    f"the output {output} would overwrite an input; give another --out", item.path
-                )
         if m in claimed:
             outcomes.append(
                 Outcome(
