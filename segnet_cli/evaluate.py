@@ -40,7 +40,7 @@ from segnet_cli.errors import (
     SegnetError,
     UsageError,
 )
-from segnet_cli.io.files import atomic_path
+from segnet_cli.io.files import atomic_path, check_writable
 from segnet_cli.io.images import read_image, to_model_input, write_mask_png
 from segnet_cli.metrics import confusion, scores
 from segnet_cli.model.modelfile import ModelInfo, read_info
@@ -289,6 +289,7 @@ def run_eval(config: EvalConfig, progress=None, log: Callable[[str], None] | Non
 
     if config.save_masks is not None:
         _check_save_masks(Path(config.save_masks), items)
+        check_writable(config.save_masks, "--save-masks")
     cm = np.zeros((k, k), np.int64)
     per_image: list[dict] = []
     if progress is not None:

@@ -8,8 +8,13 @@ compares the inputs byte for byte before and after where an input is at risk.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tifffile
 from conftest import shapes_image, write_png
@@ -144,3 +149,156 @@ def test_tile_probability_raster_never_replaces_the_input(tmp_path, tiny_model):
     r = run("tile", src, "--out", src, "--model", tiny_model)
     assert r.exit_code == 2, r.output
     assert digests(tmp_path) == before
+
+
+# --------------------------------------------------------------------------- up to date, repaired
+
+
+def statuses(result) -> dict[str, str]:
+    """``--json`` events: input file name -> status."""
+    events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return {Path(e["path"]).name: e["status"] for e in events if "path" in e}
+
+
+def test_adding_overlay_redoes_the_masks(tmp_path, tiny_model):
+    src, out = photos(tmp_path / "in"), tmp_path / "out"
+    assert run("predict", src, "--out", out, "--model", tiny_model).exit_code == 0
+    r = run("predict", src, "--out", out, "--overlay", "--model", tiny_model, "--json")
+    assert r.exit_code == 0 and statuses(r) == {"p0.png": "done", "p1.png": "done"}, r.output
+    assert (out / "p0.overlay.jpg").is_file() and (out / "p1.overlay.jpg").is_file()
+    r = run("predict", src, "--out", out, "--overlay", "--model", tiny_model, "--json")
+    assert statuses(r) == {"p0.png": "skipped", "p1.png": "skipped"}, r.output
+
+
+def test_a_failed_overlay_leaves_no_mask_and_is_redone(tmp_path, tiny_model):
+    src, out = photos(tmp_path / "in"), tmp_path / "out"
+    (out / "p0.overlay.jpg").mkdir(parents=True)  # the overlay of p0 cannot be written
+    r = run("predict", src, "--out", out, "--overlay", "--model", tiny_model, "--json")
+    assert r.exit_code == 1, r.output
+    assert statuses(r) == {"p0.png": "failed", "p1.png": "done"}
+    assert (out / "p1.overlay.jpg").is_file() and not (out / "p0.png").exists()
+    (out / "p0.overlay.jpg").rmdir()
+    r = run("predict", src, "--out", out, "--overlay", "--model", tiny_model, "--json")
+    assert r.exit_code == 0 and statuses(r) == {"p0.png": "done", "p1.png": "skipped"}, r.output
+    assert (out / "p0.png").is_file() and (out / "p0.overlay.jpg").is_file()
+
+
+def test_truncated_mask_is_redone(tmp_path, tiny_model):
+    src, out = photos(tmp_path / "in"), tmp_path / "out"
+    assert run("predict", src, "--out", out, "--model", tiny_model).exit_code == 0
+    whole = (out / "p0.png").read_bytes()
+    (out / "p0.png").write_bytes(whole[: len(whole) // 2 + 40])  # header and text survive
+    r = run("predict", src, "--out", out, "--model", tiny_model, "--json")
+    assert r.exit_code == 0 and statuses(r) == {"p0.png": "done", "p1.png": "skipped"}, r.output
+    assert (out / "p0.png").read_bytes() == whole
+
+
+def test_truncated_tile_output_is_redone(tmp_path, tiny_model):
+    src, out = tmp_path / "big.tif", tmp_path / "big.mask.tif"
+    tifffile.imwrite(src, shapes_image(100, 120)[0], tile=(32, 32))
+    args = ("tile", src, "--out", out, "--model", tiny_model, "--tile", 48, "--halo", 8,
+            "--out-tile", 32, "--compression", "none")
+    assert run(*args).exit_code == 0
+    whole = out.read_bytes()
+    out.write_bytes(whole[: len(whole) - 2000])  # the IFD is at the start: header intact
+    r = run(*args)
+    assert r.exit_code == 0 and "up to date" not in r.output, r.output
+    assert out.read_bytes() == whole
+
+
+# --------------------------------------------------------------------------- odd inputs, clear errors
+
+
+def test_undecodable_names_in_tile_and_dry_run(tmp_path, tiny_model):
+    src = tmp_path / "in"
+    src.mkdir()
+    raw = os.fsencode(src) + b"/bad\xff.png"
+    with open(raw, "wb") as fh:
+        fh.write(write_png(tmp_path / "x.png", shapes_image(20, 20)[0]).read_bytes())
+    r = run("predict", src, "--out", tmp_path / "out", "--model", tiny_model, "--dry-run")
+    assert r.exit_code == 0, r.output
+    tif = os.fsencode(tmp_path) + b"/scan\xfe.tif"
+    tifffile.imwrite(os.fsdecode(tif), shapes_image(40, 40)[0], tile=(16, 16))
+    r = run("tile", os.fsdecode(tif), "--model", tiny_model, "--tile", 32, "--halo", 8)
+    assert r.exit_code == 0, r.output
+    assert os.path.exists(os.fsencode(tmp_path) + b"/scan\xfe.mask.tif")
+
+
+def test_a_thousand_nested_folders(tmp_path, tiny_model):
+    deep = tmp_path / "in"
+    deep.mkdir()
+    for _ in range(1000):  # not os.makedirs: it recurses too
+        deep = deep / "d"
+        deep.mkdir()
+    write_png(deep / "a.png", shapes_image(16, 16)[0])
+    r = run("predict", tmp_path / "in", "--out", tmp_path / "out", "--model", tiny_model,
+            "--dry-run")
+    assert r.exit_code == 0 and "1 to do" in r.output, r.output
+
+
+@pytest.mark.parametrize(
+    "option", [("--device", "gpu:x"), ("--device", "gpu:-1"), ("--device", "tpu"),
+               ("--max-pixels", "0"), ("--max-pixels", "-5")]
+)
+def test_bad_device_and_pixel_limit_are_usage_errors(tmp_path, tiny_model, option):
+    src = photos(tmp_path / "in", n=1)
+    for cmd in (("predict", src, "--out", tmp_path / "out"), ("tile", src / "p0.png")):
+        r = run(*cmd, "--model", tiny_model, *option)
+        assert r.exit_code == 2 and option[0] in r.output, (cmd, r.output)
+    assert not (tmp_path / "out").exists() and not (src / "p0.mask.tif").exists()
+
+
+def test_unusable_output_folder_is_a_usage_error(tmp_path, tiny_model):
+    src = photos(tmp_path / "in", n=1)
+    afile = tmp_path / "afile"
+    afile.write_bytes(b"not a folder")
+    for out in (afile, afile / "sub"):
+        r = run("predict", src, "--out", out, "--model", tiny_model)
+        assert r.exit_code == 2, r.output
+    r = run("tile", src / "p0.png", "--out", afile / "sub" / "m.tif", "--model", tiny_model)
+    assert r.exit_code == 2, r.output
+    img, mask = shapes_image(24, 32)
+    write_png(tmp_path / "imgs" / "a.png", img)
+    write_png(tmp_path / "imgsannot" / "a.png", mask)
+    r = run("eval", tmp_path / "imgs", "--model", tiny_model, "--save-masks", afile)
+    assert r.exit_code == 2, r.output
+    assert afile.read_bytes() == b"not a folder"
+
+
+def test_concurrent_writability_probes_never_collide(tmp_path):
+    """Three processes probing one output folder at once (issue: a fixed probe name)."""
+    code = (
+        "import sys\n"
+        "from segnet_cli.io.files import check_writable\n"
+        "for _ in range(300):\n"
+        "    check_writable(sys.argv[1])\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stderr=subprocess.PIPE)
+        for _ in range(3)
+    ]
+    errors = [p.communicate()[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    assert os.listdir(tmp_path) == []
+
+
+def test_disk_full_in_tile_names_the_output(tmp_path, tiny_model, monkeypatch):
+    import errno
+
+    real = tifffile.imwrite
+
+    def full(path, data=None, **kw):
+        if data is not None and not isinstance(data, np.ndarray):
+            next(iter(data))  # a tile was encoded, then the disk filled up
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data, **kw)
+
+    src = tmp_path / "a.tif"
+    real(src, shapes_image(64, 64)[0], tile=(16, 16))
+    monkeypatch.setattr(tifffile, "imwrite", full)
+    out = tmp_path / "a.mask.tif"
+    r = run("tile", src, "--out", out, "--model", tiny_model, "--tile", 32, "--halo", 8)
+    assert r.exit_code == 1, r.output
+    assert "No space left on device" in r.output and str(out) in r.output
+    assert ".segnet-tmp-" not in r.output
+    assert sorted(os.listdir(tmp_path)) == ["a.tif"]

@@ -30,7 +30,7 @@ from segnet_cli.errors import (
     UsageError,
 )
 from segnet_cli.gigapixel.budget import MemoryEstimate, MiB, estimate, fit_tiling
-from segnet_cli.io.files import file_digest, remove_dead_temporaries
+from segnet_cli.io.files import check_writable, file_digest, remove_dead_temporaries
 from segnet_cli.io.images import match_channels, pixel_limit
 from segnet_cli.io.tiff import SourceInfo, inspect_source, needs_bigtiff, read_description
 from segnet_cli.jobs import Claim, Provenance, SignalGuard, settings_key
@@ -304,10 +304,7 @@ def run_planned(
     if config.plan_only:
         return Report(return_code=EXIT_OK, seconds=time.perf_counter() - t0, details=details)
     out = plan.output
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create the output folder: {exc.strerror or exc}", out.parent) from None
+    check_writable(out.parent)  # an unusable folder is a usage error: nothing ran
     removed = sum(remove_dead_temporaries_of(p) for p in (out, plan.prob_output) if p is not None)
     if removed and log:
         log(f"removed {removed} temporary file(s) left by an interrupted run")

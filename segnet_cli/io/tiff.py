@@ -620,6 +620,8 @@ class TiledTiffWriter:
     Args:
         path: the file to write (a temporary; the caller renames it).
         shape: ``(height, width)`` or ``(height, width, samples)``.
+        name: the file errors name (the output the temporary becomes; default ``path``):
+            a disk-full message must name the output, not a hidden temporary.
         dtype: the pixel dtype.
         tile: output tile size (a multiple of 16).
         compression: one of ``OUTPUT_COMPRESSIONS``.
@@ -636,11 +638,13 @@ class TiledTiffWriter:
         compression: str,
         bigtiff: bool,
         depth: int = 2,
+        name: Path | None = None,
         **tiff_kwargs,
     ) -> None:
         if tile % 16 or tile < 16:
             raise ValueError("output tiles must be a multiple of 16")
         self.path = Path(path)
+        self.name = Path(name) if name is not None else self.path
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype)
         self.tile = tile
@@ -690,8 +694,11 @@ class TiledTiffWriter:
         exc = self._error
         if exc is not None:
             if isinstance(exc, OSError):
-                raise OutputError(f"cannot write: {exc.strerror or exc}", self.path) from None
-            raise OutputError(f"cannot write TIFF ({type(exc).__name__}: {exc})", self.path) from None
+                text = f"cannot write: {exc.strerror or exc}"
+            else:
+                text = f"cannot write TIFF ({type(exc).__name__}: {exc})"
+            text = text.replace(str(self.path), str(self.name))
+            raise OutputError(text, self.name) from None
 
     def put(self, block: np.ndarray) -> None:
         """Queue one block of rows (blocks while the queue is full)."""
@@ -701,7 +708,7 @@ class TiledTiffWriter:
         while True:
             self._raise()
             if not self._thread.is_alive():
-                raise OutputError("the TIFF writer stopped early", self.path)
+                raise OutputError("the TIFF writer stopped early", self.name)
             try:
                 self._queue.put(block, timeout=0.5)
                 return
@@ -713,7 +720,7 @@ class TiledTiffWriter:
         if self._rows_put != self.shape[0]:
             self.abort()
             raise OutputError(
-                f"internal error: {self._rows_put} of {self.shape[0]} rows written", self.path
+                f"internal error: {self._rows_put} of {self.shape[0]} rows written", self.name
             )
         self._put_sentinel()
         self._thread.join()

@@ -24,8 +24,8 @@ import numpy as np
 
 from segnet_cli import __version__
 from segnet_cli.config import PredictConfig, Report, Status
-from segnet_cli.errors import OutputError, UsageError
-from segnet_cli.io.files import atomic_path, file_digest
+from segnet_cli.errors import UsageError
+from segnet_cli.io.files import file_digest
 from segnet_cli.io.images import write_mask_png, write_overlay
 from segnet_cli.jobs import Claim, InputItem, Outcome, Provenance, Run, collect_inputs, settings_key
 from segnet_cli.model.modelfile import ModelInfo, model_fingerprint, read_info, resolve_model_path
@@ -102,27 +102,6 @@ class Job:
             return False
         prov = self.ensure_provenance()
         return all(read_provenance(p) == prov for p in self.outputs())
-
-
-def check_writable(out: Path) -> None:
-    """Fail early, with a clear message, when the output folder cannot be written.
-
-    Raises:
-        UsageError: ``--out`` is a file, or the folder cannot be created or written: nothing
-            could run, so it is a usage error (exit 2), not a failed input.
-    """
-    if out.exists() and not out.is_dir():
-        raise UsageError("--out is a file, not a folder", out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".segnet-write-test"
-        with atomic_path(probe) as tmp:
-            tmp.write_bytes(b"ok")
-        probe.unlink()
-    except OutputError as exc:
-        raise UsageError(f"cannot write to the output folder: {exc.message}", out) from None
-    except OSError as exc:
-        raise UsageError(f"cannot write to the output folder: {exc.strerror or exc}", out) from None
 
 
 class _Files:
@@ -317,7 +296,6 @@ __all__ = [
     "begin",
     "claim",
     "Job",
-    "check_writable",
     "mask_path",
     "overlay_path",
     "read_provenance",
