@@ -225,15 +225,21 @@ def test_undecodable_names_in_tile_and_dry_run(tmp_path, tiny_model):
 
 
 def test_a_thousand_nested_folders(tmp_path, tiny_model):
-    deep = tmp_path / "in"
-    deep.mkdir()
+    folders = [tmp_path / "in"]
     for _ in range(1000):  # not os.makedirs: it recurses too
-        deep = deep / "d"
-        deep.mkdir()
-    write_png(deep / "a.png", shapes_image(16, 16)[0])
-    r = run("predict", tmp_path / "in", "--out", tmp_path / "out", "--model", tiny_model,
-            "--dry-run")
-    assert r.exit_code == 0 and "1 to do" in r.output, r.output
+        folders.append(folders[-1] / "d")
+    try:
+        for f in folders:
+            f.mkdir()
+        write_png(folders[-1] / "a.png", shapes_image(16, 16)[0])
+        r = run("predict", folders[0], "--out", tmp_path / "out", "--model", tiny_model,
+                "--dry-run")
+        assert r.exit_code == 0 and "1 to do" in r.output, r.output
+    finally:  # bottom-up: pytest's own clean-up of old temporary folders recurses
+        (folders[-1] / "a.png").unlink(missing_ok=True)
+        for f in reversed(folders):
+            if f.exists():
+                f.rmdir()
 
 
 @pytest.mark.parametrize(
@@ -302,3 +308,123 @@ def test_disk_full_in_tile_names_the_output(tmp_path, tiny_model, monkeypatch):
     assert "No space left on device" in r.output and str(out) in r.output
     assert ".segnet-tmp-" not in r.output
     assert sorted(os.listdir(tmp_path)) == ["a.tif"]
+
+
+# --------------------------------------------------------------------------- reading rules
+
+
+def test_tile_refuses_a_png_bomb_that_predict_refuses(tmp_path, tiny_model):
+    """10000 x 10000 (100 Mpx, 100 KB on disk) is over Pillow's default of ~89.5 Mpx.
+
+    A fresh process each time: the default limit must not depend on what ran before (the
+    header sniffing of `tile` used to switch Pillow's guard off before it was remembered).
+    """
+    bomb = tmp_path / "bomb.png"
+    Image.new("L", (10000, 10000)).save(bomb)
+    assert bomb.stat().st_size < 1_000_000
+    for args in (("tile", bomb, "--plan"), ("tile", bomb), ("predict", bomb, "--out", tmp_path / "o")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "segnet_cli", *map(str, args), "--model", str(tiny_model)],
+            capture_output=True, text=True, timeout=600,
+        )
+        assert proc.returncode == 1 and "limit" in proc.stderr, (args, proc.stderr[-2000:])
+    assert sorted(os.listdir(tmp_path)) == ["bomb.png", "o"]
+
+
+def test_byte_budget_refuses_many_deep_bands_before_decoding(tmp_path, tiny_model):
+    """Few pixels, many bytes: 300 x 300 x 8 float64 is 5.5 MiB for a 100000-pixel limit
+    (a budget of 400000 bytes); the pixel count alone (90000) is under the limit."""
+    deep = tmp_path / "deep.tif"
+    tifffile.imwrite(deep, np.zeros((300, 300, 8)), photometric="minisblack",
+                     planarconfig="contig", compression="zlib")
+    r = run("predict", deep, "--out", tmp_path / "o", "--model", tiny_model, "--max-pixels", 100000)
+    assert r.exit_code == 1 and "MiB" in r.output and "limit" in r.output, r.output
+
+
+def test_byte_budget_default_refuses_a_3000x3000x32_float64_tiff(tmp_path, monkeypatch):
+    """The issue's file: 2.1 GiB decoded; refused from its header, nothing decoded."""
+    from segnet_cli.errors import ImageTooLargeError
+    from segnet_cli.io.images import check_decoded_size, read_image
+
+    deep = tmp_path / "deep.tif"
+    tifffile.imwrite(deep, shape=(3000, 3000, 32), dtype=np.float64, photometric="minisblack",
+                     planarconfig="contig")  # an empty (sparse) file
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", lambda *a, **k: pytest.fail("decoded"))
+    with pytest.raises(ImageTooLargeError, match="decodes to 2,197 MiB"):
+        read_image(deep)
+    with pytest.raises(ImageTooLargeError, match="over the limit of 763 MiB"):
+        read_image(deep, max_pixels=200_000_000)  # --max-pixels raises the budget with it
+    check_decoded_size(3000, 3000, 256, 600_000_000, deep)  # 2,289 MiB allowed: no error
+
+
+def test_tile_plans_with_the_exif_rotated_size(tmp_path, tiny_model):
+    arr = shapes_image(24, 40)[0]
+    im = Image.fromarray(arr)
+    exif = im.getexif()
+    exif[0x0112] = 6  # displayed turned by 90 degrees: 24 x 40 becomes 40 x 24
+    src = tmp_path / "turned.jpg"
+    im.save(src, exif=exif, quality=95)
+    out = tmp_path / "turned.mask.tif"
+    r = run("tile", src, "--out", out, "--model", tiny_model, "--tile", 32, "--halo", 8)
+    assert r.exit_code == 0, r.output
+    assert tifffile.imread(out).shape == (40, 24)
+
+
+def two_band_tiff(path: Path, alpha: bool) -> Path:
+    data = np.dstack([shapes_image(24, 32)[0][:, :, 0], np.full((24, 32), 200, np.uint8)])
+    extra = {"extrasamples": ["unassalpha"]} if alpha else {}
+    tifffile.imwrite(path, data, photometric="minisblack", planarconfig="contig", **extra)
+    return path
+
+
+def test_a_second_band_is_dropped_only_when_it_is_alpha(tmp_path, tiny_model):
+    src = tmp_path / "in"
+    src.mkdir()
+    two_band_tiff(src / "two.tif", alpha=False)
+    two_band_tiff(src / "gray_alpha.tif", alpha=True)
+    Image.fromarray(np.dstack([shapes_image(24, 32)[0][:, :, 0]] * 2), "LA").save(src / "la.png")
+    four = np.dstack([shapes_image(24, 32)[0], np.full((24, 32), 9, np.uint8)])
+    tifffile.imwrite(src / "rgbn.tif", four, photometric="minisblack", planarconfig="contig")
+    r = run("predict", src, "--out", tmp_path / "out", "--model", tiny_model, "--json")
+    assert r.exit_code == 1, r.output
+    assert statuses(r) == {"two.tif": "failed", "rgbn.tif": "failed",
+                           "gray_alpha.tif": "done", "la.png": "done"}, r.output
+    assert "2 channels but the model takes 3" in r.output
+    for name, code in (("two.tif", 1), ("gray_alpha.tif", 0)):
+        r = run("tile", src / name, "--out", tmp_path / f"{name}.mask.tif", "--model", tiny_model,
+                "--tile", 32, "--halo", 8)
+        assert r.exit_code == code, (name, r.output)
+
+
+def test_multi_page_tiff_is_refused_but_overviews_are_fine(tmp_path, tiny_model):
+    pages = tmp_path / "in" / "pages.tif"
+    pages.parent.mkdir()
+    with tifffile.TiffWriter(pages) as tw:
+        for seed in range(3):
+            tw.write(shapes_image(24, 32, seed)[0], photometric="rgb")
+    pyramid = tmp_path / "in" / "pyramid.tif"
+    with tifffile.TiffWriter(pyramid) as tw:
+        tw.write(shapes_image(48, 64)[0], photometric="rgb", tile=(16, 16))
+        tw.write(shapes_image(24, 32)[0], photometric="rgb", tile=(16, 16), subfiletype=1)
+    r = run("predict", pages.parent, "--out", tmp_path / "out", "--model", tiny_model, "--json")
+    assert r.exit_code == 1 and statuses(r) == {"pages.tif": "failed", "pyramid.tif": "done"}
+    assert "3 pages" in r.output
+    r = run("tile", pages, "--model", tiny_model)
+    assert r.exit_code == 1 and "3 pages" in r.output, r.output
+    r = run("tile", pyramid, "--model", tiny_model, "--tile", 32, "--halo", 8)
+    assert r.exit_code == 0, r.output
+
+
+def test_symlink_loop_is_not_called_a_broken_link(tmp_path, tiny_model):
+    src = photos(tmp_path / "in", n=1)
+    (src / "loop.png").symlink_to("loop.png")
+    (src / "gone.png").symlink_to("nowhere.png")
+    r = run("predict", src, "--out", tmp_path / "out", "--model", tiny_model)
+    assert r.exit_code == 1
+    loop = next(line for line in r.output.splitlines() if "loop.png" in line)
+    gone = next(line for line in r.output.splitlines() if "gone.png" in line)
+    assert "loop" in loop.split("loop.png", 1)[1] and "broken" not in loop, loop
+    assert "broken" in gone, gone
+    r = run("tile", src / "loop.png", "--model", tiny_model)
+    assert r.exit_code != 0 and "link loop" in r.output, r.output
+

@@ -68,6 +68,7 @@ def stream(plan: TilePlan, config: TileConfig, prov: Provenance, guard, progress
                 blend=tiling.blend,
                 batch_size=tiling.batch_size,
                 source_path=source.path,
+                alpha=source.alpha,
                 probabilities=config.probabilities,
                 probability_dtype=config.probability_dtype,
                 nodata=nodata,

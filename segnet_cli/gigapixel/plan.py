@@ -23,7 +23,6 @@ import segnet_cli.gigapixel.budget as budget
 from segnet_cli.config import TTA, Report, TileConfig, TilingConfig
 from segnet_cli.errors import (
     EXIT_OK,
-    ImageTooLargeError,
     Interrupted,
     LockedError,
     OutputError,
@@ -31,7 +30,7 @@ from segnet_cli.errors import (
 )
 from segnet_cli.gigapixel.budget import MemoryEstimate, MiB, estimate, fit_tiling
 from segnet_cli.io.files import check_writable, file_digest, remove_dead_temporaries
-from segnet_cli.io.images import match_channels, pixel_limit
+from segnet_cli.io.images import match_channels
 from segnet_cli.io.tiff import SourceInfo, inspect_source, needs_bigtiff, read_description
 from segnet_cli.jobs import Claim, Provenance, SignalGuard, settings_key
 from segnet_cli.model.modelfile import ModelInfo, model_fingerprint, read_info, resolve_model_path
@@ -148,21 +147,17 @@ def plan_tile(config: TileConfig) -> TilePlan:
         ModelFileError: the model file is missing or not a segnet model.
         UsageError: bad options, or ``--max-memory`` cannot be met.
     """
-    source = inspect_source(config.input)
+    # An image decoded whole is checked against the pixel and byte limits here, so
+    # ``--plan`` refuses what the run would refuse.
+    source = inspect_source(config.input, config.inference.max_pixels)
     model_path = resolve_model_path(config.inference.model)
     info = read_info(model_path)
     _validate(config, info)
     # Fail now, not after loading the model, if the bands cannot become the model's input.
-    match_channels(np.zeros((1, 1, source.band_channels), np.uint8), info.in_channels, source.path)
-    if source.layout == "whole":
-        limit = pixel_limit(config.inference.max_pixels)
-        if limit is not None and source.pixels > limit:
-            raise ImageTooLargeError(
-                f"{source.width}x{source.height} cannot be read window by window "
-                f"({source.fmt}) and is over the pixel limit of {limit}; convert it to a tiled "
-                "TIFF or raise the limit with --max-pixels",
-                source.path,
-            )
+    match_channels(
+        np.zeros((1, 1, source.band_channels), np.uint8), info.in_channels, source.path,
+        alpha=source.alpha,
+    )
     output = Path(config.out) if config.out is not None else default_output(source.path)
     if output.exists() and output.is_dir():
         raise UsageError(f"--out {output} is a folder; give a file name")

@@ -390,6 +390,7 @@ class TileActor:
                 blend=job.blend,
                 batch_size=job.batch_size,
                 source_path=job.source.path,
+                alpha=job.source.alpha,
                 probabilities=job.probabilities,
                 probability_dtype=job.probability_dtype,
                 nodata=job.nodata,

@@ -16,6 +16,7 @@ when ``--overlay`` is asked for, is redone.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,6 +165,21 @@ def check_outputs_off_inputs(config: PredictConfig, items: list[InputItem]) -> N
             )
 
 
+def _not_a_file(path: Path) -> str:
+    """Why an input that is not a regular file cannot be read, in the user's terms."""
+    if path.is_dir():
+        return "is a folder, not an image"
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a symbolic link loop (the link leads back to itself)"
+        if path.is_symlink():
+            return "broken symbolic link (its target does not exist)"
+        return f"cannot read: {exc.strerror or exc}"
+    return "not a regular file"
+
+
 def plan(config: PredictConfig) -> tuple[list[Job], list[Outcome], str, ModelInfo]:
     """Decide, before loading any model, what each input needs: work, skip, or failure.
 
@@ -202,10 +218,7 @@ def plan(config: PredictConfig) -> tuple[list[Job], list[Outcome], str, ModelInf
             continue
         claimed[m] = item.path
         if not item.path.is_file():
-            why = "is a folder, not an image" if item.path.is_dir() else (
-                "broken symbolic link (or a link loop)" if item.path.is_symlink() else "not a regular file"
-            )
-            outcomes.append(Outcome(str(item.path), None, Status.FAILED, error=why))
+            outcomes.append(Outcome(str(item.path), None, Status.FAILED, error=_not_a_file(item.path)))
             continue
         job = Job(item, m, ov, Claim(config.out, m), model_sha, settings)
         if not config.overwrite:
