@@ -428,3 +428,40 @@ def test_symlink_loop_is_not_called_a_broken_link(tmp_path, tiny_model):
     r = run("tile", src / "loop.png", "--model", tiny_model)
     assert r.exit_code != 0 and "link loop" in r.output, r.output
 
+
+# --------------------------------------------------------------------------- model files
+
+
+def with_metadata(model: Path, dest: Path, **changes) -> Path:
+    """A copy of ``model`` whose segnet.json has ``changes`` (``scaling_mean``: the mean)."""
+    import zipfile
+
+    with zipfile.ZipFile(model) as src, zipfile.ZipFile(dest, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename == "segnet.json":
+                meta = json.loads(data)
+                for k, v in changes.items():
+                    if k == "scaling_mean":
+                        meta["scaling"]["mean"] = v
+                    else:
+                        meta[k] = v
+                data = json.dumps(meta).encode()
+            dst.writestr(item, data)
+    return dest
+
+
+@pytest.mark.parametrize(
+    "change", [{"scaling_mean": ["a", "b", "c"]}, {"scaling_mean": "0.5"}, {"stride": 0},
+               {"stride": "x"}, {"in_channels": 0}, {"palette": [[1, 2]]}, {"format_version": "x"}]
+)
+def test_bad_model_metadata_is_a_usage_error_naming_the_file(tmp_path, tiny_model, change):
+    bad = with_metadata(tiny_model, tmp_path / "bad-model.keras", **change)
+    src = photos(tmp_path / "in", n=1)
+    for cmd in (("predict", src, "--out", tmp_path / "out"), ("tile", src / "p0.png"),
+                ("info", )):
+        args = [*cmd, "--model", bad] if cmd[0] != "info" else ["info", bad]
+        r = run(*args)
+        assert r.exit_code == 2 and "bad-model.keras" in r.output, (cmd, r.output)
+    assert not list(tmp_path.rglob("*.tif")) and not list((tmp_path / "out").rglob("*"))
+
