@@ -257,7 +257,8 @@ def run_eval(config: EvalConfig, progress=None, log: Callable[[str], None] | Non
     items, failures = gather_items(config)
     if not items:
         raise NoInputError(
-            "no ground-truth masks to score" + (f" ({len(failures)} problem(s))" if failures else "")
+            "no ground-truth masks to score" + (f" ({len(failures)} problem(s))" if failures else ""),
+            problems=[f"{f['path']}: {f['error']}" if f["path"] else f["error"] for f in failures],
         )
     found: dict[str, Path] = {}
     if pred_dir is not None:

@@ -465,3 +465,19 @@ def test_bad_model_metadata_is_a_usage_error_naming_the_file(tmp_path, tiny_mode
         assert r.exit_code == 2 and "bad-model.keras" in r.output, (cmd, r.output)
     assert not list(tmp_path.rglob("*.tif")) and not list((tmp_path / "out").rglob("*"))
 
+
+# --------------------------------------------------------------------------- nothing to do
+
+
+def test_nothing_to_check_or_score_is_a_usage_error(tmp_path, tiny_model):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgsannot").mkdir()
+    r = run("verify", tmp_path / "imgs")
+    assert r.exit_code == 2 and "no image/mask pairs" in r.output, r.output
+    r = run("eval", tmp_path / "imgs", "--model", tiny_model)
+    assert r.exit_code == 2, r.output
+    write_png(tmp_path / "imgs" / "lonely.png", shapes_image(8, 8)[0])  # no mask: a problem
+    r = run("verify", tmp_path / "imgs")
+    assert r.exit_code == 2 and "lonely.png" in r.output, r.output
+    r = run("eval", tmp_path / "imgs", "--model", tiny_model)
+    assert r.exit_code == 2 and "lonely.png" in r.output, r.output
