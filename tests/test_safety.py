@@ -481,3 +481,26 @@ def test_nothing_to_check_or_score_is_a_usage_error(tmp_path, tiny_model):
     assert r.exit_code == 2 and "lonely.png" in r.output, r.output
     r = run("eval", tmp_path / "imgs", "--model", tiny_model)
     assert r.exit_code == 2 and "lonely.png" in r.output, r.output
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def test_names_with_newlines_and_escapes_cannot_forge_lines(tmp_path, tiny_model):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a\nerror: forged.png").write_bytes(b"not an image")  # fails: its name is printed
+    (src / "b\x1b[2Jc.png").write_bytes(b"not an image either")
+    log = tmp_path / "run.log"
+    r = run("predict", src, "--out", tmp_path / "out", "--model", tiny_model, "--log-file", log)
+    assert r.exit_code == 1
+    for text in (r.output, log.read_text()):
+        lines = text.splitlines()
+        assert not any(line.split(" ", 1)[-1].startswith("error: forged") for line in lines), text
+        assert not any(line.startswith("error: forged") for line in lines), text
+        assert "a\\nerror: forged.png" in text and "b\\x1b[2Jc.png" in text, text
+        assert "\x1b" not in text
+    good = write_png(tmp_path / "x\nerror: forged.png", shapes_image(16, 16)[0])
+    r = run("tile", good, "--plan", "--model", tiny_model)
+    assert r.exit_code == 0 and "x\\nerror: forged.png" in r.output, r.output
+    assert not any(line.startswith("error: forged") for line in r.output.splitlines())
