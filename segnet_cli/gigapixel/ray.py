@@ -407,6 +407,7 @@ class TileActor:
                 mask_writer.write(mask[s])
                 if prob_writer:
                     prob_writer[0].write(prob[s])
+                del mask, prob  # written: not alive while the next grid row runs
             for w in writers:
                 w.commit()
         except BaseException:

@@ -169,6 +169,9 @@ def stitch_rows(
                     probs if prob is ProbabilityMode.CLASSES else conf, probability_dtype
                 )
             yield y0, mask, p
+            # Drop this block before the next grid row runs: a loop variable would keep the
+            # finished band's probabilities alive beside the next band (not in the budget).
+            del mask, conf, probs, p
         del band
         clock[0] = time.perf_counter()
     if not stitcher.finished:
