@@ -183,14 +183,18 @@ def test_a_failed_overlay_leaves_no_mask_and_is_redone(tmp_path, tiny_model):
     assert (out / "p0.png").is_file() and (out / "p0.overlay.jpg").is_file()
 
 
-def test_truncated_mask_is_redone(tmp_path, tiny_model):
+@pytest.mark.parametrize("cut", [2, 20, 60])
+@pytest.mark.parametrize("damaged", ["p0.png", "p0.overlay.jpg"])
+def test_truncated_mask_or_overlay_is_redone(tmp_path, tiny_model, damaged, cut):
+    """Header and text chunks survive: only the end of the pixels (or the end marker) is lost."""
     src, out = photos(tmp_path / "in"), tmp_path / "out"
-    assert run("predict", src, "--out", out, "--model", tiny_model).exit_code == 0
-    whole = (out / "p0.png").read_bytes()
-    (out / "p0.png").write_bytes(whole[: len(whole) // 2 + 40])  # header and text survive
-    r = run("predict", src, "--out", out, "--model", tiny_model, "--json")
+    args = ("predict", src, "--out", out, "--overlay", "--model", tiny_model, "--json")
+    assert run(*args).exit_code == 0
+    whole = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    (out / damaged).write_bytes(whole[damaged][:-cut])
+    r = run(*args)
     assert r.exit_code == 0 and statuses(r) == {"p0.png": "done", "p1.png": "skipped"}, r.output
-    assert (out / "p0.png").read_bytes() == whole
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == whole
 
 
 def test_truncated_tile_output_is_redone(tmp_path, tiny_model):

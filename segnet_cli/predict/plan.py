@@ -44,17 +44,35 @@ def overlay_path(out: Path, item: InputItem) -> Path:
     return out / item.rel.parent / f"{item.rel.stem}.overlay.jpg"
 
 
+#: How each output format ends when complete: PNG's IEND chunk (with its CRC), JPEG's EOI.
+_END_MARKERS = {"PNG": b"\x00\x00\x00\x00IEND\xaeB`\x82", "JPEG": b"\xff\xd9"}
+
+
 def read_provenance(output: Path) -> Provenance | None:
     """The provenance an existing output records, or None if absent, unreadable or damaged.
 
-    The whole file is decoded, not just its header: a mask truncated by a crash of another
-    tool, or a disk error, is not up to date and gets redone.
+    The whole file is checked, not just its header: a mask truncated by a crash of another
+    tool, or a disk error, is not up to date and gets redone. Decoding the pixels alone is
+    not enough (Pillow decodes a PNG that lost its last bytes); so the file must also end as
+    its format ends (PNG: the IEND chunk, JPEG: the end-of-image marker), and a PNG's every
+    chunk must pass its checksum.
     """
     if not output.is_file():
         return None
     try:
         from PIL import Image
 
+        with Image.open(output) as im:
+            fmt = im.format
+            if fmt == "PNG":
+                im.verify()  # every chunk's CRC, through IEND
+        end = _END_MARKERS.get(fmt)
+        if end is None:
+            return None
+        with open(output, "rb") as fh:
+            fh.seek(-len(end), os.SEEK_END)
+            if fh.read(len(end)) != end:
+                return None
         with Image.open(output) as im:
             im.load()
             text = im.info.get(PROVENANCE_KEY) or im.info.get("comment")
