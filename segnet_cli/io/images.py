@@ -240,7 +240,7 @@ def open_pillow(path: Path, max_pixels: int | None):
     except PermissionError:
         raise ImageReadError("permission denied", path) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageReadError(f"cannot open ({exc})", path) from None
+        raise ImageReadError(f"cannot decode ({exc})", path) from None
     try:
         check_decoded_size(im.width, im.height, pillow_bytes_per_pixel(im.mode), max_pixels, path)
     except BaseException:
