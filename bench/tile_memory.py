@@ -17,6 +17,8 @@ Usage::
     python bench/tile_memory.py                      # 20000 x 20000, bundled model
     python bench/tile_memory.py --size 3000 --model /tmp/r1/model.keras
     python bench/tile_memory.py --dir /data/bench --keep   # keep the image and the mask
+    python bench/tile_memory.py --size 4000 --blend gaussian --memory-only
+    python bench/tile_memory.py --size 4000 --probabilities classes --memory-only
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ TARGET_RSS = 1.5 * GB
 TARGET_RATIO = 1.3
 
 
-def generate(path: Path, size: int, compression: str, tile: int = 256) -> float:
-    """Write a ``size`` x ``size`` RGB tiled TIFF tile by tile; returns seconds taken.
+def generate(path: Path, size: int, compression: str, tile: int = 256, height: int | None = None) -> float:
+    """Write a ``size`` wide, ``height`` (default ``size``) tall RGB tiled TIFF tile by tile;
+    returns seconds taken.
 
     The content is a smooth colour field with texture (compressible like an aerial photo,
     not like noise), with GeoTIFF tags so the georeferencing path is exercised.
@@ -54,8 +57,10 @@ def generate(path: Path, size: int, compression: str, tile: int = 256) -> float:
     texture = (rng.normal(0, 12, (tile, tile, 3))).astype(np.float32)
     yy, xx = np.mgrid[0:tile, 0:tile].astype(np.float32)
 
+    rows = size if height is None else height
+
     def tiles():
-        for ty in range(0, size, tile):
+        for ty in range(0, rows, tile):
             for tx in range(0, size, tile):
                 y, x = (yy + ty) / 900.0, (xx + tx) / 1300.0
                 r = 120 + 70 * np.sin(y) * np.cos(x)
@@ -68,12 +73,12 @@ def generate(path: Path, size: int, compression: str, tile: int = 256) -> float:
     tifffile.imwrite(
         path,
         data=tiles(),
-        shape=(size, size, 3),
+        shape=(rows, size, 3),
         dtype=np.uint8,
         tile=(tile, tile),
         photometric="rgb",
         compression=compression,
-        bigtiff=size * size * 3 > 2**31,
+        bigtiff=rows * size * 3 > 2**31,
         metadata=None,
         extratags=[
             (33550, 12, 3, (0.3, 0.3, 0.0), True),
@@ -173,6 +178,8 @@ def model_compute(model: Path, grid, batch_size: int, precision: str, min_second
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=20000, help="image side in pixels (default 20000)")
+    ap.add_argument("--height", type=int, default=None,
+                    help="image height (default: --size); peak memory depends on the width only")
     ap.add_argument("--model", type=Path, default=None, help="model file (default: bundled)")
     ap.add_argument("--dir", type=Path, default=None, help="where to write the image (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the generated image and the mask")
@@ -181,6 +188,11 @@ def main() -> None:
     ap.add_argument("--halo", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--precision", default="float32")
+    ap.add_argument("--blend", default=None, choices=("center", "gaussian"))
+    ap.add_argument("--probabilities", default=None, choices=("confidence", "classes"))
+    ap.add_argument("--prob-dtype", default=None, choices=("float16", "uint8"))
+    ap.add_argument("--memory-only", action="store_true",
+                    help="check the memory estimate only; skip timing the model alone")
     args = ap.parse_args()
 
     from segnet_cli.config import InferenceConfig, TileConfig, TilingConfig, default_model_path
@@ -191,29 +203,41 @@ def main() -> None:
         raise SystemExit(f"model not found: {model} (pass --model)")
     work = args.dir or Path(tempfile.mkdtemp(prefix="segnet-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    src = work / f"bench-{args.size}.tif"
-    out = work / f"bench-{args.size}.mask.tif"
+    height = args.height or args.size
+    name = f"bench-{args.size}" + (f"x{height}" if height != args.size else "")
+    src = work / f"{name}.tif"
+    out = work / f"{name}.mask.tif"
     try:
         if not src.exists():
-            gen = generate(src, args.size, args.compression)
-            print(f"generated {src} ({args.size} x {args.size} RGB, {args.compression}, "
+            gen = generate(src, args.size, args.compression, height=height)
+            print(f"generated {src} ({args.size} x {height} RGB, {args.compression}, "
                   f"{src.stat().st_size / MiB:,.0f} MiB) in {gen:.1f}s")
-        given = {"tile": args.tile, "halo": args.halo, "batch_size": args.batch_size}
+        given = {"tile": args.tile, "halo": args.halo, "batch_size": args.batch_size,
+                 "blend": args.blend}
         tiling = replace(TilingConfig(), **{k: v for k, v in given.items() if v is not None})
         inference = InferenceConfig(model=model, tiling=tiling, precision=args.precision)
+        outputs = {"probabilities": args.probabilities}
+        if args.prob_dtype:
+            outputs["probability_dtype"] = args.prob_dtype
         plan = plan_tile(TileConfig(input=src, out=out, inference=inference,
-                                    max_memory_mb=math.inf if args.batch_size else None))
+                                    max_memory_mb=math.inf if args.batch_size else None,
+                                    **outputs))
         g = plan.grid
         print(f"grid: {len(g)} tiles ({len(g.rows)} x {len(g.cols)}), tile {g.tile}, halo {g.halo}, "
-              f"batch {plan.tiling.batch_size}, overhead {g.overhead():.2f}x")
+              f"batch {plan.tiling.batch_size}, blend {plan.tiling.blend}, probabilities "
+              f"{args.probabilities or 'none'}, overhead {g.overhead():.2f}x")
         print(f"planner: estimated peak {plan.memory.line()}")
 
         cmd = [sys.executable, "-m", "segnet_cli", "tile", str(src), "--out", str(out),
                "--model", str(model), "--json", "--overwrite", "--quiet",
-               "--tile", str(g.tile), "--halo", str(g.halo),
+               "--tile", str(g.tile), "--halo", str(g.halo), "--blend", str(plan.tiling.blend),
                "--batch-size", str(plan.tiling.batch_size), "--precision", args.precision]
+        if args.probabilities:
+            cmd += ["--probabilities", args.probabilities]
+        if args.prob_dtype:
+            cmd += ["--prob-dtype", args.prob_dtype]
         wall, peaks, rusage, report = run_tile(cmd)
-        px = args.size * args.size
+        px = args.size * height
         peak_rss = max(peaks["VmHWM"], rusage)
         print(f"segnet tile: {wall:.1f}s wall, {px / wall / 1e6:.3f} Mpx/s "
               f"(in-process: model {report.get('model_seconds', 0):.1f}s, waiting for input "
@@ -226,6 +250,12 @@ def main() -> None:
               f"estimated {plan.memory.total / MiB:,.0f} MiB "
               f"({(plan.memory.total - peak_rss) / MiB:+,.0f} MiB)")
         print(f"mask: {out} ({out.stat().st_size / MiB:,.1f} MiB)")
+        margin = plan.memory.total - peak_rss
+        print(f"memory estimate {'covers' if margin >= 0 else 'UNDERESTIMATES'} the measured "
+              f"peak: estimated {plan.memory.total / MiB:,.0f} MiB, measured "
+              f"{peak_rss / MiB:,.0f} MiB ({margin / peak_rss:+.1%})")
+        if args.memory_only:
+            return
 
         compute, cpu, mpx, detail = model_compute(model, g, plan.tiling.batch_size, args.precision)
         shapes = ", ".join(f"{d['shape']} x{d['tiles']}: {d['mpx_per_s']:.3f}" for d in detail)
@@ -244,7 +274,7 @@ def main() -> None:
               + ("" if args.size >= 20000 else f" (at {args.size} px, not the 20000 px target size)"))
     finally:
         if not args.keep:
-            for p in (src, out):
+            for p in (src, out, out.with_name(out.name.replace(".mask.tif", ".prob.tif"))):
                 p.unlink(missing_ok=True)
             if args.dir is None:
                 shutil.rmtree(work, ignore_errors=True)

@@ -64,7 +64,9 @@ class Model:
 
         Args:
             image: an ``(H, W)`` or ``(H, W, C)`` array in its stored dtype (uint8, uint16,
-                float in [0, 1]: scaled by the same rule as the CLI), or an image file.
+                float in [0, 1]: scaled by the same rule as the CLI), or an image file. An
+                array's 2nd or 4th band is taken as alpha (dropped for a model that takes 1
+                or 3 channels); a file's only when the file marks it as alpha.
             tile, halo, blend: override the tiling (default: the CLI's defaults).
             confidence: also return the winning class's probability per pixel (float32).
 
@@ -79,15 +81,18 @@ class Model:
         from segnet_cli.pipeline import segment_image
 
         source = None
+        # An array's 2nd or 4th band is taken as alpha (the caller knows what it holds); a
+        # file's only when the file says so (the CLI's reading rules).
+        alpha = None if isinstance(image, (str, Path)) else True
         if isinstance(image, (str, Path)):
             source = Path(image)
             image = read_image(source)
-        arr = np.asarray(image)
+        arr = np.asanyarray(image)
         if arr.ndim == 2:
             arr = arr[:, :, None]
         given = {"tile": tile, "halo": halo, "blend": blend}
         tiling = replace(self.tiling, **{k: v for k, v in given.items() if v is not None})
-        x = to_model_input(arr, self.info.in_channels, source)
+        x = to_model_input(arr, self.info.in_channels, source, alpha)
         mask, conf = segment_image(self._seg, x, tiling, confidence=confidence, tta=self.tta)
         return (mask, conf) if confidence else mask
 

@@ -175,6 +175,9 @@ class InferenceConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", Precision.parse(self.precision, "--precision"))
         object.__setattr__(self, "tta", TTA.parse(self.tta, "--tta"))
+        check_device(self.device)
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise UsageError("--max-pixels must be positive")
 
     def output_settings(self) -> dict:
         """The settings that change a mask (outputs record them in their provenance).
@@ -187,8 +190,25 @@ class InferenceConfig:
         if self.tta is not TTA.NONE:
             settings["tta"] = self.tta
         return settings
-        if self.max_pixels is not None and self.max_pixels < 1:
-            raise UsageError("--max-pixels must be positive")
+
+
+def check_device(device: str | None) -> None:
+    """Check ``--device``'s spelling: ``auto``, ``cpu``, ``gpu`` or ``gpu:N`` (N >= 0).
+
+    Checked when the config is made, so a typo is a usage error before any input is read;
+    whether GPU N exists is asked of TensorFlow only when a model is loaded.
+
+    Raises:
+        UsageError: any other value (``gpu:x``, ``gpu:-1``, ``tpu``, ...).
+    """
+    if device is None:
+        return
+    kind, sep, number = device.lower().partition(":")
+    if kind in ("auto", "cpu") and not sep:
+        return
+    if kind == "gpu" and (not sep or (number.isascii() and number.isdigit())):
+        return
+    raise UsageError(f"--device must be cpu, gpu or gpu:N (N = 0, 1, ...), not {device!r}")
 
 
 def _engine(config) -> None:

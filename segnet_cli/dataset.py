@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from segnet_cli.classes import ClassTable
-from segnet_cli.errors import DatasetError, ImageReadError, UsageError
+from segnet_cli.errors import DatasetError, ImageReadError, NoInputError, UsageError
 from segnet_cli.io.images import is_image_path, read_image, read_mask, read_rgb_mask
 from segnet_cli.metrics import median_frequency_weights
 
@@ -196,7 +196,18 @@ def verify(
         rgb_masks: masks are colour images to map through the class palette.
         weight_power: tempering exponent of the median-frequency weights.
         progress: optional callable ``progress(done, total)``.
+
+    Raises:
+        NoInputError: there is no pair to check (exit 2), with the pairing problems.
     """
+    if not pairs:
+        # Nothing to check is a usage error (exit 2), as "no input matched" is for predict
+        # and "no ground-truth masks to score" for eval; the problems say why.
+        problems = list(problems or [])
+        raise NoInputError(
+            "no image/mask pairs found" + (f" ({len(problems)} problem(s))" if problems else ""),
+            problems=problems,
+        )
     k = classes.num_classes
     report = VerifyReport(pairs=len(pairs), problems=list(problems or []))
     counts = np.zeros(k, np.int64)
@@ -239,8 +250,6 @@ def verify(
         report.problems.append(
             f"images have mixed channel counts {sorted(report.channels)}; convert them first"
         )
-    if not pairs:
-        report.problems.append("no image/mask pairs found")
     report.pixel_counts = counts
     report.image_pixel_counts = image_counts
     report.weights = median_frequency_weights(counts, image_counts, weight_power)

@@ -13,7 +13,8 @@ from pathlib import Path
 EXIT_OK = 0
 #: Some inputs failed; the others were processed.
 EXIT_SOME_FAILED = 1
-#: Usage error: a bad option, or no input matched.
+#: Usage error: a bad option, or nothing to work on (no input matched, nothing to check or
+#: score), or an unusable output folder: nothing ran.
 EXIT_USAGE = 2
 #: Interrupted by SIGINT (Ctrl-C): 128 + 2.
 EXIT_SIGINT = 130
@@ -39,7 +40,15 @@ class UsageError(SegnetError):
 
 
 class NoInputError(UsageError):
-    """No input file matched what was asked for."""
+    """No input file matched what was asked for: nothing to segment, check or score.
+
+    ``problems`` lists what was found wrong on the way (say, images without masks), so the
+    user learns why nothing was left.
+    """
+
+    def __init__(self, message: str, path: str | Path | None = None, problems=None) -> None:
+        super().__init__(message, path)
+        self.problems = list(problems or [])
 
 
 class ModelFileError(SegnetError):

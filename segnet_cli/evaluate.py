@@ -37,7 +37,7 @@ from segnet_cli.errors import (
     SegnetError,
     UsageError,
 )
-from segnet_cli.io.files import atomic_path
+from segnet_cli.io.files import atomic_path, check_writable
 from segnet_cli.io.images import read_image, to_model_input, write_mask_png
 from segnet_cli.jobs import Outcome, Run
 from segnet_cli.metrics import confusion, scores
@@ -257,7 +257,8 @@ def run_eval(config: EvalConfig, progress=None, log: Callable[[str], None] | Non
         run.fail(f["path"], f["error"], advance=False)
     if not items:
         raise NoInputError(
-            "no ground-truth masks to score" + (f" ({len(failures)} problem(s))" if failures else "")
+            "no ground-truth masks to score" + (f" ({len(failures)} problem(s))" if failures else ""),
+            problems=[f"{f['path']}: {f['error']}" if f["path"] else f["error"] for f in failures],
         )
     found: dict[str, Path] = {}
     if pred_dir is not None:
@@ -289,6 +290,7 @@ def run_eval(config: EvalConfig, progress=None, log: Callable[[str], None] | Non
 
     if config.save_masks is not None:
         _check_save_masks(Path(config.save_masks), items)
+        check_writable(config.save_masks, "--save-masks")
     cm = np.zeros((k, k), np.int64)
     per_image: list[dict] = []
     if progress is not None:

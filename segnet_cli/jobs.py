@@ -47,8 +47,13 @@ def collect_inputs(
 
     Files named explicitly are kept whatever their suffix (the reader will say if they are
     not images); files found in folders are kept by suffix. Hidden files and segnet's own
-    temporaries are skipped, and so is everything below ``exclude`` (the run's output
-    folder: masks written inside an input folder are not inputs of the next run).
+    temporaries are skipped.
+
+    ``exclude`` is the run's output folder. When it lies *strictly inside* a folder being
+    searched (an input folder, or a glob's fixed root), everything below it is skipped:
+    masks written inside an input folder are not inputs of the next run. An output folder
+    that *is* an input folder is not excluded (that would silently leave nothing to do):
+    its files stay inputs, and the caller refuses the outputs that would land on them.
 
     Returns:
         ``(items, missing)``: ``missing`` lists specs that matched nothing.
@@ -59,12 +64,11 @@ def collect_inputs(
     items: list[InputItem] = []
     missing: list[str] = []
     seen: set[Path] = set()
-    skip = Path(os.path.abspath(exclude)) if exclude is not None else None
 
-    def add(path: Path, rel: Path) -> None:
-        key = path.absolute()
-        if skip is not None and Path(os.path.abspath(path)).is_relative_to(skip):
+    def add(path: Path, rel: Path, skip: Path | None = None) -> None:
+        if skip is not None and _real_parent(path).is_relative_to(skip):
             return
+        key = path.absolute()
         if key not in seen:
             seen.add(key)
             items.append(InputItem(path, rel))
@@ -72,22 +76,24 @@ def collect_inputs(
     for spec in specs:
         p = Path(spec)
         if p.is_dir():
+            skip = _strictly_inside(exclude, p)
             for f in _walk(p, skip):
                 rel = f.relative_to(p)
                 if f.suffix.lower() in suffixes:
-                    add(f, rel)
+                    add(f, rel, skip)
         elif p.exists() or p.is_symlink():
-            add(p, Path(p.name))
+            add(p, Path(p.name))  # named explicitly: an input, wherever it lies
         elif any(ch in spec for ch in "*?["):
             matches = sorted(glob.glob(spec, recursive=True))
             if not matches:
                 missing.append(spec)
             root = Path(_glob_root(spec))
+            skip = _strictly_inside(exclude, root)
             for m in matches:
                 mp = Path(m)
                 if mp.is_dir() or is_temporary(mp):
                     continue
-                add(mp, _mirrored(mp, root))
+                add(mp, _mirrored(mp, root), skip)
         else:
             missing.append(spec)
     if not items:
@@ -95,12 +101,25 @@ def collect_inputs(
     return items, missing
 
 
+def _real_parent(path: Path) -> Path:
+    """``path`` with its folders' symbolic links resolved (the file itself is not followed)."""
+    return Path(os.path.realpath(path.parent)) / path.name
+
+
+def _strictly_inside(folder: Path | None, top: Path) -> Path | None:
+    """``folder`` resolved, when it lies strictly inside ``top`` (never ``top`` itself)."""
+    if folder is None:
+        return None
+    inner, outer = Path(os.path.realpath(folder)), Path(os.path.realpath(top))
+    return inner if inner != outer and inner.is_relative_to(outer) else None
+
+
 def _walk(top: Path, skip: Path | None = None) -> list[Path]:
     """Every non-hidden entry below ``top`` (not below ``skip``), sorted, without recursion.
 
     An explicit stack: a tree thousands of folders deep must not hit Python's recursion
     limit. Symbolic links to folders are not followed (a loop would never end); links to
-    files are kept, as files.
+    files are kept, as files. ``skip`` is compared resolved (``_strictly_inside``).
     """
     found: list[Path] = []
     stack = [top]
@@ -119,7 +138,7 @@ def _walk(top: Path, skip: Path | None = None) -> list[Path]:
             except OSError:
                 is_dir = False
             if is_dir:
-                if skip is not None and Path(os.path.abspath(path)) == skip:
+                if skip is not None and Path(os.path.realpath(path)) == skip:
                     continue
                 stack.append(path)
             found.append(path)

@@ -236,6 +236,7 @@ def gaussian_window(shape: tuple[int, int], sigma_scale: float = 1 / 8) -> np.nd
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, in a new array (``logits`` is left as it is)."""
     z = logits - logits.max(axis=-1, keepdims=True)
     np.exp(z, out=z)
     z /= z.sum(axis=-1, keepdims=True)
@@ -368,7 +369,7 @@ class Stitcher:
             core = (slice(cy0 - wy0, cy1 - wy0), slice(cx0 - wx0, cx1 - wx0))
             rows = slice(cy0 - b0, cy1 - b0)
             if "psum" in band:
-                band["psum"][rows, cx0:cx1] += softmax(logits[core].astype(np.float32))
+                band["psum"][rows, cx0:cx1] += softmax(logits[core].astype(np.float32, copy=False))
             elif logits is None:
                 band["mask"][rows, cx0:cx1] = classes[core]
                 if self.confidence:
@@ -376,7 +377,7 @@ class Stitcher:
             else:
                 band["mask"][rows, cx0:cx1] = np.argmax(logits[core], axis=-1)
                 if self.confidence:
-                    p = softmax(logits[core].astype(np.float32))
+                    p = softmax(logits[core].astype(np.float32, copy=False))
                     band["conf"][rows, cx0:cx1] = p.max(axis=-1)
                     if self.probabilities:
                         band["prob"][rows, cx0:cx1] = p
@@ -386,7 +387,7 @@ class Stitcher:
             win = self._windows.get(shape)
             if win is None:
                 win = self._windows[shape] = gaussian_window(shape)
-            p = softmax(logits.astype(np.float32))
+            p = softmax(logits.astype(np.float32, copy=False))
             self._grow_band(wy1)
             self._band["sum"][wy0 - b0 : wy1 - b0, wx0:wx1] += p * win[..., None]
             self._band["w"][wy0 - b0 : wy1 - b0, wx0:wx1] += win

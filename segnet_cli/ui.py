@@ -3,10 +3,15 @@
 Stdout is kept for machine-readable output (``--json``). When stderr is a terminal the
 progress is a rich bar with rate and ETA; otherwise (cron, a pipe, a log file) it is plain
 log lines every few seconds, never animation. ``NO_COLOR`` is honoured by rich itself.
+
+Every message is passed through ``safe`` on its way out, here and only here: file names are
+user data, and a name holding a newline or an escape sequence must not start a line of its
+own (a forged ``error:`` in a log) or drive the terminal.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -16,6 +21,29 @@ from rich.console import Console
 _console: Console | None = None
 _log_file = None
 _quiet = False
+
+
+#: What ``safe`` escapes: C0 controls (newline, carriage return, escape, ...), DEL, C1
+#: controls, Unicode line and paragraph separators, and lone surrogates (the bytes of a file
+#: name that is not valid UTF-8, as ``os.fsdecode`` keeps them).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(match: re.Match) -> str:
+    ch = match.group()
+    code = ord(ch)
+    if 0xDC80 <= code <= 0xDCFF:  # surrogateescape: the undecodable byte itself
+        return f"\\x{code - 0xDC00:02x}"
+    if ch in _NAMED:
+        return _NAMED[ch]
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def safe(text: str) -> str:
+    """``text`` with control characters and undecodable bytes shown as escapes (``\\n``,
+    ``\\x1b``, ``\\xff``), so one message is always one line of plain text."""
+    return _UNSAFE.sub(_escape_char, str(text))
 
 
 def console() -> Console:
@@ -34,7 +62,9 @@ def configure(quiet: bool = False, log_file: Path | None = None) -> None:
         _log_file = None
     if log_file is not None:
         try:
-            _log_file = open(log_file, "a", buffering=1, encoding="utf-8")
+            _log_file = open(
+                log_file, "a", buffering=1, encoding="utf-8", errors="backslashreplace"
+            )
         except OSError as exc:
             from segnet_cli.errors import UsageError
 
@@ -43,11 +73,12 @@ def configure(quiet: bool = False, log_file: Path | None = None) -> None:
 
 def _to_log_file(text: str) -> None:
     if _log_file is not None:
-        _log_file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
+        _log_file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {safe(text)}\n")
 
 
 def info(text: str) -> None:
     """A progress or status line; dropped with ``--quiet``."""
+    text = safe(text)
     _to_log_file(text)
     if not _quiet:
         console().print(text, markup=False)
@@ -55,20 +86,30 @@ def info(text: str) -> None:
 
 def summary(text: str) -> None:
     """The closing summary of a run: shown even with ``--quiet``, and logged."""
+    text = safe(text)
     _to_log_file(text)
     console().print(text, markup=False)
 
 
 def error(text: str) -> None:
     """An error line; always shown."""
+    text = safe(text)
     _to_log_file(f"error: {text}")
     console().print(f"[bold red]error:[/] {_escape(text)}")
 
 
 def warn(text: str) -> None:
+    text = safe(text)
     _to_log_file(f"warning: {text}")
     if not _quiet:
         console().print(f"[yellow]warning:[/] {_escape(text)}")
+
+
+def echo(text: str) -> None:
+    """A line of human output on stdout (``tile --plan``, ``info``), escaped like the rest."""
+    import typer
+
+    typer.echo(safe(text))
 
 
 def _escape(text: str) -> str:
@@ -171,7 +212,7 @@ class Progress:
             self._last = now
             eta = self.eta()
             eta_s = "?" if eta is None else _fmt_seconds(eta)
-            line = f"{self.label}: {self.done}/{self.total} ({rate}, ETA {eta_s}) {self.extra}"
+            line = safe(f"{self.label}: {self.done}/{self.total} ({rate}, ETA {eta_s}) {self.extra}")
             _to_log_file(line)
             print(line.rstrip(), file=sys.stderr, flush=True)
 

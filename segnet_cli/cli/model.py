@@ -28,9 +28,12 @@ def info_command(
         typer.echo(meta.to_json())
         raise typer.Exit(0)
     from rich.console import Console
+    from rich.markup import escape
+
+    from segnet_cli import ui
 
     c = Console(highlight=False)  # the description is the command's output: stdout
-    c.print(f"model: {path}", markup=False)
+    c.print(f"model: {ui.safe(path)}", markup=False)
     arch = meta.architecture
     c.print(
         f"SegNet, width {arch.get('width')}, {arch.get('stages')} stages, "
@@ -43,7 +46,7 @@ def info_command(
     for i, (n, rgb) in enumerate(zip(meta.class_names, meta.palette)):
         iou = (val.get("per_class_iou") or [None] * len(meta.class_names))[i]
         extra = f"  val IoU {iou * 100:.1f}" if iou is not None else ""
-        c.print(f"  {i:3d}  [rgb({rgb[0]},{rgb[1]},{rgb[2]})]■[/]  {n}{extra}")
+        c.print(f"  {i:3d}  [rgb({rgb[0]},{rgb[1]},{rgb[2]})]■[/]  {escape(ui.safe(n))}{extra}")
     if val:
         c.print(
             f"validation: mIoU {val['mean_iou'] * 100:.1f}, G {val['global_accuracy'] * 100:.1f}, "

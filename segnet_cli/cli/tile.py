@@ -147,8 +147,10 @@ def _print_plan(cfg, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(data, default=str))
     else:
+        from segnet_cli import ui
+
         for line in lines:
-            typer.echo(line)
+            ui.echo(line)
 
 
 def duration(s: float) -> str:

@@ -25,7 +25,8 @@ def verify_command(
 ) -> None:
     """Check every image/mask pair and report every problem; print class histogram and weights.
 
-    Exits 1 when anything is wrong. `segnet train` runs the same checks first.
+    Exits 1 when anything is wrong, 2 when there is no pair to check (a usage error, as for
+    eval and predict). `segnet train` runs the same checks first.
     """
     from segnet_cli import ui
     from segnet_cli.classes import load_classes

@@ -15,7 +15,9 @@ import numpy as np
 from segnet_cli.config import (
     MEMORY_BUDGET_MB,
     TTA,
+    Blend,
     Precision,
+    ProbabilityDtype,
     ProbabilityMode,
     TileConfig,
     TilingConfig,
@@ -44,6 +46,9 @@ ACTIVATION_FIXED_BYTES = 20 * MiB
 #: window shapes: batch 1 of ~1.05 Mpx grew the peak by 400 MiB, batch 2 by 760-870 MiB,
 #: i.e. ~380 bytes per pixel (``activation_bytes_per_pixel``: 391 for that model).
 ACTIVATION_BYTES_PER_CHANNEL_PIXEL = 11.0
+#: Float32 copies of one window's logits the stitcher holds at once when it takes logits on
+#: the host (``tiling.Stitcher.add``): the softmax and, blending, its Gaussian-weighted copy.
+LOGIT_COPIES = 2
 #: ``segnet tile``'s memory target when ``--max-memory`` is not given: the batch (whose size
 #: barely changes CPU speed) is lowered to fit it; the tile only under an explicit limit.
 DEFAULT_MEMORY_BUDGET_MB = MEMORY_BUDGET_MB  # a module attribute, so a test can lower it
@@ -129,6 +134,10 @@ def memory_model(
     whole_image_bytes: int = 0,
     nodata: bool = False,
     runtime_bytes: int = RUNTIME_BYTES,
+    window_pixels: int = 0,
+    num_classes: int = 0,
+    host_logits: bool = False,
+    prob_encode_bytes: float = 0.0,
 ) -> MemoryEstimate:
     """Peak resident memory of a streaming run: a pure function of widths and tile sizes.
 
@@ -138,24 +147,52 @@ def memory_model(
     Components:
         runtime: Python + TensorFlow + Keras, and the loaded model.
         model: one batch through the model (inputs, activations, logits).
-        tiles: per-tile scaling temporaries and the stitcher's argmax/softmax scratch.
+        tiles: per-tile scaling temporaries and the stitcher's argmax scratch; when the
+            stitcher takes logits on the host (``host_logits``: gaussian blending, a
+            probability raster of every class, test-time augmentation), also the batch's
+            float32 logits handed to the host (``Segmenter.run``'s copy, alive while its
+            tiles are stitched) and the softmax of one window and its Gaussian-weighted copy
+            (``LOGIT_COPIES`` float32 copies of a window's logits) while the band is full.
         input: two bands of input rows (the one the model uses and the one being read),
             plus the row of decoded TIFF segments the reader keeps for the next band.
         stitch: the stitcher's band (class indices, or float sums when blending), and, when
             the input declares nodata, the per-band comparison's scratch.
+        encode: a finished band's probabilities on their way to the raster
+            (``prob_encode_bytes`` per pixel of a band of core rows: the float16 copy, or
+            uint8's float temporaries, and the nodata masking copy).
         output: finished rows waiting to be encoded (a few rows of output tiles per raster).
     """
     row_px = width * file_channels * file_itemsize
     window_side = math.isqrt(max(1, batch_pixels))
+    logit_copies = (
+        4 * num_classes * (batch_pixels + LOGIT_COPIES * window_pixels) if host_logits else 0
+    )
     parts = (
         ("runtime", int(runtime_bytes + MODEL_FILE_FACTOR * model_file_bytes)),
         ("model", int(ACTIVATION_FIXED_BYTES + batch_pixels * activation_per_pixel)),
-        ("tiles", int(window_side * window_side * 4 * model_channels * 2 + batch_pixels * 8)),
+        (
+            "tiles",
+            int(window_side * window_side * 4 * model_channels * 2 + batch_pixels * 8 + logit_copies),
+        ),
         ("input", int(2 * band_rows * row_px + chunk_rows * row_px + whole_image_bytes)),
         ("stitch", int(stitch_bytes + (core_rows * width * (file_channels + 2) if nodata else 0))),
+        ("encode", int(core_rows * width * prob_encode_bytes)),
         ("output", int(4 * out_tile * width * (1 + prob_bands * prob_itemsize))),
     )
     return MemoryEstimate(parts)
+
+
+def encode_bytes_per_pixel(bands: int, dtype: ProbabilityDtype | None, nodata: bool) -> float:
+    """Transient bytes per pixel of a finished band while its probabilities are encoded.
+
+    float16: the converted copy (2 bytes a band). uint8: ``rint(p * 255)`` and ``clip`` make
+    float32 temporaries, two alive at once, then the uint8 copy (9 bytes a band). With
+    nodata, the masked copy of the float32 probabilities (4 bytes a band, and the mask's 1).
+    """
+    if not bands or dtype is None:
+        return 0.0
+    per = 2 * bands if ProbabilityDtype.parse(dtype, "--prob-dtype") is ProbabilityDtype.FLOAT16 else 9 * bands
+    return per + (4 * bands + 1 if nodata else 0)
 
 
 def estimate(
@@ -171,6 +208,14 @@ def estimate(
     prob = config.probabilities
     bands = probability_bands(prob, info.num_classes)
     item = 0 if prob is None else np.dtype(str(config.probability_dtype)).itemsize
+    nodata = source.nodata is not None
+    # What ``Stitcher.needs`` asks of the model: anything but center-mode classes (or
+    # classes and confidence) brings every window's logits to the host.
+    host_logits = (
+        Blend.parse(tiling.blend, "--blend") is Blend.GAUSSIAN
+        or prob is ProbabilityMode.CLASSES
+        or config.inference.tta is TTA.FLIP
+    )
     whole = 0
     if source.layout == "whole":
         whole = source.pixels * source.band_channels * source.band_itemsize
@@ -197,7 +242,13 @@ def estimate(
         prob_itemsize=item,
         model_file_bytes=model_file_bytes,
         whole_image_bytes=whole,
-        nodata=source.nodata is not None,
+        nodata=nodata,
+        window_pixels=max(h * w for h, w in worst.shapes()),
+        num_classes=info.num_classes,
+        host_logits=host_logits,
+        prob_encode_bytes=encode_bytes_per_pixel(
+            bands, config.probability_dtype if prob is not None else None, nodata
+        ),
     )
     return grid, mem
 
@@ -274,6 +325,7 @@ __all__ = [
     "batch_pixels",
     "worst_row_grid",
     "activation_bytes_per_pixel",
+    "encode_bytes_per_pixel",
     "probability_bands",
     "seconds_estimate",
 ]

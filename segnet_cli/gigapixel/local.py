@@ -68,6 +68,7 @@ def stream(plan: TilePlan, config: TileConfig, prov: Provenance, guard, progress
                 blend=tiling.blend,
                 batch_size=tiling.batch_size,
                 source_path=source.path,
+                alpha=source.alpha,
                 probabilities=config.probabilities,
                 probability_dtype=config.probability_dtype,
                 nodata=nodata,
@@ -80,6 +81,7 @@ def stream(plan: TilePlan, config: TileConfig, prov: Provenance, guard, progress
                 tw = time.perf_counter()
                 outputs.add(mask, prob)
                 stats["write_wait_seconds"] += time.perf_counter() - tw
+                del mask, prob  # copied into the output blocks: not alive during the next row
             tw = time.perf_counter()
             outputs.finish()
             stats["write_wait_seconds"] += time.perf_counter() - tw

@@ -21,15 +21,14 @@ import numpy as np
 import segnet_cli.gigapixel.budget as budget
 from segnet_cli.config import TTA, Report, Status, TileConfig, TilingConfig
 from segnet_cli.errors import (
-    ImageTooLargeError,
     Interrupted,
     LockedError,
     OutputError,
     UsageError,
 )
 from segnet_cli.gigapixel.budget import MemoryEstimate, MiB, estimate, fit_tiling
-from segnet_cli.io.files import file_digest, remove_dead_temporaries
-from segnet_cli.io.images import match_channels, pixel_limit
+from segnet_cli.io.files import check_writable, file_digest, remove_dead_temporaries
+from segnet_cli.io.images import match_channels
 from segnet_cli.io.tiff import SourceInfo, inspect_source, needs_bigtiff, read_description
 from segnet_cli.jobs import Claim, Outcome, Provenance, Run, SignalGuard, settings_key
 from segnet_cli.model.modelfile import ModelInfo, model_fingerprint, read_info, resolve_model_path
@@ -146,21 +145,17 @@ def plan_tile(config: TileConfig) -> TilePlan:
         ModelFileError: the model file is missing or not a segnet model.
         UsageError: bad options, or ``--max-memory`` cannot be met.
     """
-    source = inspect_source(config.input)
+    # An image decoded whole is checked against the pixel and byte limits here, so
+    # ``--plan`` refuses what the run would refuse.
+    source = inspect_source(config.input, config.inference.max_pixels)
     model_path = resolve_model_path(config.inference.model)
     info = read_info(model_path)
     _validate(config, info)
     # Fail now, not after loading the model, if the bands cannot become the model's input.
-    match_channels(np.zeros((1, 1, source.band_channels), np.uint8), info.in_channels, source.path)
-    if source.layout == "whole":
-        limit = pixel_limit(config.inference.max_pixels)
-        if limit is not None and source.pixels > limit:
-            raise ImageTooLargeError(
-                f"{source.width}x{source.height} cannot be read window by window "
-                f"({source.fmt}) and is over the pixel limit of {limit}; convert it to a tiled "
-                "TIFF or raise the limit with --max-pixels",
-                source.path,
-            )
+    match_channels(
+        np.zeros((1, 1, source.band_channels), np.uint8), info.in_channels, source.path,
+        alpha=source.alpha,
+    )
     output = Path(config.out) if config.out is not None else default_output(source.path)
     if output.exists() and output.is_dir():
         raise UsageError(f"--out {output} is a folder; give a file name")
@@ -302,10 +297,7 @@ def run_planned(
     if config.plan_only:
         return run.report(**details)
     out = plan.output
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create the output folder: {exc.strerror or exc}", out.parent) from None
+    check_writable(out.parent)  # an unusable folder is a usage error: nothing ran
     removed = sum(remove_dead_temporaries_of(p) for p in (out, plan.prob_output) if p is not None)
     if removed and log:
         log(f"removed {removed} temporary file(s) left by an interrupted run")

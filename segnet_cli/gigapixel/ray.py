@@ -390,6 +390,7 @@ class TileActor:
                 blend=job.blend,
                 batch_size=job.batch_size,
                 source_path=job.source.path,
+                alpha=job.source.alpha,
                 probabilities=job.probabilities,
                 probability_dtype=job.probability_dtype,
                 nodata=job.nodata,
@@ -406,6 +407,7 @@ class TileActor:
                 mask_writer.write(mask[s])
                 if prob_writer:
                     prob_writer[0].write(prob[s])
+                del mask, prob  # written: not alive while the next grid row runs
             for w in writers:
                 w.commit()
         except BaseException:

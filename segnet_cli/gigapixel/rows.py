@@ -84,6 +84,7 @@ def stitch_rows(
     blend: Blend,
     batch_size: int,
     source_path: Path,
+    alpha: bool = False,
     probabilities: ProbabilityMode | None,
     probability_dtype: ProbabilityDtype,
     nodata: float | None,
@@ -102,6 +103,7 @@ def stitch_rows(
         blend: the stitcher's mode.
         batch_size: tiles per model batch.
         source_path: the input (for error messages).
+        alpha: the input's last band is alpha (``SourceInfo.alpha``): it may be dropped.
         probabilities: ``None``, or what the probability raster holds.
         probability_dtype: its encoding.
         nodata: the input's nodata value (``effective_nodata``), or ``None``.
@@ -134,7 +136,7 @@ def stitch_rows(
             b0, band = next(source)  # not zip/enumerate: they keep the last item alive
 
             def pixels(tile, band=band, b0=b0):
-                return to_model_input(crop(band, tile, b0), channels, source_path)
+                return to_model_input(crop(band, tile, b0), channels, source_path, alpha)
 
             yield Work((b0, band), stitcher, grid.row_tiles(r, tta is TTA.FLIP), pixels)
             # Drop every reference to the band (the closure's too) before the next is read:
@@ -167,6 +169,9 @@ def stitch_rows(
                     probs if prob is ProbabilityMode.CLASSES else conf, probability_dtype
                 )
             yield y0, mask, p
+            # Drop this block before the next grid row runs: a loop variable would keep the
+            # finished band's probabilities alive beside the next band (not in the budget).
+            del mask, conf, probs, p
         del band
         clock[0] = time.perf_counter()
     if not stitcher.finished:

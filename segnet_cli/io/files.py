@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from segnet_cli.errors import OutputError
+from segnet_cli.errors import OutputError, UsageError
 
 #: Prefix of every temporary file or folder segnet writes; a later run removes dead ones.
 TMP_PREFIX = ".segnet-tmp-"
@@ -83,13 +83,55 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
     except OSError as exc:
-        raise OutputError(f"cannot write: {exc.strerror or exc}", final) from None
+        raise OutputError(_as_final(f"cannot write: {exc.strerror or exc}", tmp, final), final) from None
+    except OutputError as exc:
+        # A writer that names the file it was given names the hidden temporary: the user
+        # knows only the output.
+        if exc.path is not None and os.path.abspath(exc.path) == os.path.abspath(tmp):
+            raise OutputError(_as_final(exc.message, tmp, final), final) from None
+        raise
     finally:
         if os.path.lexists(tmp):
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+def _as_final(message: str, tmp: str, final: Path) -> str:
+    """``message`` with the temporary's name replaced by the output's."""
+    return message.replace(str(tmp), str(final)).replace(Path(tmp).name, final.name)
+
+
+def check_writable(folder: str | Path, option: str = "--out") -> None:
+    """Fail early, with a clear message, when an output folder cannot be written.
+
+    The folder is created if needed, then probed with a temporary of a unique name (made by
+    ``mkstemp``, removed at once): concurrent runs probing one folder never collide, and a
+    killed probe leaves a temporary the next run removes like any other.
+
+    Args:
+        folder: the folder outputs will be written to.
+        option: how the user named it, for the message (``--out``, ``--save-masks``, ...).
+
+    Raises:
+        UsageError: ``folder`` is a file, or cannot be created or written. Nothing could
+            run, so it is a usage error (exit 2), not a failed input.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{option} is a file, not a folder", folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(
+            prefix=f"{TMP_PREFIX}{writer_tag()}-write-test.", suffix=TMP_SUFFIX, dir=folder
+        )
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot write to the output folder ({option}): {exc.strerror or exc}", folder
+        ) from None
 
 
 def is_temporary(path: Path) -> bool:
@@ -248,6 +290,7 @@ __all__ = [
     "TMP_SUFFIX",
     "HOST_TOKEN",
     "atomic_path",
+    "check_writable",
     "temporary_name",
     "is_temporary",
     "remove_dead_temporaries",

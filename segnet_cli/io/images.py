@@ -6,9 +6,20 @@ Reading rules (what ``to_model_input`` does to reach the model's channel count):
   uint16 / 65535, ...), floats taken as already in [0, 1] and clipped. The rule depends only on
   the dtype, never on image statistics, so a tile and its whole image agree.
 * Palette (P) images are expanded to RGB(A) first; JPEGs get their EXIF orientation applied.
-* 1 channel -> C channels: repeated. RGB(A) -> 1: ITU-R 601 luma. RGBA -> 3 and LA -> 1:
+* 1 channel -> C channels: repeated. RGB(A) -> 1: ITU-R 601 luma. RGBA -> 3 and LA -> 1 or 3:
   alpha dropped (colour channels kept as stored). RGB -> 4: an opaque alpha band added.
-  Any other mismatch (say a 6-band scene for a 3-band model) is an error naming both counts.
+  A band is dropped only when the file says it is alpha (Pillow modes LA, RGBA, PA; TIFF
+  ExtraSamples); a 2-band or 4-band image without one is multi-band data, and like any other
+  mismatch (say a 6-band scene for a 3-band model) an error naming both counts.
+* One image per file: a TIFF with more than one full-resolution page is refused (reduced-
+  resolution overviews and transparency masks are not images of their own).
+
+Decompression bombs: a read is refused, before any pixel is decoded, when the image has more
+pixels than the limit (``pixel_limit``: Pillow's default, about 89.5 Mpx, or ``--max-pixels``)
+or when its decoded pixels would take more bytes than ``byte_limit``: 4 bytes per pixel of
+the limit, an 8-bit RGBA image at the limit (about 341 MiB by default). Raising
+``--max-pixels`` raises both. The byte budget catches what a pixel count misses: a small
+3000 x 3000 TIFF of 32 float64 bands decodes to 2.1 GiB.
 
 Masks are written as 8-bit palette PNGs: the pixel values are class indices (numpy reads
 them directly) and the palette holds the class colours, so any viewer shows readable colours.
@@ -31,81 +42,195 @@ from segnet_cli.io.files import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 TIFF_SUFFIXES = (".tif", ".tiff")
-def read_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
+
+#: Pillow modes whose last band is alpha (after ``_pil_to_array``'s conversions).
+ALPHA_MODES = frozenset({"LA", "La", "RGBA", "RGBa", "PA"})
+#: TIFF ExtraSamples values that mean alpha (associated, unassociated).
+TIFF_ALPHA_SAMPLES = (1, 2)
+
+
+class Pixels(np.ndarray):
+    """An image as read: a plain ``(H, W, C)`` array that also knows whether its last band
+    is alpha (``alpha``), so the channel rules drop a band only when the file says so.
+
+    Views and copies keep the flag; everything else treats it as an ``ndarray``.
+    """
+
+    alpha: bool = False
+
+    def __array_finalize__(self, obj) -> None:
+        self.alpha = bool(getattr(obj, "alpha", False))
+
+
+def as_pixels(arr: np.ndarray, alpha: bool) -> Pixels:
+    """``arr`` (no copy) marked with whether its last band is alpha."""
+    out = np.asarray(arr).view(Pixels)
+    out.alpha = bool(alpha)
+    return out
+
+
+def read_image(path: str | Path, max_pixels: int | None = None) -> Pixels:
     """Read an image file as an ``(H, W, C)`` array in its stored dtype.
 
     TIFFs are read with tifffile (any bit depth and band count); everything else with Pillow
-    (EXIF orientation applied, palette expanded).
+    (EXIF orientation applied, palette expanded). The result's ``alpha`` says whether the
+    file marks its last band as alpha.
 
     Raises:
-        ImageReadError: the file is missing, empty, truncated or not an image.
-        ImageTooLargeError: the image is over the pixel limit.
+        ImageReadError: the file is missing, empty, truncated, not an image, or a TIFF with
+            several images.
+        ImageTooLargeError: the image is over the pixel limit, or would decode to more bytes
+            than the byte limit (checked before decoding).
     """
     path = Path(path)
     try:
         if path.is_dir():
             raise ImageReadError("is a folder, not an image", path)
         if not path.exists():
-            raise ImageReadError("file not found (or a broken link)", path)
+            raise ImageReadError(
+                "a symbolic link loop" if _is_link_loop(path) else "file not found (or a broken link)",
+                path,
+            )
         size = path.stat().st_size
         if size == 0:
             raise ImageReadError("empty file (0 bytes)", path)
     except PermissionError:
         raise ImageReadError("permission denied", path) from None
     if path.suffix.lower() in TIFF_SUFFIXES:
-        arr = _read_tiff(path, max_pixels)
+        arr, alpha = _read_tiff(path, max_pixels)
     else:
-        arr = _read_pillow(path, max_pixels)
+        arr, alpha = _read_pillow(path, max_pixels)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3:
         raise ImageReadError(f"unsupported image shape {arr.shape}", path)
     if arr.shape[0] < 1 or arr.shape[1] < 1:
         raise ImageTooSmallError(f"image has no pixels ({arr.shape[1]}x{arr.shape[0]})", path)
-    return arr
+    return as_pixels(arr, alpha and arr.shape[2] in (2, 4))
 
 
-_PIL_DEFAULT_LIMIT: int | None = None
+def _is_link_loop(path: Path) -> bool:
+    """Whether resolving ``path`` fails with ELOOP (a symbolic link loop)."""
+    import errno
+    import os
+
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
+
+
 EXIF_ORIENTATION = 0x0112
+#: EXIF orientations that swap width and height (a 90 or 270 degree turn).
+EXIF_TRANSPOSED = (5, 6, 7, 8)
+#: Pillow's own default limit (``1024 ** 3 // 4 // 3``, about 89.5 Mpx): the fallback when
+#: something disabled Pillow's guard (``MAX_IMAGE_PIXELS = None``) before segnet looked.
+PILLOW_DEFAULT_PIXELS = 1024**3 // 4 // 3
+#: Decoded bytes a read may hold per pixel of the pixel limit: an 8-bit RGBA image.
+BYTES_PER_LIMIT_PIXEL = 4
 
 
-def pixel_limit(max_pixels: int | None) -> int | None:
-    """The decompression-bomb limit for a read: the given one, else Pillow's own default.
-
-    Pillow's default is captured once, so a limit set for one run never leaks into the
-    next call that asks for the default.
-    """
-    global _PIL_DEFAULT_LIMIT
+def _capture_default_limit() -> int:
     from PIL import Image
 
-    if _PIL_DEFAULT_LIMIT is None:
-        _PIL_DEFAULT_LIMIT = Image.MAX_IMAGE_PIXELS
-    return max_pixels if max_pixels is not None else _PIL_DEFAULT_LIMIT
+    value = Image.MAX_IMAGE_PIXELS
+    return int(value) if value else PILLOW_DEFAULT_PIXELS
 
 
-def _read_pillow(path: Path, max_pixels: int | None) -> np.ndarray:
-    from PIL import Image, ImageOps, UnidentifiedImageError
+#: The default pixel limit, captured once when this module is first imported (before any of
+#: segnet's reads set Pillow's process-wide guard), so no call order can change it.
+DEFAULT_PIXEL_LIMIT = _capture_default_limit()
+
+
+def pixel_limit(max_pixels: int | None) -> int:
+    """The decompression-bomb pixel limit of a read: ``max_pixels``, else the default.
+
+    Never ``None``: the guard is never off, whatever ran before.
+    """
+    return int(max_pixels) if max_pixels is not None else DEFAULT_PIXEL_LIMIT
+
+
+def byte_limit(max_pixels: int | None) -> int:
+    """The most bytes a read may decode: ``BYTES_PER_LIMIT_PIXEL`` per pixel of the limit."""
+    return pixel_limit(max_pixels) * BYTES_PER_LIMIT_PIXEL
+
+
+def check_decoded_size(
+    width: int, height: int, bytes_per_pixel: int, max_pixels: int | None, path, hint: str = ""
+) -> None:
+    """Refuse, before decoding, an image over the pixel limit or the byte limit.
+
+    Args:
+        width, height: the image's size.
+        bytes_per_pixel: what one pixel takes once decoded (all bands).
+        max_pixels: the run's ``--max-pixels`` (``None``: the default).
+        path: named in the error.
+        hint: what the user can do instead, appended to the message.
+
+    Raises:
+        ImageTooLargeError: over either limit.
+    """
+    limit = pixel_limit(max_pixels)
+    hint = hint or "raise the limit with --max-pixels"
+    if width * height > limit:
+        raise ImageTooLargeError(
+            f"{width}x{height} is over the pixel limit of {limit:,}; {hint}", path
+        )
+    need, budget = width * height * bytes_per_pixel, byte_limit(max_pixels)
+    if need > budget:
+        raise ImageTooLargeError(
+            f"{width}x{height} at {bytes_per_pixel} bytes per pixel decodes to "
+            f"{need / 2**20:,.0f} MiB, over the limit of {budget / 2**20:,.0f} MiB "
+            f"({BYTES_PER_LIMIT_PIXEL} bytes per pixel of the {limit:,}-pixel limit); {hint}",
+            path,
+        )
+
+
+def pillow_bytes_per_pixel(mode: str) -> int:
+    """Bytes per pixel of the array ``_pil_to_array`` makes of a Pillow ``mode``."""
+    if mode.startswith("I;16"):
+        return 2
+    if mode in ("P", "PA", "RGBA", "RGBa", "CMYK", "I", "F", "RGBX"):
+        return 4  # a palette may expand to RGBA; I and F are 32-bit
+    if mode in ("1", "L"):
+        return 1
+    if mode in ("LA", "La"):
+        return 2
+    return 3
+
+
+def oriented_size(im) -> tuple[int, int]:
+    """``(width, height)`` of a Pillow image as ``read_image`` returns it (EXIF applied)."""
+    try:
+        turned = im.getexif().get(EXIF_ORIENTATION, 1) in EXIF_TRANSPOSED
+    except Exception:  # a broken EXIF block: read_image ignores it the same way
+        turned = False
+    return (im.height, im.width) if turned else (im.width, im.height)
+
+
+def open_pillow(path: Path, max_pixels: int | None):
+    """Open an image with Pillow under the run's limits, its header read and checked.
+
+    Pillow's own guard is armed with the run's limit (a bomb between 1x and 2x the limit,
+    which Pillow only warns about, is refused too), and the decoded size is checked against
+    the byte limit, all before a pixel is decoded. The caller closes the image.
+
+    Raises:
+        ImageTooLargeError: over a limit.
+        ImageReadError: not an image Pillow can read.
+    """
+    from PIL import Image, UnidentifiedImageError
 
     limit = pixel_limit(max_pixels)
-    # Pillow's guard is a process-wide setting. It is set, never restored: reader threads of
-    # one run share one limit, and a save/restore pair would race between threads.
+    # Pillow's guard is a process-wide setting. It is set, never restored (and never to
+    # None): reader threads of one run share one limit, and a save/restore pair would race
+    # between threads.
     Image.MAX_IMAGE_PIXELS = limit
     try:
         with warnings.catch_warnings():
-            # Pillow warns between 1x and 2x the limit; make that an error too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if limit is not None and im.width * im.height > limit:
-                    raise ImageTooLargeError(
-                        f"{im.width}x{im.height} is over the pixel limit of {limit} "
-                        "(raise it with --max-pixels)",
-                        path,
-                    )
-                im.load()
-                # Only an EXIF orientation other than "normal" needs a transpose (which copies).
-                if im.getexif().get(EXIF_ORIENTATION, 1) != 1:
-                    im = ImageOps.exif_transpose(im)
-                return _pil_to_array(im)
+            im = Image.open(path)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(
             f"decompression bomb guard: {exc} (raise the limit with --max-pixels)", path
@@ -116,9 +241,46 @@ def _read_pillow(path: Path, max_pixels: int | None) -> np.ndarray:
         raise ImageReadError("permission denied", path) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageReadError(f"cannot decode ({exc})", path) from None
+    try:
+        check_decoded_size(im.width, im.height, pillow_bytes_per_pixel(im.mode), max_pixels, path)
+    except BaseException:
+        im.close()
+        raise
+    return im
 
 
-def _pil_to_array(im) -> np.ndarray:
+def _read_pillow(path: Path, max_pixels: int | None) -> tuple[np.ndarray, bool]:
+    from PIL import Image, ImageOps
+
+    im = open_pillow(path, max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with im:
+                im.load()
+                # Only an EXIF orientation other than "normal" needs a transpose (which copies).
+                if im.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                    im = ImageOps.exif_transpose(im)
+                return _pil_to_array(im)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(
+            f"decompression bomb guard: {exc} (raise the limit with --max-pixels)", path
+        ) from None
+    except PermissionError:
+        raise ImageReadError("permission denied", path) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageReadError(f"cannot decode ({exc})", path) from None
+
+
+def _pil_to_array(im) -> tuple[np.ndarray, bool]:
+    """Pixels of a loaded Pillow image, and whether the last band is alpha."""
+    arr = _pil_pixels(im)
+    mode = im.mode
+    alpha = mode in ALPHA_MODES or (mode == "P" and "transparency" in im.info)
+    return arr, alpha
+
+
+def _pil_pixels(im) -> np.ndarray:
     mode = im.mode
     if mode == "P" or mode == "PA":
         im = im.convert("RGBA" if "transparency" in im.info or mode == "PA" else "RGB")
@@ -138,28 +300,67 @@ def _pil_to_array(im) -> np.ndarray:
     return np.asarray(im)
 
 
-def _read_tiff(path: Path, max_pixels: int | None) -> np.ndarray:
+def tiff_alpha(page) -> bool:
+    """Whether a TIFF page's ExtraSamples mark its last band as alpha."""
+    extra = tuple(getattr(page, "extrasamples", ()) or ())
+    return bool(extra) and int(extra[-1]) in TIFF_ALPHA_SAMPLES
+
+
+def check_single_image(tif, path) -> None:
+    """Refuse a TIFF holding more than one full-resolution image (pages of a scan, a stack).
+
+    Reduced-resolution pages (overviews of a pyramid or a COG) and transparency masks
+    (NewSubfileType bits 1 and 4) belong to the first image and are fine.
+
+    Raises:
+        ImageReadError: naming how many images the file holds.
+    """
+    images = 0
+    for page in tif.pages:
+        if not int(getattr(page, "subfiletype", 0) or 0) & 0b101:
+            images += 1
+            if images > 1:
+                break
+    if images > 1:
+        raise ImageReadError(
+            f"the TIFF holds {len(tif.pages)} pages, more than one full-resolution image; "
+            "segnet reads one image per file: split it first (e.g. `tiffsplit IN.tif page-`)",
+            path,
+        )
+
+
+def tiff_bytes_per_pixel(page) -> int:
+    """Bytes per pixel of the array ``_read_tiff`` makes of a page (palette expanded)."""
+    itemsize = page.dtype.itemsize if page.dtype is not None else 1
+    size = int(page.samplesperpixel) * itemsize
+    if page.photometric == 3 and page.colormap is not None:  # PALETTE: indices + RGB
+        size += 3
+    return size
+
+
+def _read_tiff(path: Path, max_pixels: int | None) -> tuple[np.ndarray, bool]:
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tif:
+            if len(tif.pages) == 0:
+                raise ImageReadError("the TIFF holds no image (truncated or empty)", path)
+            check_single_image(tif, path)
             page = tif.pages[0]
             h, w = int(page.imagelength), int(page.imagewidth)
-            limit = pixel_limit(max_pixels)
-            if limit is not None and h * w > limit:
-                raise ImageTooLargeError(
-                    f"{w}x{h} is over the pixel limit of {limit}; use `segnet tile` for huge "
-                    "TIFFs or raise the limit with --max-pixels",
-                    path,
-                )
+            check_decoded_size(
+                w, h, tiff_bytes_per_pixel(page), max_pixels, path,
+                "use `segnet tile` for huge TIFFs or raise the limit with --max-pixels",
+            )
             arr = page.asarray()
             if page.photometric == tifffile.PHOTOMETRIC.PALETTE and page.colormap is not None:
                 cmap = np.asarray(page.colormap)
                 scale = 257 if cmap.max() > 255 else 1
                 arr = (cmap[:, arr].transpose(1, 2, 0) // scale).astype(np.uint8)
-            elif arr.ndim == 3 and page.planarconfig == tifffile.PLANARCONFIG.SEPARATE:
+                return arr, False
+            if arr.ndim == 3 and page.planarconfig == tifffile.PLANARCONFIG.SEPARATE:
                 arr = np.moveaxis(arr, 0, -1)
-            return arr
+            return arr, tiff_alpha(page)
     except ImageReadError:
         raise
     except PermissionError:
@@ -183,18 +384,34 @@ def scale_to_unit(arr: np.ndarray) -> np.ndarray:
     return np.clip(np.nan_to_num(arr.astype(np.float32)), 0.0, 1.0)
 
 
-def match_channels(arr: np.ndarray, channels: int, path: str | Path | None = None) -> np.ndarray:
-    """Convert an ``(H, W, c)`` array to ``channels`` bands by the documented rules."""
+def match_channels(
+    arr: np.ndarray, channels: int, path: str | Path | None = None, alpha: bool | None = None
+) -> np.ndarray:
+    """Convert an ``(H, W, c)`` array to ``channels`` bands by the documented rules.
+
+    Args:
+        arr: the pixels.
+        channels: the model's input channels.
+        path: named in errors.
+        alpha: whether the last band is alpha; ``None``: as ``arr`` says (``Pixels.alpha``
+            of an array ``read_image`` returned; a plain array has none). Only an alpha band
+            is ever dropped.
+
+    Raises:
+        ImageReadError: the counts cannot be matched (naming both).
+    """
     c = arr.shape[2]
+    if alpha is None:
+        alpha = bool(getattr(arr, "alpha", False))
     if c == channels:
         return arr
     if c == 1:
         return np.repeat(arr, channels, axis=2)
-    if c == 2 and channels in (1, 3):  # LA: drop alpha
-        return match_channels(arr[:, :, :1], channels, path)
-    if c == 4 and channels == 3:  # RGBA: drop alpha
+    if c == 2 and channels in (1, 3) and alpha:  # LA: drop alpha
+        return match_channels(arr[:, :, :1], channels, path, alpha=False)
+    if c == 4 and channels == 3 and alpha:  # RGBA: drop alpha
         return arr[:, :, :3]
-    if c in (3, 4) and channels == 1:
+    if (c == 3 or (c == 4 and alpha)) and channels == 1:
         rgb = arr[:, :, :3].astype(np.float32)
         luma = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
         if np.issubdtype(arr.dtype, np.integer):
@@ -206,14 +423,20 @@ def match_channels(arr: np.ndarray, channels: int, path: str | Path | None = Non
         else:
             alpha = np.ones(arr.shape[:2] + (1,), arr.dtype)
         return np.concatenate([arr, alpha], axis=2)
-    raise ImageReadError(
-        f"image has {c} channels but the model takes {channels}", path
+    why = (
+        f" (band {c} is not marked as alpha, so it is not dropped)"
+        if c in (2, 4) and not alpha and channels < c
+        else ""
     )
+    raise ImageReadError(f"image has {c} channels but the model takes {channels}{why}", path)
 
 
-def to_model_input(arr: np.ndarray, channels: int, path=None) -> np.ndarray:
-    """Stored pixels -> float32 ``(H, W, channels)`` in [0, 1], ready for the model."""
-    return scale_to_unit(match_channels(arr, channels, path))
+def to_model_input(arr: np.ndarray, channels: int, path=None, alpha: bool | None = None) -> np.ndarray:
+    """Stored pixels -> float32 ``(H, W, channels)`` in [0, 1], ready for the model.
+
+    ``alpha``: see ``match_channels``. The result is a plain array.
+    """
+    return np.asarray(scale_to_unit(match_channels(arr, channels, path, alpha)))
 
 
 def read_mask(path: str | Path) -> np.ndarray:

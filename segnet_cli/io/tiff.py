@@ -40,7 +40,15 @@ from pathlib import Path
 import numpy as np
 
 from segnet_cli.errors import ImageReadError, NoInputError, OutputError, TiffLayoutError
-from segnet_cli.io.images import TIFF_SUFFIXES, read_image
+from segnet_cli.io.images import (
+    TIFF_SUFFIXES,
+    check_decoded_size,
+    check_single_image,
+    open_pillow,
+    oriented_size,
+    read_image,
+    tiff_alpha,
+)
 
 #: Largest decoded segment (strip or tile) read as one piece; a compressed segment larger than
 #: this is the "one huge compressed strip" layout that cannot be windowed.
@@ -96,6 +104,7 @@ class SourceInfo:
     chunk_shape: tuple[int, int] | None = None
     planar_separate: bool = False
     palette: bool = False
+    alpha: bool = False  # the file marks the last band as alpha (may be dropped to fit)
     nodata_text: str | None = None
     resolution: tuple | None = None
     resolution_unit: int | None = None
@@ -154,18 +163,35 @@ class SourceInfo:
 # --------------------------------------------------------------------------- inspecting
 
 
-def inspect_source(path: str | Path) -> SourceInfo:
+def inspect_source(path: str | Path, max_pixels: int | None = None) -> SourceInfo:
     """Read an input's header and decide how it will be read.
+
+    Sizes are as the reader will return them (a JPEG's EXIF orientation applied). An image
+    that must be decoded whole (``layout == "whole"``) is checked against the run's pixel and
+    byte limits here, before anything else is planned.
+
+    Args:
+        path: the input.
+        max_pixels: the run's ``--max-pixels`` (``None``: the default limit).
 
     Raises:
         NoInputError: the file does not exist.
-        ImageReadError: unreadable or not an image.
+        ImageReadError: unreadable, not an image, or a TIFF of several images.
+        ImageTooLargeError: an image decoded whole that is over a limit.
         TiffLayoutError: a TIFF stored as one huge compressed strip (or huge segments).
     """
     path = Path(path)
     if path.is_dir():
         raise ImageReadError("is a folder, not an image", path)
     if not path.exists():
+        if path.is_symlink():
+            import errno
+
+            try:
+                path.stat()
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise ImageReadError("a symbolic link loop", path) from None
         raise NoInputError("file not found (or a broken link)", path)
     try:
         if path.stat().st_size == 0:
@@ -173,8 +199,16 @@ def inspect_source(path: str | Path) -> SourceInfo:
     except PermissionError:
         raise ImageReadError("permission denied", path) from None
     if path.suffix.lower() in TIFF_SUFFIXES or _is_tiff(path):
-        return _inspect_tiff(path)
-    return _inspect_pillow(path)
+        info = _inspect_tiff(path)
+    else:
+        info = _inspect_pillow(path, max_pixels)
+    if info.layout == "whole":
+        check_decoded_size(
+            info.width, info.height, info.band_channels * info.band_itemsize, max_pixels, path,
+            f"{info.fmt} cannot be read window by window: convert it to a tiled TIFF or raise "
+            "the limit with --max-pixels",
+        )
+    return info
 
 
 def _is_tiff(path: Path) -> bool:
@@ -186,26 +220,24 @@ def _is_tiff(path: Path) -> bool:
     return head[:2] in (b"II", b"MM") and head[2:4] in (b"*\x00", b"\x00*", b"+\x00", b"\x00+")
 
 
-def _inspect_pillow(path: Path) -> SourceInfo:
-    from PIL import Image, UnidentifiedImageError
-
-    # Only the header is read here: the size is checked against the run's own pixel limit
-    # by the caller, and ``read_image`` re-arms Pillow's guard before decoding any pixels.
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        with Image.open(path) as im:
-            w, h, mode, fmt = im.width, im.height, im.mode, (im.format or "image").lower()
-    except UnidentifiedImageError:
-        raise ImageReadError("not an image Pillow can read (wrong content or format)", path) from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(f"cannot open ({exc})", path) from None
-    bands = {"1": 1, "L": 1, "P": 3, "I": 1, "F": 1, "LA": 2, "PA": 4, "RGBA": 4}.get(mode, 3)
+def _inspect_pillow(path: Path, max_pixels: int | None) -> SourceInfo:
+    # Only the header is read, under the run's own limits (Pillow's guard armed as for the
+    # read itself: sniffing never switches it off).
+    im = open_pillow(path, max_pixels)
+    with im:
+        (w, h), mode, fmt = oriented_size(im), im.mode, (im.format or "image").lower()
+        transparent = "transparency" in im.info
+    bands = {"1": 1, "L": 1, "I": 1, "F": 1, "LA": 2, "PA": 4, "RGBA": 4}.get(mode, 3)
+    if mode == "P":
+        bands = 4 if transparent else 3
     if mode.startswith("I;16"):
         bands = 1
     dtype = np.dtype(
         np.uint16 if mode.startswith("I") else np.float32 if mode == "F" else np.uint8
     )
-    return SourceInfo(path, h, w, bands, dtype, "whole", fmt=fmt)
+    alpha = mode in ("LA", "PA", "RGBA") or (mode == "P" and transparent)
+    info = SourceInfo(path, h, w, bands, dtype, "whole", fmt=fmt, alpha=alpha)
+    return info
 
 
 def _inspect_tiff(path: Path) -> SourceInfo:
@@ -215,6 +247,7 @@ def _inspect_tiff(path: Path) -> SourceInfo:
         with tifffile.TiffFile(path) as tif:
             if len(tif.pages) == 0:
                 raise ImageReadError("the TIFF holds no image (truncated or empty)", path)
+            check_single_image(tif, path)
             return _tiff_info(path, tif, tif.pages[0])
     except (ImageReadError, TiffLayoutError):
         raise
@@ -282,6 +315,7 @@ def _tiff_info(path: Path, tif, page) -> SourceInfo:
         chunk_shape=chunk,
         planar_separate=separate,
         palette=palette,
+        alpha=not palette and spp in (2, 4) and tiff_alpha(page),
         nodata_text=None if nodata is None else str(nodata.value),
         resolution=res,
         resolution_unit=None if unit is None else int(unit.value),
@@ -503,7 +537,9 @@ def open_reader(info: SourceInfo, max_pixels: int | None = None) -> RegionReader
     array = read_image(info.path, max_pixels)
     # What the decoder returned is the truth (Pillow modes and odd TIFF bit depths map to
     # dtypes and band counts the header alone does not tell).
-    info = replace(info, channels=array.shape[2], dtype=array.dtype, palette=False)
+    info = replace(
+        info, channels=array.shape[2], dtype=array.dtype, palette=False, alpha=array.alpha
+    )
     return ArrayReader(info, array)
 
 
@@ -620,6 +656,8 @@ class TiledTiffWriter:
     Args:
         path: the file to write (a temporary; the caller renames it).
         shape: ``(height, width)`` or ``(height, width, samples)``.
+        name: the file errors name (the output the temporary becomes; default ``path``):
+            a disk-full message must name the output, not a hidden temporary.
         dtype: the pixel dtype.
         tile: output tile size (a multiple of 16).
         compression: one of ``OUTPUT_COMPRESSIONS``.
@@ -636,11 +674,13 @@ class TiledTiffWriter:
         compression: str,
         bigtiff: bool,
         depth: int = 2,
+        name: Path | None = None,
         **tiff_kwargs,
     ) -> None:
         if tile % 16 or tile < 16:
             raise ValueError("output tiles must be a multiple of 16")
         self.path = Path(path)
+        self.name = Path(name) if name is not None else self.path
         self.shape = tuple(shape)
         self.dtype = np.dtype(dtype)
         self.tile = tile
@@ -690,8 +730,11 @@ class TiledTiffWriter:
         exc = self._error
         if exc is not None:
             if isinstance(exc, OSError):
-                raise OutputError(f"cannot write: {exc.strerror or exc}", self.path) from None
-            raise OutputError(f"cannot write TIFF ({type(exc).__name__}: {exc})", self.path) from None
+                text = f"cannot write: {exc.strerror or exc}"
+            else:
+                text = f"cannot write TIFF ({type(exc).__name__}: {exc})"
+            text = text.replace(str(self.path), str(self.name))
+            raise OutputError(text, self.name) from None
 
     def put(self, block: np.ndarray) -> None:
         """Queue one block of rows (blocks while the queue is full)."""
@@ -701,7 +744,7 @@ class TiledTiffWriter:
         while True:
             self._raise()
             if not self._thread.is_alive():
-                raise OutputError("the TIFF writer stopped early", self.path)
+                raise OutputError("the TIFF writer stopped early", self.name)
             try:
                 self._queue.put(block, timeout=0.5)
                 return
@@ -713,7 +756,7 @@ class TiledTiffWriter:
         if self._rows_put != self.shape[0]:
             self.abort()
             raise OutputError(
-                f"internal error: {self._rows_put} of {self.shape[0]} rows written", self.path
+                f"internal error: {self._rows_put} of {self.shape[0]} rows written", self.name
             )
         self._put_sentinel()
         self._thread.join()

@@ -10,6 +10,7 @@ with ``zipfile`` alone, so ``segnet info`` and the error for a foreign file are 
 from __future__ import annotations
 
 import json
+import math
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -81,22 +82,91 @@ class ModelInfo:
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelInfo:
-        scaling = data.get("scaling") or {}
+        """Metadata from ``segnet.json``'s content, every value checked.
+
+        Raises:
+            ValueError, KeyError, TypeError: a value is missing, of the wrong type or out of
+                range (the message says which); ``read_info`` names the file.
+        """
+        scaling = _mapping(data.get("scaling") or {}, "scaling")
+        names = data["class_names"]
+        if not isinstance(names, list) or not 1 <= len(names) <= 256:
+            raise ValueError("class_names must be a list of 1 to 256 names")
+        if not all(isinstance(n, str) for n in names):
+            raise ValueError("class_names must be strings")
+        palette = data["palette"]
+        if not isinstance(palette, list) or not all(
+            isinstance(c, list) and len(c) == 3 and all(_integer(v, 0, 255) for v in c)
+            for c in palette
+        ):
+            raise ValueError("palette must be a list of [r, g, b] integers 0-255")
+        in_channels = _int_field(data["in_channels"], "in_channels", 1)
+        stride = _int_field(data.get("stride", 32), "stride", 1)
+        if stride & (stride - 1):
+            raise ValueError(f"stride must be a power of two (2 ** stages), not {stride}")
+        mean = _numbers(scaling.get("mean", list(InputScaling.mean)), "scaling.mean", in_channels)
+        std = _numbers(scaling.get("std", list(InputScaling.std)), "scaling.std", in_channels)
+        if not all(v > 0 for v in std):
+            raise ValueError("scaling.std must be positive")
+        mode = scaling.get("mode", "dtype_max")
+        if mode != "dtype_max":
+            raise ValueError(f"scaling.mode {mode!r} is not one this segnet knows (dtype_max)")
+        architecture = _mapping(data.get("architecture") or {}, "architecture")
+        for key, value in (("in_channels", in_channels), ("num_classes", len(names))):
+            if key in architecture and architecture[key] != value:
+                raise ValueError(f"architecture.{key} {architecture[key]!r} contradicts {value}")
+        if "stages" in architecture:
+            stages = _int_field(architecture["stages"], "architecture.stages", 1)
+            if 2**stages != stride:
+                raise ValueError(f"stride {stride} contradicts architecture.stages {stages}")
+        if "width" in architecture and not (
+            _number(architecture["width"]) and architecture["width"] > 0
+        ):
+            raise ValueError("architecture.width must be a positive number")
+        void = data.get("void_class")
+        if void is not None and not _integer(void, 0, 255):
+            raise ValueError("void_class must be an integer 0-255 (or absent)")
         return cls(
-            class_names=tuple(data["class_names"]),
-            palette=tuple(tuple(int(v) for v in c) for c in data["palette"]),
-            in_channels=int(data["in_channels"]),
-            scaling=InputScaling(
-                mode=scaling.get("mode", "dtype_max"),
-                mean=tuple(scaling.get("mean", InputScaling.mean)),
-                std=tuple(scaling.get("std", InputScaling.std)),
-            ),
-            stride=int(data.get("stride", 32)),
-            receptive_field=int(data.get("receptive_field", 404)),
-            architecture=dict(data.get("architecture") or {}),
-            training=dict(data.get("training") or {}),
-            void_class=data.get("void_class"),
+            class_names=tuple(names),
+            palette=tuple(tuple(int(v) for v in c) for c in palette),
+            in_channels=in_channels,
+            scaling=InputScaling(mode=mode, mean=mean, std=std),
+            stride=stride,
+            receptive_field=_int_field(data.get("receptive_field", 404), "receptive_field", 1),
+            architecture=dict(architecture),
+            training=dict(_mapping(data.get("training") or {}, "training")),
+            void_class=void,
         )
+
+
+def _number(v) -> bool:
+    """A finite JSON number (``true``/``false`` are not numbers here)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(v, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _int_field(v, name: str, lo: int) -> int:
+    if not (isinstance(v, int) and not isinstance(v, bool)) or v < lo:
+        raise ValueError(f"{name} must be an integer of at least {lo}, not {v!r}")
+    return v
+
+
+def _numbers(v, name: str, channels: int) -> tuple[float, ...]:
+    if not isinstance(v, list) or len(v) not in (1, channels) or not all(map(_number, v)):
+        raise ValueError(
+            f"{name} must be a list of {channels} finite numbers (one per input channel), "
+            f"not {v!r}"
+        )
+    return tuple(float(x) for x in v)
+
+
+def _mapping(v, name: str) -> dict:
+    if not isinstance(v, dict):
+        raise ValueError(f"{name} must be an object, not {v!r}")
+    return v
 
 
 def read_info(path: str | Path) -> ModelInfo:
@@ -126,17 +196,22 @@ def read_info(path: str | Path) -> ModelInfo:
         raise ModelFileError("not a .keras model file (corrupt or foreign)", path) from None
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise ModelFileError(f"cannot read model metadata: {exc}", path) from None
-    if data.get("format") != FORMAT:
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ModelFileError("segnet.json is not segnet model metadata", path)
-    if int(data.get("format_version", 0)) > FORMAT_VERSION:
+    version = data.get("format_version", 0)
+    if not _integer(version, 0, 2**31):
+        raise ModelFileError(f"segnet.json's format_version {version!r} is not a number", path)
+    if version > FORMAT_VERSION:
         raise ModelFileError(
             f"model format {data.get('format_version')} is newer than this segnet understands",
             path,
         )
     try:
         return ModelInfo.from_dict(data)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelFileError(f"model metadata incomplete: {exc}", path) from None
+    except KeyError as exc:
+        raise ModelFileError(f"segnet.json lacks {exc}", path) from None
+    except (TypeError, ValueError) as exc:
+        raise ModelFileError(f"segnet.json is invalid: {exc}", path) from None
 
 
 def add_info(path: str | Path, info: ModelInfo) -> None:

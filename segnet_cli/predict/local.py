@@ -20,11 +20,11 @@ import time
 
 from segnet_cli.config import PredictConfig, Report, Status
 from segnet_cli.errors import ImageReadError, SegnetError
-from segnet_cli.io.files import remove_dead_temporaries
+from segnet_cli.io.files import check_writable, remove_dead_temporaries
 from segnet_cli.io.images import read_image, to_model_input
 from segnet_cli.jobs import Outcome, Run, SignalGuard
 from segnet_cli.pipeline import image_work, read_ahead, run_works
-from segnet_cli.predict.plan import Job, begin, check_writable, claim, write_outputs
+from segnet_cli.predict.plan import Job, begin, claim, write_outputs
 from segnet_cli.tiling import TileGrid, stitch_all
 
 #: Reader threads: decoding overlaps itself as well as the model.

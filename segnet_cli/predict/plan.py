@@ -16,6 +16,7 @@ when ``--overlay`` is asked for, is redone.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +25,8 @@ import numpy as np
 
 from segnet_cli import __version__
 from segnet_cli.config import PredictConfig, Report, Status
-from segnet_cli.errors import OutputError, UsageError
-from segnet_cli.io.files import atomic_path, file_digest
+from segnet_cli.errors import UsageError
+from segnet_cli.io.files import file_digest
 from segnet_cli.io.images import write_mask_png, write_overlay
 from segnet_cli.jobs import Claim, InputItem, Outcome, Provenance, Run, collect_inputs, settings_key
 from segnet_cli.model.modelfile import ModelInfo, model_fingerprint, read_info, resolve_model_path
@@ -43,17 +44,35 @@ def overlay_path(out: Path, item: InputItem) -> Path:
     return out / item.rel.parent / f"{item.rel.stem}.overlay.jpg"
 
 
+#: How each output format ends when complete: PNG's IEND chunk (with its CRC), JPEG's EOI.
+_END_MARKERS = {"PNG": b"\x00\x00\x00\x00IEND\xaeB`\x82", "JPEG": b"\xff\xd9"}
+
+
 def read_provenance(output: Path) -> Provenance | None:
     """The provenance an existing output records, or None if absent, unreadable or damaged.
 
-    The whole file is decoded, not just its header: a mask truncated by a crash of another
-    tool, or a disk error, is not up to date and gets redone.
+    The whole file is checked, not just its header: a mask truncated by a crash of another
+    tool, or a disk error, is not up to date and gets redone. Decoding the pixels alone is
+    not enough (Pillow decodes a PNG that lost its last bytes); so the file must also end as
+    its format ends (PNG: the IEND chunk, JPEG: the end-of-image marker), and a PNG's every
+    chunk must pass its checksum.
     """
     if not output.is_file():
         return None
     try:
         from PIL import Image
 
+        with Image.open(output) as im:
+            fmt = im.format
+            if fmt == "PNG":
+                im.verify()  # every chunk's CRC, through IEND
+        end = _END_MARKERS.get(fmt)
+        if end is None:
+            return None
+        with open(output, "rb") as fh:
+            fh.seek(-len(end), os.SEEK_END)
+            if fh.read(len(end)) != end:
+                return None
         with Image.open(output) as im:
             im.load()
             text = im.info.get(PROVENANCE_KEY) or im.info.get("comment")
@@ -104,32 +123,79 @@ class Job:
         return all(read_provenance(p) == prov for p in self.outputs())
 
 
-def check_writable(out: Path) -> None:
-    """Fail early, with a clear message, when the output folder cannot be written.
+class _Files:
+    """A set of files known by resolved path and, when they exist, by device and inode, so
+    an output is recognised as an input through symbolic links, hard links and ``..``."""
+
+    def __init__(self, paths) -> None:
+        self._by_path: dict[Path, Path] = {}
+        self._by_inode: dict[tuple[int, int], Path] = {}
+        for p in paths:
+            self._by_path.setdefault(Path(os.path.realpath(p)), p)
+            try:
+                st = os.stat(p)
+            except OSError:
+                continue
+            self._by_inode.setdefault((st.st_dev, st.st_ino), p)
+
+    def find(self, path: Path) -> Path | None:
+        """The member ``path`` names, or None."""
+        hit = self._by_path.get(Path(os.path.realpath(path)))
+        if hit is not None:
+            return hit
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return self._by_inode.get((st.st_dev, st.st_ino))
+
+
+def check_outputs_off_inputs(config: PredictConfig, items: list[InputItem]) -> None:
+    """Refuse a run where any output (mask or overlay) would land on an input.
+
+    Also refuses an output folder that *is* an input folder: even where no name collides
+    today, its masks would be inputs of the next run (masks of masks). An output folder
+    strictly inside an input folder is fine: ``collect_inputs`` skips it.
 
     Raises:
-        UsageError: ``--out`` is a file, or the folder cannot be created or written: nothing
-            could run, so it is a usage error (exit 2), not a failed input.
+        UsageError: naming the input that would be overwritten (or the folder).
     """
-    if out.exists() and not out.is_dir():
-        raise UsageError("--out is a file, not a folder", out)
+    inputs = _Files(i.path for i in items)
+    for item in items:
+        outputs = [mask_path(config.out, item)]
+        if config.overlay:
+            outputs.append(overlay_path(config.out, item))
+        for output in outputs:
+            hit = inputs.find(output)
+            if hit is not None:
+                raise UsageError(
+                    f"the output {output} would overwrite this input; nothing was written: "
+                    "give another --out",
+                    hit,
+                )
+    out = Path(os.path.realpath(config.out))
+    for spec in config.inputs:
+        if Path(spec).is_dir() and Path(os.path.realpath(spec)) == out:
+            raise UsageError(
+                f"--out is the input folder {spec}: its masks would be inputs of the next run; "
+                "give another folder (a subfolder is fine: it is not searched for inputs)",
+                config.out,
+            )
+
+
+def _not_a_file(path: Path) -> str:
+    """Why an input that is not a regular file cannot be read, in the user's terms."""
+    if path.is_dir():
+        return "is a folder, not an image"
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".segnet-write-test"
-        with atomic_path(probe) as tmp:
-            tmp.write_bytes(b"ok")
-        probe.unlink()
-    except OutputError as exc:
-        raise UsageError(f"cannot write to the output folder: {exc.message}", out) from None
+        os.stat(path)
     except OSError as exc:
-        raise UsageError(f"cannot write to the output folder: {exc.strerror or exc}", out) from None
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.abspath(a) == os.path.abspath(b)
+        if exc.errno == errno.ELOOP:
+            return "a symbolic link loop (the link leads back to itself)"
+        if path.is_symlink():
+            return "broken symbolic link (its target does not exist)"
+        return f"cannot read: {exc.strerror or exc}"
+    return "not a regular file"
 
 
 def plan(config: PredictConfig) -> tuple[list[Job], list[Outcome], str, ModelInfo]:
@@ -154,17 +220,12 @@ def plan(config: PredictConfig) -> tuple[list[Job], list[Outcome], str, ModelInf
     settings = settings_key(**inference.output_settings(), version=1)
     items, missing = collect_inputs(config.inputs, exclude=config.out)
     outcomes = [Outcome(spec, None, Status.FAILED, error="no input matched this") for spec in missing]
-    inputs = {Path(os.path.abspath(i.path)) for i in items}
+    check_outputs_off_inputs(config, items)
     jobs: list[Job] = []
     claimed: dict[Path, Path] = {}
     for item in items:
         m = mask_path(config.out, item)
         ov = overlay_path(config.out, item) if config.overlay else None
-        for output in [m] + ([ov] if ov is not None else []):
-            if Path(os.path.abspath(output)) in inputs or _same_file(output, item.path):
-                raise UsageError(
-                    f"the output {output} would overwrite an input; give another --out", item.path
-                )
         if m in claimed:
             outcomes.append(
                 Outcome(
@@ -175,10 +236,7 @@ def plan(config: PredictConfig) -> tuple[list[Job], list[Outcome], str, ModelInf
             continue
         claimed[m] = item.path
         if not item.path.is_file():
-            why = "is a folder, not an image" if item.path.is_dir() else (
-                "broken symbolic link (or a link loop)" if item.path.is_symlink() else "not a regular file"
-            )
-            outcomes.append(Outcome(str(item.path), None, Status.FAILED, error=why))
+            outcomes.append(Outcome(str(item.path), None, Status.FAILED, error=_not_a_file(item.path)))
             continue
         job = Job(item, m, ov, Claim(config.out, m), model_sha, settings)
         if not config.overwrite:
@@ -269,7 +327,6 @@ __all__ = [
     "begin",
     "claim",
     "Job",
-    "check_writable",
     "mask_path",
     "overlay_path",
     "read_provenance",

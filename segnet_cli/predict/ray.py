@@ -35,9 +35,9 @@ from segnet_cli.cluster import (
 )
 from segnet_cli.config import InferenceConfig, PredictConfig, Report, Status
 from segnet_cli.errors import SegnetError
-from segnet_cli.io.files import remove_dead_temporaries
+from segnet_cli.io.files import check_writable, remove_dead_temporaries
 from segnet_cli.jobs import Claim, InputItem, Outcome, Run, SignalGuard
-from segnet_cli.predict.plan import Job, begin, check_writable, claim, write_outputs
+from segnet_cli.predict.plan import Job, begin, claim, write_outputs
 
 #: Inputs per actor call. One image per call keeps results (and the progress bar) flowing
 #: back as each image finishes; the model batches tiles *within* an image anyway.

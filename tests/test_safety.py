@@ -1,0 +1,510 @@
+"""Data safety (issue 13): never overwrite what the user owns, repair damaged outputs, and
+turn every odd input into a clear error with the right exit code.
+
+Every test drives the command line (``segnet_cli.cli.app``) the way a user would, and
+compares the inputs byte for byte before and after where an input is at risk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from conftest import shapes_image, write_png
+from PIL import Image
+from typer.testing import CliRunner
+
+from segnet_cli.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def digests(folder: Path) -> dict[str, str]:
+    """Every file below ``folder`` (hidden ones too) by relative path -> content hash."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def photos(folder: Path, n: int = 2, size: tuple[int, int] = (24, 32)) -> Path:
+    for i in range(n):
+        write_png(folder / f"p{i}.png", shapes_image(*size, seed=i)[0])
+    return folder
+
+
+# --------------------------------------------------------------------------- outputs on inputs
+
+
+def test_out_same_as_input_folder_is_refused_naming_the_file(tmp_path, tiny_model):
+    same = photos(tmp_path / "same")
+    before = digests(same)
+    r = run("predict", same, "--out", same, "--model", tiny_model)
+    assert r.exit_code == 2, r.output
+    assert "p0.png" in r.output and "overwrite" in r.output
+    assert "no input matched" not in r.output
+    assert digests(same) == before
+
+
+def test_out_same_as_input_folder_without_collision_is_refused(tmp_path, tiny_model):
+    """JPEGs would not be overwritten, but their masks would be inputs of the next run."""
+    same = tmp_path / "same"
+    same.mkdir()
+    Image.fromarray(shapes_image(24, 32)[0]).save(same / "a.jpg")
+    before = digests(same)
+    r = run("predict", same, "--out", same, "--model", tiny_model)
+    assert r.exit_code == 2 and "input folder" in r.output, r.output
+    assert digests(same) == before
+
+
+def test_glob_out_same_folder_is_refused(tmp_path, tiny_model):
+    same = photos(tmp_path / "same")
+    before = digests(same)
+    r = run("predict", f"{same}/*.png", "--out", same, "--model", tiny_model)
+    assert r.exit_code == 2 and "overwrite" in r.output, r.output
+    assert digests(same) == before
+
+
+def test_overlay_on_an_input_is_refused(tmp_path, tiny_model):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(shapes_image(24, 32)[0]).save(src / "a.png")
+    Image.fromarray(shapes_image(24, 32, 1)[0]).save(src / "a.overlay.jpg")
+    before = digests(src)
+    r = run("predict", src / "a.png", src / "a.overlay.jpg", "--out", src, "--overlay",
+            "--model", tiny_model)
+    assert r.exit_code == 2 and "overwrite" in r.output, r.output
+    assert digests(src) == before
+
+
+def test_output_through_a_symlink_onto_an_input_is_refused(tmp_path, tiny_model):
+    src = photos(tmp_path / "in", n=1)
+    link = tmp_path / "link"
+    link.symlink_to(src)
+    before = digests(src)
+    r = run("predict", src / "p0.png", "--out", link, "--model", tiny_model)
+    assert r.exit_code == 2 and "overwrite" in r.output, r.output
+    assert digests(src) == before
+
+
+def test_dotdot_glob_never_writes_outside_out(tmp_path, tiny_model, monkeypatch):
+    imgs = tmp_path / "imgs"
+    photos(imgs / "sub", n=1)
+    write_png(imgs / "a.png", shapes_image(24, 32, 5)[0])
+    before = digests(imgs)
+    out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path)
+    r = run("predict", "imgs/*/../../imgs/a.png", "--out", out, "--model", tiny_model)
+    assert r.exit_code == 0, r.output
+    assert digests(imgs) == before
+    assert [str(p.relative_to(out)) for p in out.rglob("*.png")] == ["a.png"]
+
+
+@pytest.mark.parametrize("spec", ["{src}", "{src}/**/*.png"])
+def test_output_folder_inside_an_input_folder_is_not_an_input(tmp_path, tiny_model, spec):
+    src = photos(tmp_path / "photos")
+    photos(src / "nested", n=1)
+    out = src / "masks"
+    for _ in range(2):
+        r = run("predict", spec.format(src=src), "--out", out, "--model", tiny_model, "--json")
+        assert r.exit_code == 0, r.output
+    assert not (out / "masks").exists()
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == [
+        "nested/p0.png", "p0.png", "p1.png"
+    ]
+
+
+def test_eval_save_masks_refuses_the_ground_truth(tmp_path, tiny_model):
+    images, masks = tmp_path / "imgs", tmp_path / "imgsannot"
+    for i in range(2):
+        img, mask = shapes_image(24, 32, seed=i)
+        write_png(images / f"p{i}.png", img)
+        write_png(masks / f"p{i}.png", mask)
+    before = digests(tmp_path)
+    for target in (masks, images):
+        r = run("eval", images, "--masks", masks, "--model", tiny_model, "--save-masks", target)
+        assert r.exit_code == 2 and "overwrite" in r.output, r.output
+    assert digests(tmp_path) == before
+
+
+def test_tile_probability_raster_never_replaces_the_input(tmp_path, tiny_model):
+    src = tmp_path / "a.prob.tif"
+    tifffile.imwrite(src, shapes_image(40, 40)[0], tile=(16, 16))
+    before = digests(tmp_path)
+    r = run("tile", src, "--out", tmp_path / "a.tif", "--probabilities", "confidence",
+            "--model", tiny_model, "--tile", 32, "--halo", 8)
+    assert r.exit_code == 2 and "overwrite" in r.output, r.output
+    r = run("tile", src, "--out", src, "--model", tiny_model)
+    assert r.exit_code == 2, r.output
+    assert digests(tmp_path) == before
+
+
+# --------------------------------------------------------------------------- up to date, repaired
+
+
+def statuses(result) -> dict[str, str]:
+    """``--json`` events: input file name -> status."""
+    events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return {Path(e["path"]).name: e["status"] for e in events if "path" in e}
+
+
+def test_adding_overlay_redoes_the_masks(tmp_path, tiny_model):
+    src, out = photos(tmp_path / "in"), tmp_path / "out"
+    assert run("predict", src, "--out", out, "--model", tiny_model).exit_code == 0
+    r = run("predict", src, "--out", out, "--overlay", "--model", tiny_model, "--json")
+    assert r.exit_code == 0 and statuses(r) == {"p0.png": "done", "p1.png": "done"}, r.output
+    assert (out / "p0.overlay.jpg").is_file() and (out / "p1.overlay.jpg").is_file()
+    r = run("predict", src, "--out", out, "--overlay", "--model", tiny_model, "--json")
+    assert statuses(r) == {"p0.png": "skipped", "p1.png": "skipped"}, r.output
+
+
+def test_a_failed_overlay_leaves_no_mask_and_is_redone(tmp_path, tiny_model):
+    src, out = photos(tmp_path / "in"), tmp_path / "out"
+    (out / "p0.overlay.jpg").mkdir(parents=True)  # the overlay of p0 cannot be written
+    r = run("predict", src, "--out", out, "--overlay", "--model", tiny_model, "--json")
+    assert r.exit_code == 1, r.output
+    assert statuses(r) == {"p0.png": "failed", "p1.png": "done"}
+    assert (out / "p1.overlay.jpg").is_file() and not (out / "p0.png").exists()
+    (out / "p0.overlay.jpg").rmdir()
+    r = run("predict", src, "--out", out, "--overlay", "--model", tiny_model, "--json")
+    assert r.exit_code == 0 and statuses(r) == {"p0.png": "done", "p1.png": "skipped"}, r.output
+    assert (out / "p0.png").is_file() and (out / "p0.overlay.jpg").is_file()
+
+
+@pytest.mark.parametrize("cut", [2, 20, 60])
+@pytest.mark.parametrize("damaged", ["p0.png", "p0.overlay.jpg"])
+def test_truncated_mask_or_overlay_is_redone(tmp_path, tiny_model, damaged, cut):
+    """Header and text chunks survive: only the end of the pixels (or the end marker) is lost."""
+    src, out = photos(tmp_path / "in"), tmp_path / "out"
+    args = ("predict", src, "--out", out, "--overlay", "--model", tiny_model, "--json")
+    assert run(*args).exit_code == 0
+    whole = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    (out / damaged).write_bytes(whole[damaged][:-cut])
+    r = run(*args)
+    assert r.exit_code == 0 and statuses(r) == {"p0.png": "done", "p1.png": "skipped"}, r.output
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == whole
+
+
+def test_truncated_tile_output_is_redone(tmp_path, tiny_model):
+    src, out = tmp_path / "big.tif", tmp_path / "big.mask.tif"
+    tifffile.imwrite(src, shapes_image(100, 120)[0], tile=(32, 32))
+    args = ("tile", src, "--out", out, "--model", tiny_model, "--tile", 48, "--halo", 8,
+            "--out-tile", 32, "--compression", "none")
+    assert run(*args).exit_code == 0
+    whole = out.read_bytes()
+    out.write_bytes(whole[: len(whole) - 2000])  # the IFD is at the start: header intact
+    r = run(*args)
+    assert r.exit_code == 0 and "up to date" not in r.output, r.output
+    assert out.read_bytes() == whole
+
+
+# --------------------------------------------------------------------------- odd inputs, clear errors
+
+
+def test_undecodable_names_in_tile_and_dry_run(tmp_path, tiny_model):
+    src = tmp_path / "in"
+    src.mkdir()
+    raw = os.fsencode(src) + b"/bad\xff.png"
+    with open(raw, "wb") as fh:
+        fh.write(write_png(tmp_path / "x.png", shapes_image(20, 20)[0]).read_bytes())
+    r = run("predict", src, "--out", tmp_path / "out", "--model", tiny_model, "--dry-run")
+    assert r.exit_code == 0, r.output
+    tif = os.fsencode(tmp_path) + b"/scan\xfe.tif"
+    tifffile.imwrite(os.fsdecode(tif), shapes_image(40, 40)[0], tile=(16, 16))
+    r = run("tile", os.fsdecode(tif), "--model", tiny_model, "--tile", 32, "--halo", 8)
+    assert r.exit_code == 0, r.output
+    assert os.path.exists(os.fsencode(tmp_path) + b"/scan\xfe.mask.tif")
+
+
+def test_a_thousand_nested_folders(tmp_path, tiny_model):
+    folders = [tmp_path / "in"]
+    for _ in range(1000):  # not os.makedirs: it recurses too
+        folders.append(folders[-1] / "d")
+    try:
+        for f in folders:
+            f.mkdir()
+        write_png(folders[-1] / "a.png", shapes_image(16, 16)[0])
+        r = run("predict", folders[0], "--out", tmp_path / "out", "--model", tiny_model,
+                "--dry-run")
+        assert r.exit_code == 0 and "1 to do" in r.output, r.output
+    finally:  # bottom-up: pytest's own clean-up of old temporary folders recurses
+        (folders[-1] / "a.png").unlink(missing_ok=True)
+        for f in reversed(folders):
+            if f.exists():
+                f.rmdir()
+
+
+@pytest.mark.parametrize(
+    "option", [("--device", "gpu:x"), ("--device", "gpu:-1"), ("--device", "tpu"),
+               ("--max-pixels", "0"), ("--max-pixels", "-5")]
+)
+def test_bad_device_and_pixel_limit_are_usage_errors(tmp_path, tiny_model, option):
+    src = photos(tmp_path / "in", n=1)
+    for cmd in (("predict", src, "--out", tmp_path / "out"), ("tile", src / "p0.png")):
+        r = run(*cmd, "--model", tiny_model, *option)
+        assert r.exit_code == 2 and option[0] in r.output, (cmd, r.output)
+    assert not (tmp_path / "out").exists() and not (src / "p0.mask.tif").exists()
+
+
+def test_unusable_output_folder_is_a_usage_error(tmp_path, tiny_model):
+    src = photos(tmp_path / "in", n=1)
+    afile = tmp_path / "afile"
+    afile.write_bytes(b"not a folder")
+    for out in (afile, afile / "sub"):
+        r = run("predict", src, "--out", out, "--model", tiny_model)
+        assert r.exit_code == 2, r.output
+    r = run("tile", src / "p0.png", "--out", afile / "sub" / "m.tif", "--model", tiny_model)
+    assert r.exit_code == 2, r.output
+    img, mask = shapes_image(24, 32)
+    write_png(tmp_path / "imgs" / "a.png", img)
+    write_png(tmp_path / "imgsannot" / "a.png", mask)
+    r = run("eval", tmp_path / "imgs", "--model", tiny_model, "--save-masks", afile)
+    assert r.exit_code == 2, r.output
+    assert afile.read_bytes() == b"not a folder"
+
+
+def test_concurrent_writability_probes_never_collide(tmp_path):
+    """Three processes probing one output folder at once (issue: a fixed probe name)."""
+    code = (
+        "import sys\n"
+        "from segnet_cli.io.files import check_writable\n"
+        "for _ in range(300):\n"
+        "    check_writable(sys.argv[1])\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stderr=subprocess.PIPE)
+        for _ in range(3)
+    ]
+    errors = [p.communicate()[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    assert os.listdir(tmp_path) == []
+
+
+def test_disk_full_in_tile_names_the_output(tmp_path, tiny_model, monkeypatch):
+    import errno
+
+    real = tifffile.imwrite
+
+    def full(path, data=None, **kw):
+        if data is not None and not isinstance(data, np.ndarray):
+            next(iter(data))  # a tile was encoded, then the disk filled up
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data, **kw)
+
+    src = tmp_path / "a.tif"
+    real(src, shapes_image(64, 64)[0], tile=(16, 16))
+    monkeypatch.setattr(tifffile, "imwrite", full)
+    out = tmp_path / "a.mask.tif"
+    r = run("tile", src, "--out", out, "--model", tiny_model, "--tile", 32, "--halo", 8)
+    assert r.exit_code == 1, r.output
+    assert "No space left on device" in r.output and str(out) in r.output
+    assert ".segnet-tmp-" not in r.output
+    assert sorted(os.listdir(tmp_path)) == ["a.tif"]
+
+
+# --------------------------------------------------------------------------- reading rules
+
+
+def test_tile_refuses_a_png_bomb_that_predict_refuses(tmp_path, tiny_model):
+    """10000 x 10000 (100 Mpx, 100 KB on disk) is over Pillow's default of ~89.5 Mpx.
+
+    A fresh process each time: the default limit must not depend on what ran before (the
+    header sniffing of `tile` used to switch Pillow's guard off before it was remembered).
+    """
+    bomb = tmp_path / "bomb.png"
+    Image.new("L", (10000, 10000)).save(bomb)
+    assert bomb.stat().st_size < 1_000_000
+    for args in (("tile", bomb, "--plan"), ("tile", bomb), ("predict", bomb, "--out", tmp_path / "o")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "segnet_cli", *map(str, args), "--model", str(tiny_model)],
+            capture_output=True, text=True, timeout=600,
+        )
+        assert proc.returncode == 1 and "limit" in proc.stderr, (args, proc.stderr[-2000:])
+    assert sorted(os.listdir(tmp_path)) == ["bomb.png", "o"]
+
+
+def test_byte_budget_refuses_many_deep_bands_before_decoding(tmp_path, tiny_model):
+    """Few pixels, many bytes: 300 x 300 x 8 float64 is 5.5 MiB for a 100000-pixel limit
+    (a budget of 400000 bytes); the pixel count alone (90000) is under the limit."""
+    deep = tmp_path / "deep.tif"
+    tifffile.imwrite(deep, np.zeros((300, 300, 8)), photometric="minisblack",
+                     planarconfig="contig", compression="zlib")
+    r = run("predict", deep, "--out", tmp_path / "o", "--model", tiny_model, "--max-pixels", 100000)
+    assert r.exit_code == 1 and "MiB" in r.output and "limit" in r.output, r.output
+
+
+def test_byte_budget_default_refuses_a_3000x3000x32_float64_tiff(tmp_path, monkeypatch):
+    """The issue's file: 2.1 GiB decoded; refused from its header, nothing decoded."""
+    from segnet_cli.errors import ImageTooLargeError
+    from segnet_cli.io.images import check_decoded_size, read_image
+
+    deep = tmp_path / "deep.tif"
+    tifffile.imwrite(deep, shape=(3000, 3000, 32), dtype=np.float64, photometric="minisblack",
+                     planarconfig="contig")  # an empty (sparse) file
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", lambda *a, **k: pytest.fail("decoded"))
+    with pytest.raises(ImageTooLargeError, match="decodes to 2,197 MiB"):
+        read_image(deep)
+    with pytest.raises(ImageTooLargeError, match="over the limit of 763 MiB"):
+        read_image(deep, max_pixels=200_000_000)  # --max-pixels raises the budget with it
+    check_decoded_size(3000, 3000, 256, 600_000_000, deep)  # 2,289 MiB allowed: no error
+
+
+def test_tile_plans_with_the_exif_rotated_size(tmp_path, tiny_model):
+    arr = shapes_image(24, 40)[0]
+    im = Image.fromarray(arr)
+    exif = im.getexif()
+    exif[0x0112] = 6  # displayed turned by 90 degrees: 24 x 40 becomes 40 x 24
+    src = tmp_path / "turned.jpg"
+    im.save(src, exif=exif, quality=95)
+    out = tmp_path / "turned.mask.tif"
+    r = run("tile", src, "--out", out, "--model", tiny_model, "--tile", 32, "--halo", 8)
+    assert r.exit_code == 0, r.output
+    assert tifffile.imread(out).shape == (40, 24)
+
+
+def two_band_tiff(path: Path, alpha: bool) -> Path:
+    data = np.dstack([shapes_image(24, 32)[0][:, :, 0], np.full((24, 32), 200, np.uint8)])
+    extra = {"extrasamples": ["unassalpha"]} if alpha else {}
+    tifffile.imwrite(path, data, photometric="minisblack", planarconfig="contig", **extra)
+    return path
+
+
+def test_a_second_band_is_dropped_only_when_it_is_alpha(tmp_path, tiny_model):
+    src = tmp_path / "in"
+    src.mkdir()
+    two_band_tiff(src / "two.tif", alpha=False)
+    two_band_tiff(src / "gray_alpha.tif", alpha=True)
+    Image.fromarray(np.dstack([shapes_image(24, 32)[0][:, :, 0]] * 2), "LA").save(src / "la.png")
+    four = np.dstack([shapes_image(24, 32)[0], np.full((24, 32), 9, np.uint8)])
+    tifffile.imwrite(src / "rgbn.tif", four, photometric="minisblack", planarconfig="contig")
+    r = run("predict", src, "--out", tmp_path / "out", "--model", tiny_model, "--json")
+    assert r.exit_code == 1, r.output
+    assert statuses(r) == {"two.tif": "failed", "rgbn.tif": "failed",
+                           "gray_alpha.tif": "done", "la.png": "done"}, r.output
+    assert "2 channels but the model takes 3" in r.output
+    for name, code in (("two.tif", 1), ("gray_alpha.tif", 0)):
+        r = run("tile", src / name, "--out", tmp_path / f"{name}.mask.tif", "--model", tiny_model,
+                "--tile", 32, "--halo", 8)
+        assert r.exit_code == code, (name, r.output)
+
+
+def test_multi_page_tiff_is_refused_but_overviews_are_fine(tmp_path, tiny_model):
+    pages = tmp_path / "in" / "pages.tif"
+    pages.parent.mkdir()
+    with tifffile.TiffWriter(pages) as tw:
+        for seed in range(3):
+            tw.write(shapes_image(24, 32, seed)[0], photometric="rgb")
+    pyramid = tmp_path / "in" / "pyramid.tif"
+    with tifffile.TiffWriter(pyramid) as tw:
+        tw.write(shapes_image(48, 64)[0], photometric="rgb", tile=(16, 16))
+        tw.write(shapes_image(24, 32)[0], photometric="rgb", tile=(16, 16), subfiletype=1)
+    r = run("predict", pages.parent, "--out", tmp_path / "out", "--model", tiny_model, "--json")
+    assert r.exit_code == 1 and statuses(r) == {"pages.tif": "failed", "pyramid.tif": "done"}
+    assert "3 pages" in r.output
+    r = run("tile", pages, "--model", tiny_model)
+    assert r.exit_code == 1 and "3 pages" in r.output, r.output
+    r = run("tile", pyramid, "--model", tiny_model, "--tile", 32, "--halo", 8)
+    assert r.exit_code == 0, r.output
+
+
+def test_symlink_loop_is_not_called_a_broken_link(tmp_path, tiny_model):
+    src = photos(tmp_path / "in", n=1)
+    (src / "loop.png").symlink_to("loop.png")
+    (src / "gone.png").symlink_to("nowhere.png")
+    r = run("predict", src, "--out", tmp_path / "out", "--model", tiny_model)
+    assert r.exit_code == 1
+    loop = next(line for line in r.output.splitlines() if "loop.png" in line)
+    gone = next(line for line in r.output.splitlines() if "gone.png" in line)
+    assert "loop" in loop.split("loop.png", 1)[1] and "broken" not in loop, loop
+    assert "broken" in gone, gone
+    r = run("tile", src / "loop.png", "--model", tiny_model)
+    assert r.exit_code != 0 and "link loop" in r.output, r.output
+
+
+# --------------------------------------------------------------------------- model files
+
+
+def with_metadata(model: Path, dest: Path, **changes) -> Path:
+    """A copy of ``model`` whose segnet.json has ``changes`` (``scaling_mean``: the mean)."""
+    import zipfile
+
+    with zipfile.ZipFile(model) as src, zipfile.ZipFile(dest, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename == "segnet.json":
+                meta = json.loads(data)
+                for k, v in changes.items():
+                    if k == "scaling_mean":
+                        meta["scaling"]["mean"] = v
+                    else:
+                        meta[k] = v
+                data = json.dumps(meta).encode()
+            dst.writestr(item, data)
+    return dest
+
+
+@pytest.mark.parametrize(
+    "change", [{"scaling_mean": ["a", "b", "c"]}, {"scaling_mean": "0.5"}, {"stride": 0},
+               {"stride": "x"}, {"in_channels": 0}, {"palette": [[1, 2]]}, {"format_version": "x"}]
+)
+def test_bad_model_metadata_is_a_usage_error_naming_the_file(tmp_path, tiny_model, change):
+    bad = with_metadata(tiny_model, tmp_path / "bad-model.keras", **change)
+    src = photos(tmp_path / "in", n=1)
+    for cmd in (("predict", src, "--out", tmp_path / "out"), ("tile", src / "p0.png"),
+                ("info", )):
+        args = [*cmd, "--model", bad] if cmd[0] != "info" else ["info", bad]
+        r = run(*args)
+        assert r.exit_code == 2 and "bad-model.keras" in r.output, (cmd, r.output)
+    assert not list(tmp_path.rglob("*.tif")) and not list((tmp_path / "out").rglob("*"))
+
+
+# --------------------------------------------------------------------------- nothing to do
+
+
+def test_nothing_to_check_or_score_is_a_usage_error(tmp_path, tiny_model):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgsannot").mkdir()
+    r = run("verify", tmp_path / "imgs")
+    assert r.exit_code == 2 and "no image/mask pairs" in r.output, r.output
+    r = run("eval", tmp_path / "imgs", "--model", tiny_model)
+    assert r.exit_code == 2, r.output
+    write_png(tmp_path / "imgs" / "lonely.png", shapes_image(8, 8)[0])  # no mask: a problem
+    r = run("verify", tmp_path / "imgs")
+    assert r.exit_code == 2 and "lonely.png" in r.output, r.output
+    r = run("eval", tmp_path / "imgs", "--model", tiny_model)
+    assert r.exit_code == 2 and "lonely.png" in r.output, r.output
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def test_names_with_newlines_and_escapes_cannot_forge_lines(tmp_path, tiny_model):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a\nerror: forged.png").write_bytes(b"not an image")  # fails: its name is printed
+    (src / "b\x1b[2Jc.png").write_bytes(b"not an image either")
+    log = tmp_path / "run.log"
+    r = run("predict", src, "--out", tmp_path / "out", "--model", tiny_model, "--log-file", log)
+    assert r.exit_code == 1
+    for text in (r.output, log.read_text()):
+        lines = text.splitlines()
+        assert not any(line.split(" ", 1)[-1].startswith("error: forged") for line in lines), text
+        assert not any(line.startswith("error: forged") for line in lines), text
+        assert "a\\nerror: forged.png" in text and "b\\x1b[2Jc.png" in text, text
+        assert "\x1b" not in text
+    good = write_png(tmp_path / "x\nerror: forged.png", shapes_image(16, 16)[0])
+    r = run("tile", good, "--plan", "--model", tiny_model)
+    assert r.exit_code == 0 and "x\\nerror: forged.png" in r.output, r.output
+    assert not any(line.startswith("error: forged") for line in r.output.splitlines())
