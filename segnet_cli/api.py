@@ -109,11 +109,11 @@ def load_model(
         ModelFileError: the file is missing, corrupt or not a segnet model.
         UsageError: a bad precision or device.
     """
-    from segnet_cli.model.segmenter import Segmenter
+    from segnet_cli.model.segmenter import open_segmenter
     from segnet_cli.model.tfload import import_tf
 
     import_tf()
-    return Model(Segmenter(path, precision, device), tiling or TilingConfig(), tta)
+    return Model(open_segmenter(path, precision, device), tiling or TilingConfig(), tta)
 
 
 def custom_objects() -> dict:

@@ -99,13 +99,37 @@ class ModelInfo:
         )
 
 
+def is_onnx(path: str | Path | None) -> bool:
+    """An exported ONNX model (by file suffix), run with ONNX Runtime instead of TensorFlow."""
+    return path is not None and Path(path).suffix.lower() == ".onnx"
+
+
+def check_format(data: dict, path: Path) -> None:
+    """Refuse metadata that is not segnet's, or newer than this segnet understands."""
+    if data.get("format") != FORMAT:
+        raise ModelFileError("segnet.json is not segnet model metadata", path)
+    if int(data.get("format_version", 0)) > FORMAT_VERSION:
+        raise ModelFileError(
+            f"model format {data.get('format_version')} is newer than this segnet understands",
+            path,
+        )
+
+
 def read_info(path: str | Path) -> ModelInfo:
     """Read a model file's metadata without loading its weights (or TensorFlow).
 
+    A ``.keras`` file's ``segnet.json`` member, or an exported ``.onnx`` file's
+    ``metadata_props`` (``model.onnxmodel.read_onnx_info``; needs the ``onnx`` extra).
+
     Raises:
         ModelFileError: the file is missing, not a zip, or has no segnet metadata.
+        MissingExtraError: an ``.onnx`` file without the ``onnx`` extra installed.
     """
     path = Path(path)
+    if is_onnx(path):
+        from segnet_cli.model.onnxmodel import read_onnx_info
+
+        return read_onnx_info(path)
     if not path.exists():
         raise ModelFileError("model file not found", path)
     if path.is_dir():
@@ -126,13 +150,7 @@ def read_info(path: str | Path) -> ModelInfo:
         raise ModelFileError("not a .keras model file (corrupt or foreign)", path) from None
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise ModelFileError(f"cannot read model metadata: {exc}", path) from None
-    if data.get("format") != FORMAT:
-        raise ModelFileError("segnet.json is not segnet model metadata", path)
-    if int(data.get("format_version", 0)) > FORMAT_VERSION:
-        raise ModelFileError(
-            f"model format {data.get('format_version')} is newer than this segnet understands",
-            path,
-        )
+    check_format(data, path)
     try:
         return ModelInfo.from_dict(data)
     except (KeyError, TypeError, ValueError) as exc:
