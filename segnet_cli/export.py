@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -247,12 +248,19 @@ def _frozen(serve):
 
 
 def _layer_of(text: str, layer_names: list[str]) -> str | None:
-    """The layer whose name scope appears in a converter's message (``.../unpool3_1/...``)."""
+    """The first layer whose name scope appears in a converter's message or node name.
+
+    Ops traced inside a Keras layer live under its name scope (``segnet_1/unpool3_1/...``,
+    the ``_N`` added by TensorFlow for uniqueness).
+    """
     import re
 
-    for name in sorted(layer_names, key=len, reverse=True):
-        if re.search(rf"(^|[/\"'@ ]){re.escape(name)}(_\d+)?/", text):
-            return name
+    names = set(layer_names)
+    for path in re.findall(r"[\w.-]+(?:/[\w.-]+)+", text):
+        for part in path.split("/")[:-1]:
+            for candidate in (part, re.sub(r"_\d+$", "", part)):
+                if candidate in names:
+                    return candidate
     return None
 
 
@@ -260,11 +268,16 @@ def _converter_error(fmt: ExportFormat, exc: Exception, model) -> ExportError:
     """A converter failure as an ExportError naming the layer when its ops say which."""
     import re
 
-    text = str(exc)
+    # The LiteRT converter's ConverterError carries each failing op's name scope in its
+    # ``errors`` (protobuf records); its message has only the summary.
+    text = "\n".join([str(exc)] + [str(e) for e in getattr(exc, "errors", None) or []])
     names = [layer.name for layer in model.layers]
     layer = _layer_of(text, names)
     ops = sorted(set(re.findall(r"'tf\.(\w+)' op is neither", text)))
-    ops += sorted(set(re.findall(r"Unsupported ops?: .*?\{([^}]*)\}", text)))
+    ops += sorted(set(re.findall(r"unsupported ONNX op (\w+)", text)))
+    for listed in re.findall(r"(?:Custom|TF Select) ops: ([\w, ]+)", text):
+        ops += [op.strip() for op in listed.split(",") if op.strip()]
+    ops = sorted(set(ops))
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
     what = f"layer {layer!r} ({type(model.get_layer(layer)).__name__})" if layer else "the model"
     detail = f"unsupported op(s) {', '.join(ops)}" if ops else first[:300]
@@ -285,6 +298,9 @@ def _write_onnx(model, info, data: dict, tmp: Path, classes_output: bool) -> dic
     # A dict's outputs come out in sorted key order.
     names = dict(zip(sorted(serve.get_concrete_function().structured_outputs),
                      [t.name for t in frozen.outputs]))
+    quiet = logging.getLogger("tf2onnx")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # it logs what it cannot convert; we say it once below
     try:
         proto, _ = tf2onnx.convert.from_graph_def(
             frozen.graph.as_graph_def(),
@@ -294,11 +310,14 @@ def _write_onnx(model, info, data: dict, tmp: Path, classes_output: bool) -> dic
         )
     except Exception as exc:  # tf2onnx raises plain exceptions naming the TF ops
         raise _converter_error(ExportFormat.ONNX, exc, model) from None
-    unknown = sorted({n.op_type for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
+    finally:
+        quiet.setLevel(level)
+    # tf2onnx leaves an op it cannot convert in the graph under its TensorFlow name, and
+    # the node keeps the op's name scope, hence its layer.
+    unknown = [n for n in proto.graph.node if not onnx.defs.has(n.op_type, n.domain or "")]
     if unknown:
-        raise _converter_error(
-            ExportFormat.ONNX, RuntimeError(f"Unsupported ops: {{{', '.join(unknown)}}}"), model
-        )
+        lines = "; ".join(f"{n.name}: unsupported ONNX op {n.op_type}" for n in unknown)
+        raise _converter_error(ExportFormat.ONNX, RuntimeError(lines), model)
     _rename(proto, frozen.inputs[0].name, INPUT)
     _rename(proto, names[out_name], out_name)
     _rename(proto, names[LOGITS], LOGITS)
@@ -384,7 +403,8 @@ def _write_litert(serve, model, info, data: dict, tmp: Path, classes_output: boo
     # Builtin ops only: an edge device has no TensorFlow kernels to fall back on.
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     try:
-        flat = converter.convert()
+        with quiet_stderr():  # MLIR prints every failing op's full call stack to fd 2
+            flat = converter.convert()
     except Exception as exc:  # ConverterError lists the ops and their name scopes
         raise _converter_error(ExportFormat.LITERT, exc, model) from None
     tmp.write_bytes(_with_litert_metadata(flat, json.dumps(data).encode()))
