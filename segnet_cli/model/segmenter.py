@@ -27,10 +27,13 @@ import numpy as np
 
 from segnet_cli.config import Precision
 from segnet_cli.errors import ModelFileError, UsageError
-from segnet_cli.model.modelfile import ModelInfo, read_info, resolve_model_path
-
-#: What ``Segmenter.run`` returns per pixel (see ``tiling.Stitcher.needs``).
-OUTPUTS = ("logits", "classes", "confidence")
+from segnet_cli.model.modelfile import (
+    OUTPUTS,
+    ModelInfo,
+    is_onnx,
+    read_info,
+    resolve_model_path,
+)
 
 
 def select_devices(device: str | None) -> list[str | None]:
@@ -217,8 +220,6 @@ def open_segmenter(
     (``model.onnxmodel.OnnxSegmenter``); anything else is a ``.keras`` model run by
     TensorFlow (``Segmenter``). Both have the same interface and give the same masks.
     """
-    from segnet_cli.model.modelfile import is_onnx
-
     if is_onnx(model_path):
         from segnet_cli.model.onnxmodel import OnnxSegmenter
 
