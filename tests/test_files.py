@@ -162,3 +162,28 @@ def test_unicode_and_undecodable_names(tmp_path, tiny_model):
     assert (out / "café.png").exists() and os.path.exists(os.fsencode(out) + b"/bad\xff.png")
     assert np.asarray(__import__("PIL.Image").Image.open(out / "café.png")).shape == (20, 20)
     assert not (out / LOCK_DIR).exists()
+
+
+def test_atomic_folder_renames_into_place_replaces_and_leaves_nothing_on_failure(tmp_path):
+    from segnet_cli.errors import OutputError
+    from segnet_cli.io.files import TMP_PREFIX, TMP_SUFFIX, atomic_folder
+
+    final = tmp_path / "saved_model"
+    with atomic_folder(final) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(TMP_PREFIX)
+        assert tmp.name.endswith(TMP_SUFFIX) and not final.exists()
+        (tmp / "assets").mkdir()
+        (tmp / "assets" / "a.txt").write_text("one")
+    assert (final / "assets" / "a.txt").read_text() == "one"
+    with pytest.raises(OutputError, match="already exists"):
+        with atomic_folder(final) as tmp:
+            (tmp / "b.txt").write_text("two")
+    with pytest.raises(RuntimeError):
+        with atomic_folder(final, replace=True) as tmp:
+            (tmp / "b.txt").write_text("two")
+            raise RuntimeError("converter failed")
+    assert (final / "assets" / "a.txt").read_text() == "one"  # untouched
+    with atomic_folder(final, replace=True) as tmp:
+        (tmp / "b.txt").write_text("two")
+    assert sorted(p.name for p in final.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved_model"]  # no temporaries
