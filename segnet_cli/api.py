@@ -105,6 +105,9 @@ def load_model(
 ) -> Model:
     """Load a segnet model (the bundled CamVid model when ``path`` is None) for inference.
 
+    ``path`` is a ``.keras`` file, or an ``.onnx`` file made by ``segnet export`` (run with
+    ONNX Runtime; needs the ``onnx`` extra); both give the same masks.
+
     Raises:
         ModelFileError: the file is missing, corrupt or not a segnet model.
         UsageError: a bad precision or device.

@@ -321,7 +321,8 @@ def _write_onnx(model, info, data: dict, tmp: Path, classes_output: bool) -> dic
     _rename(proto, frozen.inputs[0].name, INPUT)
     _rename(proto, names[out_name], out_name)
     _rename(proto, names[LOGITS], LOGITS)
-    # The logits stay in the graph, computed only when asked for (segnet asks).
+    # The logits stay in the graph under their name but are no graph output: OnnxSegmenter
+    # makes them its one output (and cuts away the softmax or argmax).
     keep = [o for o in proto.graph.output if o.name != LOGITS]
     del proto.graph.output[:]
     proto.graph.output.extend(keep)
