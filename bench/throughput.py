@@ -12,9 +12,15 @@ In one run, for a folder of CamVid-size images and for one large image:
 * the model's achieved GFLOP/s (analytic convolution FLOPs / raw time) next to the machine's
   float32 matrix-product GFLOP/s measured with TensorFlow (target: >= 70% of it).
 
+With ``--onnx model.onnx`` (the same model exported by ``segnet export --format onnx``), the
+ONNX Runtime segmenter is timed on the same tiles and runs, side by side with TensorFlow: the
+raw timings alternate between the two within each repetition, so load from other processes
+on a shared machine falls on both alike.
+
 Usage:
     python bench/throughput.py [--model PATH] [--images DIR|N] [--large 4000x3000]
                                [--precision float32] [--batch-size N] [--repeat 1]
+                               [--onnx PATH]
 """
 
 from __future__ import annotations
@@ -148,6 +154,21 @@ def startup_seconds(model: Path | None, image: Path, out: Path) -> float:
     return time.perf_counter() - t
 
 
+def side_by_side(seg, onnx_seg, args, inputs, n_img: int, px: int, tiling, out: Path) -> None:
+    """TensorFlow and ONNX Runtime on the same tiles, alternating, best of ``--repeat``."""
+    best = {"tensorflow": float("inf"), "onnxruntime": float("inf")}
+    for _ in range(max(1, args.repeat)):
+        for name, s in (("tensorflow", seg), ("onnxruntime", onnx_seg)):
+            best[name] = min(best[name], raw_model_seconds(s, inputs, tiling, 1)[0])
+    total_s, load_s = end_to_end_seconds(args.onnx, inputs, out, tiling, "float32", args.repeat)
+    e2e = total_s - load_s
+    for name, raw in best.items():
+        print(f"  raw model, {name:11s}: {raw:7.2f} s  {n_img / raw:6.2f} images/s  {px / raw / 1e6:6.2f} Mpixel/s")
+    print(f"  end to end, onnxruntime: {e2e:7.2f} s  {n_img / e2e:6.2f} images/s  {px / e2e / 1e6:6.2f} Mpixel/s"
+          f"  (+ {load_s:.2f} s loading the model once per run)")
+    print(f"  ONNX Runtime / TensorFlow raw speed: {best['tensorflow'] / best['onnxruntime']:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=None, help="model file (default: bundled)")
@@ -156,6 +177,8 @@ def main() -> None:
     ap.add_argument("--precision", default="float32")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--repeat", type=int, default=1, help="best of N timings")
+    ap.add_argument("--onnx", type=Path, default=None,
+                    help="also time this exported .onnx model with ONNX Runtime, side by side")
     args = ap.parse_args()
 
     from segnet_cli.model.tfload import import_tf
@@ -170,6 +193,14 @@ def main() -> None:
     if args.batch_size:
         tiling = replace(tiling, batch_size=args.batch_size)
     seg = Segmenter(args.model, args.precision)
+    onnx_seg = None
+    if args.onnx:
+        from segnet_cli.model.onnxmodel import OnnxSegmenter
+
+        onnx_seg = OnnxSegmenter(args.onnx)
+        import onnxruntime
+
+        print(f"ONNX Runtime {onnxruntime.__version__} ({', '.join(onnx_seg.providers)}): {args.onnx}")
     tmp = Path(tempfile.mkdtemp(prefix="segnet-bench-"))
     if args.images.isdigit():
         paths = make_images(tmp / "folder", int(args.images))
@@ -212,6 +243,8 @@ def main() -> None:
             print(f"  one-off per process, batch shape {shape}: first batch (uncompiled) +{first:.2f} s, "
                   f"second (XLA compilation) +{second:.2f} s")
         print("  (the end-to-end run reuses this process's compilations, as one long run does)")
+        if onnx_seg is not None:
+            side_by_side(seg, onnx_seg, args, inputs, n_img, px, tiling, tmp / "out" / f"onnx-{name}")
     st = startup_seconds(args.model, paths[0], tmp / "out" / "startup")
     print(f"\none-off start-up of a `segnet predict` process on one image (interpreter, TensorFlow, model): {st:.1f} s")
 

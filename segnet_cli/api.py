@@ -110,15 +110,18 @@ def load_model(
 ) -> Model:
     """Load a segnet model (the bundled CamVid model when ``path`` is None) for inference.
 
+    ``path`` is a ``.keras`` file, or an ``.onnx`` file made by ``segnet export`` (run with
+    ONNX Runtime; needs the ``onnx`` extra); both give the same masks.
+
     Raises:
         ModelFileError: the file is missing, corrupt or not a segnet model.
         UsageError: a bad precision or device.
     """
-    from segnet_cli.model.segmenter import Segmenter
+    from segnet_cli.model.segmenter import open_segmenter
     from segnet_cli.model.tfload import import_tf
 
     import_tf()
-    return Model(Segmenter(path, precision, device), tiling or TilingConfig(), tta)
+    return Model(open_segmenter(path, precision, device), tiling or TilingConfig(), tta)
 
 
 def custom_objects() -> dict:

@@ -120,6 +120,19 @@ class Compression(Choice):
     NONE = "none"
 
 
+class ExportFormat(Choice):
+    """What ``segnet export`` writes (``segnet_cli.export``)."""
+
+    ONNX = "onnx"  # one .onnx file, for ONNX Runtime (and `segnet predict --model x.onnx`)
+    SAVED_MODEL = "saved_model"  # a TensorFlow SavedModel folder, for TF Serving
+    LITERT = "litert"  # one .tflite flatbuffer, for the LiteRT (TFLite) interpreter
+
+    @property
+    def suffix(self) -> str | None:
+        """The file name ending an output must have (a SavedModel is a folder: any name)."""
+        return {"onnx": ".onnx", "saved_model": None, "litert": ".tflite"}[self.value]
+
+
 class Status(Choice):
     """What happened to one input of a run."""
 
@@ -459,6 +472,35 @@ class TrainConfig:
         if unknown:
             problems.append(f"unknown option fields: {', '.join(unknown)}")
         return problems
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Options of ``segnet export``.
+
+    The exported model takes ``(N, H, W, C)`` float32 pixels in [0, 1] (any N, H, W) and
+    returns float32 class probabilities ``(N, H, W, K)``, or class indices ``(N, H, W)``
+    with ``classes_output`` (uint8; int32 for more than 256 classes).
+    """
+
+    out: Path
+    format: ExportFormat
+    model: Path | None = None  # None: the bundled model
+    classes_output: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        fmt = ExportFormat.parse(self.format, "--format")
+        object.__setattr__(self, "format", fmt)
+        object.__setattr__(self, "out", Path(self.out))
+        if fmt.suffix and self.out.suffix.lower() != fmt.suffix:
+            raise UsageError(f"--out must end in {fmt.suffix} for --format {fmt}", self.out)
+        if fmt is ExportFormat.SAVED_MODEL and self.out.suffix.lower() in (".onnx", ".tflite"):
+            raise UsageError("a SavedModel is a folder: --out must not end in a file extension",
+                             self.out)
+        if self.model is not None and Path(self.model).suffix.lower() == ".onnx":
+            raise UsageError("export takes a .keras model (this one is already exported)",
+                             self.model)
 
 
 # --------------------------------------------------------------------------- reports

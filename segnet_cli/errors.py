@@ -91,6 +91,14 @@ class LockedError(SegnetError):
     """Another run holds the lock on the same output."""
 
 
+class MissingExtraError(UsageError):
+    """An optional dependency is not installed; the message names the pip command."""
+
+
+class ExportError(SegnetError):
+    """A model cannot be exported, or the exported file failed its own parity check."""
+
+
 class Interrupted(SegnetError):
     """A run was stopped by a signal; ``exit_code`` tells which."""
 

@@ -239,10 +239,10 @@ def run_eval(config: EvalConfig, progress=None, log: Callable[[str], None] | Non
     if pred_dir is None:
         if config.images is None:
             raise UsageError("give the IMAGES to segment (or --pred DIR to score saved masks)")
-        from segnet_cli.model.segmenter import Segmenter
+        from segnet_cli.model.segmenter import open_segmenter
 
         inference = config.inference
-        segmenter = Segmenter(inference.model, inference.precision, inference.device)
+        segmenter = open_segmenter(inference.model, inference.precision, inference.device)
         info = segmenter.info
     elif config.inference.model is not None:
         # The model names the classes; it does not run.

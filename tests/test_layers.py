@@ -174,3 +174,40 @@ def test_layers_declare_no_whole_model_xla_and_serialize():
         keras.saving.serialize_keras_object(MaxUnpooling2D(pool_size=3))
     )
     assert unpool.pool_size == (3, 3)
+
+
+@pytest.mark.parametrize(
+    "k,padding,shape",
+    [(2, "same", (2, 37, 53, 3)), (2, "same", (1, 1, 1, 2)), (2, "same", (1, 1, 101, 2)),
+     (3, "same", (1, 7, 8, 2)), (2, "valid", (2, 5, 7, 3))],
+)
+def test_export_form_equals_the_other_forms(k, padding, shape):
+    """The export form (``export_windows``) computes exactly what Keras runs, ties included."""
+    import tensorflow as tf
+
+    from segnet_cli.model.layers import (
+        MaxPoolingWithArgmax2D,
+        MaxUnpooling2D,
+        compiled_windows,
+        export_windows,
+    )
+
+    rng = np.random.default_rng(6)
+    # ReLU-like: many all-zero windows, where the tie rule decides the position.
+    x = np.maximum(rng.standard_normal(shape), 0).astype(np.float32)
+    pool, unpool = MaxPoolingWithArgmax2D(k, padding=padding), MaxUnpooling2D(k)
+    results = []
+    for form in ("xla", "plain", "export"):
+        ctx = export_windows() if form == "export" else compiled_windows(form == "xla")
+        with ctx:
+            # Traced once with unknown height and width, as an exported graph is.
+            fn = tf.function(
+                lambda t: (lambda p, w: (p, tf.cast(w, tf.int32), unpool([p * 3, w, t])))(*pool(t)),
+                input_signature=[tf.TensorSpec((None, None, None, shape[-1]), tf.float32)],
+            )
+            results.append([np.asarray(r) for r in fn(x)])
+    ref_p, ref_w = np_pool_argmax(x, k, same=padding == "same")
+    for pooled, where, up in results:
+        np.testing.assert_array_equal(pooled, ref_p)
+        np.testing.assert_array_equal(where, ref_w)
+        np.testing.assert_array_equal(up, np_unpool(ref_p * 3, ref_w, shape, k))

@@ -21,6 +21,7 @@ import typer
 from segnet_cli import __version__
 from segnet_cli.cli.common import EXIT_CODES_HELP
 from segnet_cli.cli.eval import eval_command
+from segnet_cli.cli.export import export_command
 from segnet_cli.cli.model import info_command
 from segnet_cli.cli.predict import predict_command
 from segnet_cli.cli.tile import tile_command
@@ -74,6 +75,7 @@ app.command("tile", epilog=EXIT_CODES_HELP)(tile_command)
 app.command("eval", epilog=EXIT_CODES_HELP)(eval_command)
 app.command("train", epilog=EXIT_CODES_HELP)(train_command)
 app.command("verify")(verify_command)
+app.command("export", epilog=EXIT_CODES_HELP)(export_command)
 app.command("info")(info_command)
 
 

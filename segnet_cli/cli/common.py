@@ -24,7 +24,7 @@ TileOpt = Annotated[Optional[int], typer.Option("--tile", help=f"Tile size in pi
 HaloOpt = Annotated[Optional[int], typer.Option("--halo", help=f"Context around each tile's core, in pixels (default {_T.halo}).")]
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", "-b", help=f"Tiles per model batch and device (default {_T.batch_size}; raise it on a GPU for small tiles).")]
 BlendOpt = Annotated[Optional[str], typer.Option("--blend", help=f"{' or '.join(repr(v) for v in Blend.values())}: overlap-tile (exact) or Gaussian-weighted probabilities (default {_T.blend}).")]
-ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="Model file (default: the bundled CamVid model).")]
+ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="Model file: .keras, or .onnx from `segnet export` (run with ONNX Runtime; pip install 'segnet-cli[onnx]'). Default: the bundled CamVid model.")]
 PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help=f"{', '.join(Precision.values())} (mixed; float16 is for GPUs). Default {Precision.FLOAT32}.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, gpu or gpu:N (default: TensorFlow's choice).")]
 TTAOpt = Annotated[Optional[str], typer.Option("--tta", help=f"Test-time augmentation: {TTA.NONE} (default) or {TTA.FLIP} (mean of the image's and its mirror's probabilities; twice the compute; exact under tiling).")]

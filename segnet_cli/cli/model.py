@@ -12,7 +12,7 @@ from segnet_cli.errors import SegnetError
 
 
 def info_command(
-    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Model file (default: the bundled model).")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Model file, .keras or an exported .onnx (default: the bundled model).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the model's metadata as JSON.")] = False,
 ) -> None:
     """Describe a model file: classes, colours, input, architecture and validation figures."""
@@ -42,6 +42,18 @@ def info_command(
         markup=False,
     )
     c.print(f"input scaling: {meta.scaling.mode}, mean {meta.scaling.mean}, std {meta.scaling.std}", markup=False)
+    from segnet_cli.model.modelfile import is_onnx
+
+    if is_onnx(path):
+        from segnet_cli.model.modelfile import read_metadata
+
+        export = read_metadata(path).get("export") or {}
+        c.print(
+            f"exported by segnet {export.get('segnet_version')} from {export.get('source_model')} "
+            f"(sha256 {export.get('source_sha256')}); input '{export.get('input', {}).get('name')}' "
+            f"NHWC float32 in [0, 1], output '{export.get('output', {}).get('name')}'",
+            markup=False,
+        )
     val = meta.validation() or {}
     for i, (n, rgb) in enumerate(zip(meta.class_names, meta.palette)):
         iou = (val.get("per_class_iou") or [None] * len(meta.class_names))[i]

@@ -29,13 +29,13 @@ from segnet_cli.jobs import Provenance
 
 def stream(plan: TilePlan, config: TileConfig, prov: Provenance, guard, progress, log) -> dict:
     """The streaming run itself (``plan.run_planned``'s ``stream``); returns timing figures."""
-    from segnet_cli.model.segmenter import Segmenter
+    from segnet_cli.model.segmenter import open_segmenter
 
     source, grid, tiling = plan.source, plan.grid, plan.tiling
     if log:
         log(f"loading model {plan.model_path}")
     inference = config.inference
-    seg = Segmenter(plan.model_path, inference.precision, inference.device)
+    seg = open_segmenter(plan.model_path, inference.precision, inference.device)
     if seg.stride != grid.stride or seg.num_classes != plan.model.num_classes:
         raise UsageError("the model changed since it was planned")
     guard.check()

@@ -334,12 +334,12 @@ class TileActor:
     """
 
     def __init__(self, job: TileJob) -> None:
-        from segnet_cli.model.segmenter import Segmenter
+        from segnet_cli.model.segmenter import open_segmenter
 
         self.job = job
         # Ray has already pinned this actor to its GPU (CUDA_VISIBLE_DEVICES), so TF's own
         # placement is right; only an explicit ``cpu`` is passed on.
-        self.seg = Segmenter(job.model, job.precision, "cpu" if job.device == "cpu" else None)
+        self.seg = open_segmenter(job.model, job.precision, "cpu" if job.device == "cpu" else None)
         if self.seg.stride != job.grid.stride or self.seg.num_classes != job.num_classes:
             raise UsageError("the model changed since it was planned")
 

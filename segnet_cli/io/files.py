@@ -134,6 +134,63 @@ def check_writable(folder: str | Path, option: str = "--out") -> None:
         ) from None
 
 
+@contextmanager
+def atomic_folder(final: str | Path, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``final``; rename it into place only on success.
+
+    For outputs that are folders (a TensorFlow SavedModel): the folder is built under a
+    hidden temporary name (``TMP_PREFIX``, ending in ``TMP_SUFFIX``), its files fsynced, then
+    renamed. A failure or a kill leaves no folder under the final name. With ``replace``, an
+    existing ``final`` is first renamed aside, then removed once the new one is in place.
+
+    Raises:
+        OutputError: the folder cannot be written, or ``final`` exists and ``replace`` is
+            False.
+    """
+    import shutil
+
+    final = Path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(
+            tempfile.mkdtemp(
+                prefix=f"{TMP_PREFIX}{writer_tag()}-{final.name}.", suffix=TMP_SUFFIX,
+                dir=final.parent,
+            )
+        )
+    except OSError as exc:
+        raise OutputError(f"cannot write here: {exc.strerror or exc}", final.parent) from None
+    old = None
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        for root, _, names in os.walk(tmp):
+            for name in names:
+                with open(os.path.join(root, name), "rb+") as fh:
+                    os.fsync(fh.fileno())
+        if os.path.lexists(final):
+            if not replace:
+                raise OutputError("already exists", final)
+            old = final.parent / f"{TMP_PREFIX}{writer_tag()}-{final.name}.old{TMP_SUFFIX}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+    except OSError as exc:
+        if old is not None and not os.path.lexists(final):
+            os.replace(old, final)  # put the previous output back
+            old = None
+        raise OutputError(f"cannot write: {exc.strerror or exc}", final) from None
+    finally:
+        for leftover in (tmp, old):
+            if leftover is not None and os.path.lexists(leftover):
+                if os.path.isdir(leftover) and not os.path.islink(leftover):
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    try:
+                        os.unlink(leftover)
+                    except OSError:
+                        pass
+
+
 def is_temporary(path: Path) -> bool:
     """A segnet temporary (file or folder), by name."""
     return path.name.startswith(TMP_PREFIX)
@@ -218,7 +275,10 @@ class Lock:
             OSError: the lock file cannot be created (read-only folder, ...).
         """
         while True:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except FileExistsError:
+                continue  # removed by the last holder between mkdir's two checks: again
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except FileNotFoundError:
@@ -291,6 +351,7 @@ __all__ = [
     "HOST_TOKEN",
     "atomic_path",
     "check_writable",
+    "atomic_folder",
     "temporary_name",
     "is_temporary",
     "remove_dead_temporaries",

@@ -27,6 +27,17 @@ exact pre-pool shape makes any height and width work, 1x1 and primes included.
 Why ``supports_jit = False``: it keeps Keras from compiling the *whole* model with XLA when it
 trains on a GPU (``jit_compile="auto"``); the convolutions are better served by cuDNN and the
 layers already compile their own element-wise work.
+
+Why a third, *export* form (``export_windows``): the same reshapes and selects, traced once
+with no XLA sub-function and no run-time flag, in the ops that converters (tf2onnx, the
+LiteRT converter) translate faithfully. It computes exactly what the other two compute; the
+differences are in how the numbers are spelled: the padding is ``(k - h % k) % k`` instead
+of ``-h % k`` (tf2onnx turns a floor modulo of a negative number into a C remainder: 37 rows
+padded by -1, i.e. cropped), the pooled value is the window maximum itself rather than a
+select of it (tf2onnx writes a float select as arithmetic, and ``0 * -inf`` of the padding
+is NaN), reshapes carry the static channel count (the LiteRT converter needs it for the next
+convolution), and window positions are ``int32`` (LiteRT's select has no plain ``uint8``).
+``segnet_cli.export`` traces the model under it.
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ import keras
 import tensorflow as tf
 
 _COMPILE = contextvars.ContextVar("segnet_compile_windows", default=True)
+_EXPORT = contextvars.ContextVar("segnet_export_windows", default=False)
 
 
 @contextlib.contextmanager
@@ -60,14 +72,31 @@ def compiled_windows(enabled) -> Iterator[None]:
         _COMPILE.reset(token)
 
 
+@contextlib.contextmanager
+def export_windows() -> Iterator[None]:
+    """Trace the pooling and unpooling inside this block in their export form.
+
+    The plain element-wise ops (no XLA, no ``tf.cond``), spelled so that ONNX and LiteRT
+    converters translate them exactly (see the module notes). Results are identical to the
+    other forms; the window positions it returns are ``int32`` instead of ``uint8``.
+    """
+    token = _EXPORT.set(True)
+    try:
+        yield
+    finally:
+        _EXPORT.reset(token)
+
+
 def _choose(compiled_fn, plain_fn, *args):
+    if _EXPORT.get():
+        return plain_fn(*args, export=True)
     flag = _COMPILE.get()
     if isinstance(flag, bool):
         return (compiled_fn if flag else plain_fn)(*args)
     return tf.cond(flag, lambda: compiled_fn(*args), lambda: plain_fn(*args))
 
 
-def _windows(x, kh: int, kw: int, same: bool):
+def _windows(x, kh: int, kw: int, same: bool, export: bool = False):
     """``x`` as ``(B*H', kh, W', kw, C)`` windows: padded with -inf ("same") or cropped.
 
     Batch and window rows share the leading axis because XLA on a CPU splits work across
@@ -76,47 +105,62 @@ def _windows(x, kh: int, kw: int, same: bool):
     shape = tf.shape(x)
     h, w = shape[1], shape[2]
     if same:
-        x = tf.pad(
-            x, [[0, 0], [0, -h % kh], [0, -w % kw], [0, 0]], constant_values=float("-inf")
-        )
+        if export:  # the same numbers, no negative operand (see the module notes)
+            pads = [[0, 0], [0, (kh - h % kh) % kh], [0, (kw - w % kw) % kw], [0, 0]]
+        else:
+            pads = [[0, 0], [0, -h % kh], [0, -w % kw], [0, 0]]
+        x = tf.pad(x, pads, constant_values=float("-inf"))
     else:
         x = x[:, : h - h % kh, : w - w % kw, :]
     shape = tf.shape(x)
-    return tf.reshape(x, (-1, kh, shape[2] // kw, kw, shape[3])), shape[1] // kh
+    channels = x.shape[-1] if export and x.shape[-1] is not None else shape[3]
+    return tf.reshape(x, (-1, kh, shape[2] // kw, kw, channels)), shape[1] // kh
 
 
-def _pool(x, kh: int, kw: int, same: bool):
-    win, rows = _windows(x, kh, kw, same)
+def _pool(x, kh: int, kw: int, same: bool, export: bool = False):
+    win, rows = _windows(x, kh, kw, same, export)
     top = tf.reduce_max(win, axis=(1, 3))
     last = kh * kw - 1
+    index = tf.int32 if export else tf.uint8
     # First maximum in row-major order: walk the positions backwards, earlier ones win.
-    where = tf.fill(tf.shape(top), tf.constant(last, tf.uint8))
+    where = tf.fill(tf.shape(top), tf.constant(last, index))
     pooled = win[:, last // kw, :, last % kw, :]
     for pos in range(last - 1, -1, -1):
         candidate = win[:, pos // kw, :, pos % kw, :]
         hit = tf.equal(candidate, top)
-        where = tf.where(hit, tf.constant(pos, tf.uint8), where)
-        # Select the input itself (not ``top``) so the gradient goes to that one position.
-        pooled = tf.where(hit, candidate, pooled)
+        where = tf.where(hit, tf.constant(pos, index), where)
+        if not export:
+            # Select the input itself (not ``top``) so the gradient goes to that one position.
+            pooled = tf.where(hit, candidate, pooled)
+    if export:
+        # No gradient to route: the maximum itself. (tf2onnx turns a float select into
+        # ``c * a + (1 - c) * b``, which gives NaN where a padded -inf is not chosen.)
+        pooled = top
     shape = tf.shape(top)
-    out = (tf.shape(x)[0], rows, shape[1], shape[2])
+    channels = x.shape[-1] if export and x.shape[-1] is not None else shape[2]
+    out = (tf.shape(x)[0], rows, shape[1], channels)
     return tf.reshape(pooled, out), tf.reshape(where, out)
 
 
-def _unpool(values, where, reference, kh: int, kw: int):
+def _unpool(values, where, reference, kh: int, kw: int, export: bool = False):
     shape = tf.shape(values)
-    flat = (-1, 1, shape[2], 1, shape[3])  # batch and rows on the leading axis, as in pooling
-    positions = tf.constant(list(range(kh * kw)), tf.uint8, shape=(1, kh, 1, kw, 1))
+    channels = values.shape[-1] if export and values.shape[-1] is not None else shape[3]
+    flat = (-1, 1, shape[2], 1, channels)  # batch and rows on the leading axis, as in pooling
+    index = tf.int32 if export else tf.uint8
+    positions = tf.constant(list(range(kh * kw)), index, shape=(1, kh, 1, kw, 1))
     spread = tf.where(
         tf.equal(tf.reshape(where, flat), positions),
         tf.reshape(values, flat),
         tf.zeros((), values.dtype),
     )
-    out = tf.reshape(spread, (shape[0], shape[1] * kh, shape[2] * kw, shape[3]))
+    out = tf.reshape(spread, (shape[0], shape[1] * kh, shape[2] * kw, channels))
     h, w = tf.shape(reference)[1], tf.shape(reference)[2]
     out = out[:, :h, :w, :]
     # "valid" pooling dropped the last rows/columns: they come back as zeros.
-    return tf.pad(out, [[0, 0], [0, h - tf.shape(out)[1]], [0, w - tf.shape(out)[2]], [0, 0]])
+    out = tf.pad(out, [[0, 0], [0, h - tf.shape(out)[1]], [0, w - tf.shape(out)[2]], [0, 0]])
+    if export:  # a pad by computed amounts loses the static channels the next conv needs
+        out = tf.reshape(out, (shape[0], h, w, channels))
+    return out
 
 
 # Compiled once per input shape; the traces themselves are shape-relaxed.

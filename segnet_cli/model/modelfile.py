@@ -5,6 +5,10 @@ A segnet model file is a plain Keras ``.keras`` archive (a zip) with one extra m
 input scaling and the architecture's total stride and receptive field. Keras ignores the
 extra member, so ``keras.saving.load_model`` loads the file as it is; segnet reads the member
 with ``zipfile`` alone, so ``segnet info`` and the error for a foreign file are instant.
+
+A model exported by ``segnet export --format onnx`` carries the same metadata in its ONNX
+``metadata_props``; ``read_info`` reads either, by file suffix (``.onnx`` with the ``onnx``
+package, still without TensorFlow).
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from segnet_cli.config import default_model_path
-from segnet_cli.errors import ModelFileError
+from segnet_cli.errors import MissingExtraError, ModelFileError
 from segnet_cli.io.files import atomic_path, file_digest
 
 MEMBER = "segnet.json"
+#: What a segmenter's ``run`` returns per pixel (see ``tiling.Stitcher.needs``).
+OUTPUTS = ("logits", "classes", "confidence")
 FORMAT = "segnet-model"
 FORMAT_VERSION = 1
 
@@ -169,13 +175,38 @@ def _mapping(v, name: str) -> dict:
     return v
 
 
+def is_onnx(path: str | Path | None) -> bool:
+    """An exported ONNX model (by file suffix), run with ONNX Runtime instead of TensorFlow."""
+    return path is not None and Path(path).suffix.lower() == ".onnx"
+
+
+def check_format(data, path: Path) -> None:
+    """Refuse metadata that is not segnet's, or newer than this segnet understands."""
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ModelFileError("segnet.json is not segnet model metadata", path)
+    version = data.get("format_version", 0)
+    if not _integer(version, 0, 2**31):
+        raise ModelFileError(f"segnet.json's format_version {version!r} is not a number", path)
+    if version > FORMAT_VERSION:
+        raise ModelFileError(
+            f"model format {data.get('format_version')} is newer than this segnet understands",
+            path,
+        )
+
+
 def read_info(path: str | Path) -> ModelInfo:
     """Read a model file's metadata without loading its weights (or TensorFlow).
 
+    A ``.keras`` file's ``segnet.json`` member, or an exported ``.onnx`` file's
+    ``metadata_props`` (``model.onnxmodel.read_onnx_info``; needs the ``onnx`` extra).
+
     Raises:
         ModelFileError: the file is missing, not a zip, or has no segnet metadata.
+        MissingExtraError: an ``.onnx`` file without the ``onnx`` extra installed.
     """
     path = Path(path)
+    if is_onnx(path):
+        return read_onnx_info(path)
     if not path.exists():
         raise ModelFileError("model file not found", path)
     if path.is_dir():
@@ -196,16 +227,7 @@ def read_info(path: str | Path) -> ModelInfo:
         raise ModelFileError("not a .keras model file (corrupt or foreign)", path) from None
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise ModelFileError(f"cannot read model metadata: {exc}", path) from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ModelFileError("segnet.json is not segnet model metadata", path)
-    version = data.get("format_version", 0)
-    if not _integer(version, 0, 2**31):
-        raise ModelFileError(f"segnet.json's format_version {version!r} is not a number", path)
-    if version > FORMAT_VERSION:
-        raise ModelFileError(
-            f"model format {data.get('format_version')} is newer than this segnet understands",
-            path,
-        )
+    check_format(data, path)
     try:
         return ModelInfo.from_dict(data)
     except KeyError as exc:
@@ -241,6 +263,80 @@ def replace_info(path: str | Path, info: ModelInfo) -> None:
                     dst.writestr(item, src.read(item.filename))
             dst.writestr(MEMBER, info.to_json())
     os.chmod(path, mode)
+
+
+# --------------------------------------------------------------------------- ONNX files
+#
+# An exported ``.onnx`` file carries the same metadata in its ``metadata_props`` (key
+# ``segnet.json``), read with the ``onnx`` package alone (no TensorFlow, no ONNX Runtime).
+
+#: The install command named by every "missing extra" error of the ONNX path.
+ONNX_INSTALL = "pip install 'segnet-cli[onnx]'"
+#: The ``metadata_props`` key holding the full metadata (the source's segnet.json + export).
+META_KEY = MEMBER
+
+
+def import_onnx():
+    """``onnx``, or a ``MissingExtraError`` naming the install command."""
+    try:
+        import onnx
+    except ImportError as exc:
+        raise MissingExtraError(f"ONNX models need the onnx extra: {ONNX_INSTALL} ({exc})") from None
+    return onnx
+
+
+def load_onnx_proto(path: Path):
+    """An ``.onnx`` file's ``ModelProto`` (weights included: they are inside the file).
+
+    Raises:
+        ModelFileError: missing, a folder, or not ONNX.
+        MissingExtraError: the ``onnx`` package is not installed.
+    """
+    onnx = import_onnx()
+    if not path.exists():
+        raise ModelFileError("model file not found", path)
+    if path.is_dir():
+        raise ModelFileError("is a folder, not an .onnx model file", path)
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and friends for a foreign file
+        raise ModelFileError(f"not an ONNX model file ({type(exc).__name__})", path) from None
+
+
+def read_metadata(path: str | Path, proto=None) -> dict:
+    """The full metadata dictionary of an exported ONNX file (``segnet.json`` + ``export``).
+
+    Raises:
+        ModelFileError: missing file, not ONNX, or an ONNX model not made by segnet export.
+        MissingExtraError: the ``onnx`` package is not installed.
+    """
+    path = Path(path)
+    proto = load_onnx_proto(path) if proto is None else proto
+    props = {p.key: p.value for p in proto.metadata_props}
+    if META_KEY not in props:
+        raise ModelFileError("an ONNX model without segnet metadata (not made by segnet export)",
+                             path)
+    try:
+        data = json.loads(props[META_KEY])
+    except ValueError as exc:
+        raise ModelFileError(f"cannot read the segnet metadata: {exc}", path) from None
+    if not isinstance(data, dict):
+        raise ModelFileError("the segnet metadata is not a JSON object", path)
+    return data
+
+
+def read_onnx_info(path: str | Path) -> ModelInfo:
+    """The ``ModelInfo`` of an exported ONNX file (what ``read_info`` returns for one).
+
+    Raises:
+        ModelFileError: see ``read_metadata``; or incomplete metadata.
+    """
+    data = read_metadata(path)
+    check_format(data, Path(path))
+    try:
+        return ModelInfo.from_dict(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFileError(f"model metadata incomplete: {exc}", path) from None
 
 
 def resolve_model_path(model: str | Path | None) -> Path:

@@ -27,10 +27,13 @@ import numpy as np
 
 from segnet_cli.config import Precision
 from segnet_cli.errors import ModelFileError, UsageError
-from segnet_cli.model.modelfile import ModelInfo, read_info, resolve_model_path
-
-#: What ``Segmenter.run`` returns per pixel (see ``tiling.Stitcher.needs``).
-OUTPUTS = ("logits", "classes", "confidence")
+from segnet_cli.model.modelfile import (
+    OUTPUTS,
+    ModelInfo,
+    is_onnx,
+    read_info,
+    resolve_model_path,
+)
 
 
 def select_devices(device: str | None) -> list[str | None]:
@@ -206,4 +209,22 @@ class Segmenter:
         return max(1, batch_size) * len(self.devices)
 
 
-__all__ = ["Segmenter", "select_devices", "select_device"]
+def open_segmenter(
+    model_path: str | Path | None = None,
+    precision: Precision | str = Precision.FLOAT32,
+    device: str | None = None,
+):
+    """The model ready for inference, chosen by its file: every command loads models here.
+
+    A ``.onnx`` file (made by ``segnet export``) runs with ONNX Runtime
+    (``model.onnxmodel.OnnxSegmenter``); anything else is a ``.keras`` model run by
+    TensorFlow (``Segmenter``). Both have the same interface and give the same masks.
+    """
+    if is_onnx(model_path):
+        from segnet_cli.model.onnxmodel import OnnxSegmenter
+
+        return OnnxSegmenter(model_path, precision, device)
+    return Segmenter(model_path, precision, device)
+
+
+__all__ = ["Segmenter", "open_segmenter", "select_devices", "select_device"]

@@ -55,11 +55,11 @@ def run_local(config: PredictConfig, run: Run) -> Report:
 
 
 def _segment(config: PredictConfig, jobs: list[Job], run: Run, guard: SignalGuard, details: dict) -> None:
-    from segnet_cli.model.segmenter import Segmenter
+    from segnet_cli.model.segmenter import open_segmenter
 
     inference = config.inference
     t_load = time.perf_counter()
-    seg = Segmenter(inference.model, inference.precision, inference.device)
+    seg = open_segmenter(inference.model, inference.precision, inference.device)
     details["model_load_seconds"] = round(time.perf_counter() - t_load, 3)
     info, tiling = seg.info, inference.tiling
     depth = config.queue_depth

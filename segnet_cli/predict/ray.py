@@ -57,12 +57,12 @@ class SegmentActor:
     def __init__(
         self, jobs: list[Job], inference: InferenceConfig, overwrite: bool, overlay_alpha: float
     ) -> None:
-        from segnet_cli.model.segmenter import Segmenter
+        from segnet_cli.model.segmenter import open_segmenter
 
         # Ray has already pinned this actor to its GPU (CUDA_VISIBLE_DEVICES), so TF's own
         # placement is right; only an explicit ``cpu`` is passed on.
         device = "cpu" if inference.device == "cpu" else None
-        self.seg = Segmenter(inference.model, inference.precision, device)
+        self.seg = open_segmenter(inference.model, inference.precision, device)
         self.jobs = jobs
         self.inference = inference
         self.overwrite = overwrite
