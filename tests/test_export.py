@@ -129,6 +129,7 @@ def test_classes_output_is_the_mask(fmt, exports, photos):
 
 def test_onnx_metadata_and_graph(exports, tiny_model):
     """The class table and scaling read back with plain ``onnx``; unpooling is unpooling."""
+    need("onnx")
     import onnx
 
     from segnet_cli.model.modelfile import read_info
