@@ -35,6 +35,7 @@ from segnet_cli.model.modelfile import (
     read_metadata,
     read_onnx_info,
 )
+from segnet_cli.model.runner import Runner
 
 
 def import_onnxruntime():
@@ -91,7 +92,7 @@ def _keep_only(proto, output: str, onnx) -> None:
     )
 
 
-class OnnxSegmenter:
+class OnnxSegmenter(Runner):
     """An exported ONNX SegNet ready for inference: ``Segmenter``'s interface, ONNX Runtime.
 
     Args:
@@ -144,18 +145,6 @@ class OnnxSegmenter:
         self.devices: list[str | None] = [None]
         self.providers = self.session.get_providers()
 
-    @property
-    def num_classes(self) -> int:
-        return self.info.num_classes
-
-    @property
-    def stride(self) -> int:
-        return self.info.stride
-
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        """Logits ``(B, H, W, K)`` float32 for a batch of same-sized float32 tiles in [0, 1]."""
-        return self.run(batch, "logits")
-
     def run(self, batch: np.ndarray, output: str = "logits"):
         """Run a batch through the model; the same contract as ``Segmenter.run``.
 
@@ -183,9 +172,6 @@ class OnnxSegmenter:
         confidence = 1.0 / np.sum(np.exp(logits - top), axis=-1)
         return classes, confidence.astype(np.float32)
 
-    def batch_tiles(self, batch_size: int) -> int:
-        """Tiles per model call: ``batch_size`` (one ONNX Runtime session)."""
-        return max(1, batch_size)
 
 
 __all__ = ["ONNX_INSTALL", "OnnxSegmenter", "import_onnx", "import_onnxruntime", "read_metadata",

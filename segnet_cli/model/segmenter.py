@@ -34,6 +34,7 @@ from segnet_cli.model.modelfile import (
     read_info,
     resolve_model_path,
 )
+from segnet_cli.model.runner import Runner
 
 
 def select_devices(device: str | None) -> list[str | None]:
@@ -70,7 +71,7 @@ def select_device(device: str | None) -> str | None:
     raise UsageError(f"--device must be cpu, gpu or gpu:N, not {device!r}")
 
 
-class Segmenter:
+class Segmenter(Runner):
     """A model ready for inference, with its metadata.
 
     Args:
@@ -157,18 +158,6 @@ class Segmenter:
         self._traces[output] = infer
         return infer
 
-    @property
-    def num_classes(self) -> int:
-        return self.info.num_classes
-
-    @property
-    def stride(self) -> int:
-        return self.info.stride
-
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        """Logits ``(B, H, W, K)`` float32 for a batch of same-sized float32 tiles in [0, 1]."""
-        return self.run(batch, "logits")
-
     def run(self, batch: np.ndarray, output: str = "logits"):
         """Run a batch of same-sized float32 tiles in [0, 1] through the model.
 
@@ -204,9 +193,6 @@ class Segmenter:
             return tuple(np.concatenate([o[i].numpy() for o in outs]) for i in range(2))
         return np.concatenate([o.numpy() for o in outs], axis=0)
 
-    def batch_tiles(self, batch_size: int) -> int:
-        """Tiles per model call: ``batch_size`` for each device, so every GPU gets work."""
-        return max(1, batch_size) * len(self.devices)
 
 
 def open_segmenter(
