@@ -16,10 +16,8 @@ EXIT_SOME_FAILED = 1
 #: Usage error: a bad option, or nothing to work on (no input matched, nothing to check or
 #: score), or an unusable output folder: nothing ran.
 EXIT_USAGE = 2
-#: Interrupted by SIGINT (Ctrl-C): 128 + 2.
+#: Interrupted by SIGINT (Ctrl-C): 128 + 2. SIGTERM gives 128 + 15 = 143 (``Interrupted``).
 EXIT_SIGINT = 130
-#: Terminated by SIGTERM: 128 + 15.
-EXIT_SIGTERM = 143
 
 
 class SegnetError(Exception):
