@@ -33,7 +33,6 @@ never renamed into place: nothing is left behind, and an ``ExportError`` says by
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -45,7 +44,7 @@ import numpy as np
 
 from segnet_cli.config import ExportConfig, ExportFormat, Report
 from segnet_cli.errors import ExportError, MissingExtraError, ModelFileError, UsageError
-from segnet_cli.io.files import atomic_folder, atomic_path
+from segnet_cli.io.files import atomic_folder, atomic_path, file_digest
 from segnet_cli.model.modelfile import MEMBER, ModelInfo, read_info, resolve_model_path
 from segnet_cli.model.onnxmodel import ONNX_INSTALL, import_onnx, import_onnxruntime
 
@@ -89,15 +88,6 @@ class Parity:
 # --------------------------------------------------------------------------- metadata
 
 
-def sha256_of(path: Path) -> str:
-    """The full SHA-256 of a file (the source model's identity inside every export)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def export_metadata(info: ModelInfo, source: Path, fmt: ExportFormat, classes_output: bool,
                     logits: str | None = None) -> dict:
     """The metadata every export carries: the source's ``segnet.json`` plus an export block.
@@ -115,7 +105,7 @@ def export_metadata(info: ModelInfo, source: Path, fmt: ExportFormat, classes_ou
         "format": str(fmt),
         "segnet_version": __version__,
         "source_model": source.name,
-        "source_sha256": sha256_of(source),
+        "source_sha256": file_digest(source, None),
         "input": {
             "name": INPUT, "layout": "NHWC", "dtype": "float32", "range": [0.0, 1.0],
             "channels": info.in_channels,

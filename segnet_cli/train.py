@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import fcntl
-import hashlib
 import io
 import json
 import math
@@ -52,7 +51,7 @@ from segnet_cli.classes import ClassTable, load_classes
 from segnet_cli.config import Report, TrainConfig
 from segnet_cli.dataset import Pair, find_pairs, load_mask, require_ok, verify
 from segnet_cli.errors import Interrupted, LockedError, ModelFileError, UsageError
-from segnet_cli.io.files import atomic_path, remove_dead_temporaries
+from segnet_cli.io.files import atomic_path, file_digest, remove_dead_temporaries
 from segnet_cli.io.images import read_image, to_model_input
 from segnet_cli.jobs import SignalGuard
 from segnet_cli.losses import make_loss
@@ -506,16 +505,8 @@ def _init_settings(config: TrainConfig) -> tuple[TrainConfig, _Start]:
             path,
         )
     config = replace(config, width=float(arch["width"]), stages=int(arch["stages"]))
-    record = {"path": str(path.absolute()), "sha256": _sha256(path)}
+    record = {"path": str(path.absolute()), "sha256": file_digest(path, None)}
     return config, _Start(path=path, info=info, init=record)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _checkpoint_state(ckpt: Path) -> tuple[ModelInfo, dict]:

@@ -332,17 +332,14 @@ def output_lock(out_root: Path, output: Path) -> Lock:
     return Lock(out_root / LOCK_DIR / f"{key}.lock")
 
 
-def file_digest(path: Path, limit: int | None = None) -> str:
-    """SHA-256 of a file's content (first 16 hex digits)."""
+def file_digest(path: Path, digits: int | None = 16) -> str:
+    """SHA-256 of a file's content: its first ``digits`` hex digits (provenance keys), or
+    all 64 with ``digits=None`` (a model's identity inside exports and training records)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
-        read = 0
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
-            read += len(chunk)
-            if limit is not None and read >= limit:
-                break
-    return h.hexdigest()[:16]
+    return h.hexdigest()[:digits]
 
 
 __all__ = [
