@@ -271,9 +271,25 @@ class TileConfig:
     nodata_class: int = 255
     engine: Engine = Engine.LOCAL
     address: str | None = None
+    # GIS (the ``geo`` extra): see ``segnet_cli.geo``.
+    bands: tuple[int, ...] | None = None  # 1-based bands of the input, in order
+    cog: bool | None = None  # None: a Cloud-Optimized GeoTIFF when the geo extra is installed
+    vector: Path | None = None  # polygons per class (.gpkg, .geojson, .fgb, ...)
+    min_area: float = 0.0  # polygons smaller than this (map units²) are left out
+    simplify: float = 0.0  # polygon simplification tolerance (map units)
+    aoi: Path | None = None  # area of interest: only tiles touching it run
 
     def __post_init__(self) -> None:
         _engine(self)
+        if self.bands is not None:
+            if not self.bands or any(b < 1 for b in self.bands):
+                raise UsageError("--bands counts from 1 (the first band is 1)")
+        if not (self.min_area >= 0) or math.isinf(self.min_area):
+            raise UsageError("--min-area must be zero or a positive number (map units²)")
+        if not (self.simplify >= 0) or math.isinf(self.simplify):
+            raise UsageError("--simplify must be zero or a positive number (map units)")
+        if self.vector is None and (self.min_area or self.simplify):
+            raise UsageError("--min-area and --simplify shape the polygons of --vector")
         if self.probabilities is not None:
             object.__setattr__(
                 self, "probabilities", ProbabilityMode.parse(self.probabilities, "--probabilities")

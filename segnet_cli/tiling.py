@@ -394,6 +394,21 @@ class Stitcher:
         self._pending[tile.row].discard((tile.col, tile.flipped))
         self._advance()
 
+    def skip(self, tile: Tile) -> None:
+        """Count ``tile`` as done without an output: every pixel it would set is nodata.
+
+        The caller overwrites those pixels (mask and probabilities) afterwards. Exact for
+        the other pixels only when the tile contributes to nothing else: in center mode its
+        core must be all nodata, in gaussian mode its whole window.
+        """
+        # Its rows still become part of the band (all zeros: overwritten by the caller).
+        if self.mode is Blend.CENTER:
+            self._center_band(tile.row)
+        else:
+            self._grow_band(tile.window[2])
+        self._pending[tile.row].discard((tile.col, tile.flipped))
+        self._advance()
+
     def _advance(self) -> None:
         g = self.grid
         while True:
@@ -419,7 +434,8 @@ class Stitcher:
                 s, w = self._band["sum"], self._band["w"]
                 n = nxt - y0
                 if n > 0:
-                    avg = s[:n] / w[:n, :, None]
+                    # A pixel only skipped tiles covered has no weight (and is nodata).
+                    avg = s[:n] / np.maximum(w[:n, :, None], np.float32(1e-30))
                     mask = np.argmax(avg, axis=-1).astype(np.uint8)
                     conf = avg.max(axis=-1) if self.confidence else None
                     prob = avg if self.probabilities else None

@@ -25,6 +25,7 @@ from segnet_cli.config import InferenceConfig, PredictConfig, TileConfig, Tiling
 from segnet_cli.errors import LockedError, TiffLayoutError, UsageError
 from segnet_cli.gigapixel import budget as budget_mod
 from segnet_cli.gigapixel import plan as plan_mod
+from segnet_cli.io import sources as sources_mod
 from segnet_cli.io import tiff as tiff_mod
 from segnet_cli.io.files import TMP_PREFIX
 from segnet_cli.io.images import read_image
@@ -129,13 +130,13 @@ def test_reader_bands_equal_whole_read(tmp_path, name, kind):
         kw["photometric"] = "rgb"
     path = tmp_path / f"{name}.tif"
     tifffile.imwrite(path, data, **kw)
-    info = tiff_mod.inspect_source(path)
+    info = sources_mod.inspect_source(path)
     expect_layout = "contiguous" if name.startswith(("one-raw", "raw-", "planar-raw")) else "chunked"
     assert info.layout == expect_layout
     whole = read_image(path)
     grid = TileGrid.make(83, 101, 32, 8, 8)
     ranges = [(r.window_start, r.window_end) for r in grid.rows]
-    with tiff_mod.open_reader(info) as reader:
+    with sources_mod.open_reader(info) as reader:
         for (y0, y1), (b0, band) in zip(ranges, tiff_mod.iter_bands(reader, ranges)):
             assert b0 == y0 and band.dtype == whole.dtype
             np.testing.assert_array_equal(band, whole[y0:y1])
@@ -148,8 +149,8 @@ def test_palette_tiff_expands_like_predict(tmp_path):
     for kw in (dict(tile=(16, 16), compression="zlib"), dict()):
         path = tmp_path / "pal.tif"
         tifffile.imwrite(path, idx, photometric="palette", colormap=cmap, **kw)
-        info = tiff_mod.inspect_source(path)
-        with tiff_mod.open_reader(info) as reader:
+        info = sources_mod.inspect_source(path)
+        with sources_mod.open_reader(info) as reader:
             (_, band), = tiff_mod.iter_bands(reader, [(0, 40)])
         np.testing.assert_array_equal(band, read_image(path))
 
@@ -164,7 +165,7 @@ def test_single_huge_compressed_strip_is_refused(tmp_path, tiny_model, monkeypat
     assert "stored as one strip (deflate" in msg and "gdal_translate -co TILED=YES" in msg
     # The same layout uncompressed is memory-mapped, never refused.
     tifffile.imwrite(path, image(64, 80))
-    assert tiff_mod.inspect_source(path).layout == "contiguous"
+    assert sources_mod.inspect_source(path).layout == "contiguous"
 
 
 # --------------------------------------------------------------------------- identity
@@ -225,7 +226,11 @@ def test_geotiff_tags_resolution_nodata_and_probabilities(tmp_path, tiny_model):
         src, data, tile=(64, 64), compression="zstd", resolution=(300, 300), resolutionunit=2,
         extratags=GEO + [(42113, 2, 0, "0", True)],
     )
-    rep = tile_mod.run_tile(tile_cfg(src, tiny_model, probabilities="classes", probability_dtype="uint8"))
+    # The streamed TIFF itself (--no-cog): its GeoTIFF tags are the input's, byte for byte.
+    # A COG is GDAL's copy of it, with GDAL's own encoding of the same CRS (test_gis.py).
+    rep = tile_mod.run_tile(
+        tile_cfg(src, tiny_model, probabilities="classes", probability_dtype="uint8", cog=False)
+    )
     assert rep.done == 1
     out = tmp_path / "geo.mask.tif"
     with tifffile.TiffFile(out) as tif:

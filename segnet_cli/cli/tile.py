@@ -43,7 +43,7 @@ MiB = 1024 * 1024
 
 
 def tile_command(
-    image: Annotated[Path, typer.Argument(help="The image to segment: a TIFF of any size (tiled, striped, BigTIFF), or any image Pillow reads.", show_default=False)],
+    image: Annotated[Path, typer.Argument(help="The image to segment: a TIFF of any size (tiled, striped, BigTIFF), any raster GDAL reads (VRT, JPEG 2000, ...; with the geo extra), or any image Pillow reads.", show_default=False)],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Mask TIFF to write (default: <stem>.mask.tif beside the input).")] = None,
     model: ModelOpt = None,
     tile: TileOpt = None,
@@ -57,9 +57,15 @@ def tile_command(
     prob_dtype: Annotated[Optional[str], typer.Option("--prob-dtype", help=f"Probability raster type: {' or '.join(ProbabilityDtype.values())} (probability x 255).")] = None,
     compression: Annotated[Optional[str], typer.Option("--compression", help=f"Output compression: {', '.join(Compression.values())}.")] = None,
     out_tile: Annotated[Optional[int], typer.Option("--out-tile", help="Output TIFF tile size (multiple of 16).")] = None,
-    nodata_class: Annotated[Optional[int], typer.Option("--nodata-class", help="Mask value for input pixels equal to the input's GDAL nodata.")] = None,
+    nodata_class: Annotated[Optional[int], typer.Option("--nodata-class", help="Mask value for input pixels equal to the input's nodata, and outside --aoi.")] = None,
     max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", help="Pixel limit for formats decoded whole (not TIFFs read window by window).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo the mask even if it is up to date.")] = False,
+    bands: Annotated[Optional[str], typer.Option("--bands", help="Bands of the input to use, in order, counting from 1 (e.g. 4,3,2 for a multispectral scene's RGB).", rich_help_panel="GIS")] = None,
+    cog: Annotated[Optional[bool], typer.Option("--cog/--no-cog", help="Write Cloud-Optimized GeoTIFFs with internal overviews (default: yes when the geo extra is installed: pip install 'segnet-cli[geo]').", show_default=False, rich_help_panel="GIS")] = None,
+    vector: Annotated[Optional[Path], typer.Option("--vector", help="Also write polygons per class (class, name, pixels, area) to this file: .gpkg, .geojson, .fgb or .geojsonl, in the input's CRS (pixel coordinates without one).", rich_help_panel="GIS")] = None,
+    min_area: Annotated[Optional[float], typer.Option("--min-area", help="Leave out polygons smaller than this, in map units squared (m² for a metric CRS; pixels without a CRS).", rich_help_panel="GIS")] = None,
+    simplify: Annotated[Optional[float], typer.Option("--simplify", help="Simplify polygons with this tolerance in map units (each polygon keeps its validity; neighbours' shared edges may then differ).", rich_help_panel="GIS")] = None,
+    aoi: Annotated[Optional[Path], typer.Option("--aoi", help="Area of interest (GeoJSON, GeoPackage, ... polygons): only tiles touching it run; pixels outside it become --nodata-class.", rich_help_panel="GIS")] = None,
     precision: PrecisionOpt = None,
     device: DeviceOpt = None,
     engine: Annotated[Optional[str], typer.Option("--engine", help="local (this machine) or ray (spread the tile rows over a Ray cluster's actors; pip install 'segnet-cli[ray]').")] = None,
@@ -68,17 +74,25 @@ def tile_command(
     quiet: QuietOpt = False,
     log_file: LogOpt = None,
 ) -> None:
-    """Segment one huge image (gigapixel TIFF) into a tiled, georeferenced mask TIFF.
+    """Segment one huge image (gigapixel TIFF, any GDAL raster) into a georeferenced mask.
 
     The image is streamed: read band by band, tiled and stitched exactly as `segnet predict`
     does (same masks), and the mask written tile by tile, so memory depends on the image's
-    width and the tile size, not on its height. Resolution and GeoTIFF tags are copied; input
-    nodata pixels get --nodata-class. The output appears only when complete; a re-run skips
-    an up-to-date mask; Ctrl-C stops cleanly. --engine ray spreads the rows of tiles over a
-    Ray cluster (same mask); an interrupted ray run resumes from its finished rows.
+    width and the tile size, not on its height. Resolution and georeferencing are kept; input
+    nodata pixels get --nodata-class, and tiles that are all nodata are not run.
+
+    With the geo extra (pip install 'segnet-cli[geo]') the mask is a Cloud-Optimized GeoTIFF
+    with overviews; --vector adds polygons, --aoi limits the run to an area of interest.
+    Every run writes <stem>.areas.json (pixels, share and area per class) and the class
+    names for GDAL and QGIS (<mask>.aux.xml).
+
+    The outputs appear only when complete; a re-run skips up-to-date outputs; Ctrl-C stops
+    cleanly. --engine ray spreads the rows of tiles over a Ray cluster (same mask); an
+    interrupted ray run resumes from its finished rows.
     """
     from segnet_cli import ui
     from segnet_cli.config import TileConfig
+    from segnet_cli.io.gdal import parse_bands
 
     try:
         ui.configure(quiet, log_file)
@@ -88,6 +102,8 @@ def tile_command(
             "out_tile": out_tile,
             "nodata_class": nodata_class,
             "engine": engine,
+            "min_area": min_area,
+            "simplify": simplify,
         }
         cfg = TileConfig(
             input=image,
@@ -103,6 +119,10 @@ def tile_command(
             plan_only=plan,
             overwrite=overwrite,
             address=address,
+            bands=parse_bands(bands),
+            cog=cog,
+            vector=vector,
+            aoi=aoi,
             **{k: v for k, v in given.items() if v is not None},
         )
     except SegnetError as exc:
@@ -178,19 +198,35 @@ def plan_lines(plan) -> list[str]:
         f"         overlap overhead {g.overhead():.2f}x ({plan.computed_pixels / 1e6:,.1f} Mpx "
         f"computed for {s.pixels / 1e6:,.1f} Mpx); window shapes: {shapes}",
         f"output:  {plan.output}",
-        f"         {s.width} x {s.height} uint8 class indices with colour map, tiled "
-        f"{plan.config.out_tile}, {plan.config.compression}, "
+        f"         {s.width} x {s.height} uint8 class indices with colour map, "
+        + ("Cloud-Optimized GeoTIFF with overviews (mode), " if plan.cog else "")
+        + f"tiled {plan.config.out_tile}, {plan.config.compression}, "
         f"{'BigTIFF' if plan.bigtiff else 'classic TIFF'}, {plan.mask_bytes / MiB:,.0f} MiB "
         "uncompressed",
+        f"         class names: {plan.pam_output.name}; class areas: {plan.report_output}"
+        + ("" if plan.georef.crs_wkt else " (no CRS: pixels only)"),
     ]
+    if plan.vector is not None:
+        out.append(
+            f"         polygons: {plan.vector}"
+            + (" (pixel coordinates: the input has no CRS)" if plan.georef.crs_wkt is None else "")
+        )
     if plan.prob_output is not None:
         out.append(
             f"         {plan.prob_output}: {plan.prob_bands} band(s) {plan.prob_dtype}, "
             f"{'BigTIFF' if plan.prob_bigtiff else 'classic TIFF'}, "
             f"{plan.prob_bytes / MiB:,.0f} MiB uncompressed"
         )
-    if s.nodata is not None:
-        out.append(f"         input nodata {s.nodata_text!r} -> class {plan.config.nodata_class}")
+    if plan.declares_nodata:
+        why = []
+        if s.nodata is not None and not s.palette:
+            why.append(f"input nodata {s.nodata_text!r}")
+        if plan.aoi is not None:
+            why.append(f"outside the area of interest ({plan.config.aoi})")
+        out.append(
+            f"         {' and '.join(why)} -> class {plan.config.nodata_class} (declared nodata); "
+            "tiles that are all nodata are not run"
+        )
     out.append(f"memory:  estimated peak {plan.memory.line()}")
     out.append(
         f"         grows with image width and tile size, not height (band of "
@@ -236,6 +272,9 @@ def summary_lines(report: Report) -> list[str]:
     ]
     if d.get("prob_output"):
         lines.append(f"wrote {d['prob_output']}")
+    if d.get("skipped_tiles"):
+        lines.append(f"{d['skipped_tiles']} tiles all nodata or outside the area of interest: not run")
+    lines += area_lines(d.get("areas"))
     if d.get("engine") == "ray":
         reused = f", {d['units_reused']} reused" if d.get("units_reused") else ""
         on = f" on {d['actors']}" if d.get("actors") else ""
@@ -253,4 +292,26 @@ def summary_lines(report: Report) -> list[str]:
             + f"; model {d.get('model_seconds', 0):.1f}s, waiting for input "
             f"{d.get('read_wait_seconds', 0):.1f}s, output {d.get('write_wait_seconds', 0):.1f}s"
         )
+    return lines
+
+
+def area_lines(areas: dict | None) -> list[str]:
+    """The class-area report as a small table (``geo.areas.ClassAreas.as_dict``)."""
+    if not areas:
+        return []
+    lines = []
+    vector = areas.get("vector")
+    if vector:
+        lines.append(f"wrote {vector.get('path', 'polygons')}: {vector.get('polygons', 0):,} polygons")
+    has_area = any("area_m2" in c for c in areas["classes"])
+    lines.append(
+        f"classes ({areas['area_basis']}"
+        + (f", {areas['nodata_pixels']:,} nodata pixels" if areas.get("nodata_pixels") else "")
+        + "):"
+    )
+    for c in areas["classes"]:
+        if not c["pixels"]:
+            continue
+        area = f"  {c['area_m2']:>14,.1f} m²  {c['area_ha']:>10,.2f} ha" if has_area else ""
+        lines.append(f"  {c['name']:<16} {c['pixels']:>14,} px  {c['share']:>6.1%}{area}")
     return lines

@@ -23,7 +23,7 @@ from segnet_cli.errors import UsageError
 from segnet_cli.gigapixel.outputs import open_outputs
 from segnet_cli.gigapixel.plan import TilePlan
 from segnet_cli.gigapixel.rows import effective_nodata, read_bands, stitch_rows
-from segnet_cli.io.tiff import open_reader
+from segnet_cli.io.sources import open_reader
 from segnet_cli.jobs import Provenance
 
 
@@ -60,7 +60,7 @@ def stream(plan: TilePlan, config: TileConfig, prov: Provenance, guard, progress
     reader = open_reader(source, inference.max_pixels)
     bands = read_bands(reader, grid)
     try:
-        with open_outputs(plan, config, prov, seg.info.palette, nodata is not None) as outputs:
+        with open_outputs(plan, config, prov, seg.info.palette, plan.declares_nodata) as outputs:
             rows = stitch_rows(
                 seg,
                 grid,
@@ -76,6 +76,7 @@ def stream(plan: TilePlan, config: TileConfig, prov: Provenance, guard, progress
                 stats=stats,
                 on_batch=on_batch,
                 tta=inference.tta,
+                aoi=plan.aoi,
             )
             for _y0, mask, prob in rows:
                 tw = time.perf_counter()
@@ -89,6 +90,7 @@ def stream(plan: TilePlan, config: TileConfig, prov: Provenance, guard, progress
         bands.close()
         reader.close()
     wall = time.perf_counter() - t_start
+    stats["areas"] = outputs.report
     stats.update(
         {
             "stream_seconds": wall,

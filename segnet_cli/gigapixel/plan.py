@@ -8,6 +8,7 @@ signal, report.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import resource
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import segnet_cli.gigapixel.budget as budget
+from segnet_cli import geo
 from segnet_cli.config import TTA, Report, Status, TileConfig, TilingConfig
 from segnet_cli.errors import (
     Interrupted,
@@ -26,10 +28,13 @@ from segnet_cli.errors import (
     OutputError,
     UsageError,
 )
+from segnet_cli.geo.aoi import Aoi
 from segnet_cli.gigapixel.budget import MemoryEstimate, MiB, estimate, fit_tiling
 from segnet_cli.io.files import check_writable, file_digest, remove_dead_temporaries
+from segnet_cli.io.gdal import PIXELS, Georef, read_georef
 from segnet_cli.io.images import match_channels
-from segnet_cli.io.tiff import SourceInfo, inspect_source, needs_bigtiff, read_description
+from segnet_cli.io.sources import inspect_source
+from segnet_cli.io.tiff import SourceInfo, needs_bigtiff, read_description
 from segnet_cli.jobs import Claim, Outcome, Provenance, Run, SignalGuard, settings_key
 from segnet_cli.model.modelfile import ModelInfo, model_fingerprint, read_info, resolve_model_path
 from segnet_cli.model.network import Architecture
@@ -58,15 +63,43 @@ class TilePlan:
     prob_dtype: str | None
     notes: tuple[str, ...] = field(default_factory=tuple)
     config: TileConfig | None = None
+    georef: Georef = PIXELS
+    cog: bool = False
+    vector: Path | None = None
+    aoi: Aoi | None = None
 
     @property
     def computed_pixels(self) -> int:
         return self.grid.computed_pixels()
 
     @property
-    def outputs(self) -> list[Path]:
-        """Every file the run writes: the mask, then the probability raster if asked for."""
+    def rasters(self) -> list[Path]:
+        """The rasters the run writes: the mask, then the probability raster if asked for."""
         return [self.output] + ([self.prob_output] if self.prob_output is not None else [])
+
+    @property
+    def report_output(self) -> Path:
+        """The class-area report beside the mask (``x.mask.tif`` -> ``x.areas.json``)."""
+        return sibling(self.output, ".areas.json")
+
+    @property
+    def pam_output(self) -> Path:
+        """GDAL's sidecar of the mask (class names, attribute table)."""
+        return self.output.with_name(self.output.name + ".aux.xml")
+
+    @property
+    def outputs(self) -> list[Path]:
+        """Every file the run writes, the mask last (it is renamed into place last)."""
+        extra = [self.report_output, self.pam_output]
+        if self.vector is not None:
+            extra.append(self.vector)
+        return extra + self.rasters[::-1]
+
+    @property
+    def declares_nodata(self) -> bool:
+        """The mask has nodata pixels: the input declares nodata, or an area of interest
+        leaves pixels out."""
+        return (self.source.nodata is not None and not self.source.palette) or self.aoi is not None
 
     def as_dict(self) -> dict:
         """The plan as JSON-ready data."""
@@ -104,6 +137,12 @@ class TilePlan:
             "seconds_estimate": round(self.seconds, 1),
             "seconds_basis": self.seconds_basis,
             "nodata": s.nodata_text,
+            "bands": None if s.bands is None else list(s.bands),
+            "crs": self.georef.crs_wkt is not None,
+            "cog": self.cog,
+            "vector": None if self.vector is None else str(self.vector),
+            "report": str(self.report_output),
+            "aoi_pixels": None if self.aoi is None else self.aoi.pixels,
             "notes": list(self.notes),
         }
 
@@ -113,12 +152,21 @@ def default_output(path: Path) -> Path:
     return path.with_name(f"{path.stem}.mask.tif")
 
 
+def sibling(mask: Path, suffix: str) -> Path:
+    """A file beside a mask: ``x.mask.tif`` -> ``x<suffix>``, ``out.tif`` -> ``out<suffix>``."""
+    name = mask.name
+    for ending in (".mask.tif", ".mask.tiff"):
+        if name.lower().endswith(ending):
+            return mask.with_name(name[: -len(ending)] + suffix)
+    return mask.with_name(f"{mask.stem}{suffix}")
+
+
 def prob_output_path(mask: Path) -> Path:
     """The probability raster beside a mask: ``x.mask.tif`` -> ``x.prob.tif``."""
     name = mask.name
     for suffix in (".mask.tif", ".mask.tiff"):
         if name.lower().endswith(suffix):
-            return mask.with_name(name[: -len(suffix)] + ".prob.tif")
+            return sibling(mask, ".prob.tif")
     return mask.with_name(f"{mask.stem}.prob{mask.suffix or '.tif'}")
 
 
@@ -147,7 +195,7 @@ def plan_tile(config: TileConfig) -> TilePlan:
     """
     # An image decoded whole is checked against the pixel and byte limits here, so
     # ``--plan`` refuses what the run would refuse.
-    source = inspect_source(config.input, config.inference.max_pixels)
+    source = inspect_source(config.input, config.inference.max_pixels, config.bands)
     model_path = resolve_model_path(config.inference.model)
     info = read_info(model_path)
     _validate(config, info)
@@ -165,9 +213,10 @@ def plan_tile(config: TileConfig) -> TilePlan:
             raise UsageError(f"the output {out} would overwrite the input; give another --out")
     if prob_out is not None and _same_file(prob_out, output):
         raise UsageError("the mask and the probability raster would be the same file")
+    notes: list[str] = []
+    cog, vector, georef, aoi = _gis(config, source, output, prob_out, notes)
     arch = Architecture.from_info(info)
     model_bytes = model_path.stat().st_size
-    notes: list[str] = []
 
     def peak(t: TilingConfig) -> int:
         return estimate(source, info, arch, config, t, model_bytes)[1].total
@@ -233,7 +282,46 @@ def plan_tile(config: TileConfig) -> TilePlan:
         prob_dtype=prob_dtype,
         notes=tuple(notes),
         config=config,
+        georef=georef,
+        cog=cog,
+        vector=vector,
+        aoi=aoi,
     )
+
+
+def _gis(config: TileConfig, source: SourceInfo, output: Path, prob_out: Path | None, notes):
+    """The GIS side of the plan: COG or not, the vector output, georeferencing, the AOI."""
+    cog = geo.available() if config.cog is None else config.cog
+    if cog:
+        geo.require("a Cloud-Optimized GeoTIFF (--cog)")
+        from segnet_cli.geo.cog import check_compression
+
+        check_compression(config.compression)
+    elif config.cog is None:
+        notes.append(
+            "writing a tiled GeoTIFF without overviews: a Cloud-Optimized GeoTIFF needs "
+            f"GDAL ({geo.GEO_INSTALL})"
+        )
+    vector = None
+    if config.vector is not None:
+        geo.require("--vector")
+        from segnet_cli.geo.vector import check_vector_path
+
+        vector = Path(config.vector)
+        check_vector_path(vector)
+        for other in (source.path, output, prob_out):
+            if other is not None and _same_file(vector, other):
+                raise UsageError(f"--vector {vector} would overwrite {other}")
+    georef = read_georef(source.path)
+    aoi = None
+    if config.aoi is not None:
+        geo.require("--aoi")
+        from segnet_cli.geo.aoi import load_aoi
+
+        aoi = load_aoi(Path(config.aoi), georef, source.height, source.width)
+        share = aoi.pixels / max(1, source.pixels)
+        notes.append(f"area of interest: {share:.1%} of the image; tiles outside it are not run")
+    return cog, vector, georef, aoi
 
 
 def provenance_settings(plan: TilePlan, config: TileConfig) -> str:
@@ -253,12 +341,44 @@ def provenance_settings(plan: TilePlan, config: TileConfig) -> str:
         compression=config.compression,
         version=1,
         **extra,
+        **_gis_settings(plan, config),
     )
 
 
+def _gis_settings(plan: TilePlan, config: TileConfig) -> dict:
+    """What the GIS options change in the outputs (absent when unused: old outputs stay
+    up to date)."""
+    out: dict = {}
+    if plan.source.bands is not None:
+        out["bands"] = ",".join(map(str, plan.source.bands))
+    if plan.cog:
+        out["cog"] = True
+    if plan.vector is not None:
+        out["vector"] = plan.vector.suffix.lower()
+        out["min_area"] = config.min_area
+        out["simplify"] = config.simplify
+    if plan.aoi is not None:
+        out["aoi"] = file_digest(Path(config.aoi))
+    return out
+
+
 def up_to_date(plan: TilePlan, prov: Provenance) -> bool:
-    """The outputs exist, are complete and record the same provenance."""
-    return all(Provenance.from_json(read_description(p)) == prov for p in plan.outputs)
+    """The outputs exist, are complete and record the same provenance.
+
+    The rasters record it in their ImageDescription; the report records it too, with the
+    size of every other file it was written with (the sidecar, the polygons).
+    """
+    if not all(Provenance.from_json(read_description(p)) == prov for p in plan.rasters):
+        return False
+    try:
+        report = json.loads(plan.report_output.read_text())
+        if Provenance.from_json(json.dumps(report.get("provenance"))) != prov:
+            return False
+        sizes = report.get("files", {})
+        extra = [plan.pam_output] + ([plan.vector] if plan.vector is not None else [])
+        return all(p.stat().st_size == sizes.get(p.name) for p in extra)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return False
 
 
 def remove_dead_temporaries_of(final: Path) -> int:
@@ -297,8 +417,9 @@ def run_planned(
     if config.plan_only:
         return run.report(**details)
     out = plan.output
-    check_writable(out.parent)  # an unusable folder is a usage error: nothing ran
-    removed = sum(remove_dead_temporaries_of(p) for p in (out, plan.prob_output) if p is not None)
+    for folder in {p.parent for p in plan.outputs}:
+        check_writable(folder)  # an unusable folder is a usage error: nothing ran
+    removed = sum(remove_dead_temporaries_of(p) for p in plan.outputs)
     if removed and log:
         log(f"removed {removed} temporary file(s) left by an interrupted run")
     claim = Claim(out.parent, out)
@@ -345,6 +466,7 @@ __all__ = [
     "run_planned",
     "default_output",
     "prob_output_path",
+    "sibling",
     "provenance_settings",
     "up_to_date",
     "peak_rss",

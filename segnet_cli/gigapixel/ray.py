@@ -13,7 +13,7 @@ whole grid rows (``plan_units``). Each unit owns a block of output rows:
   ``GAUSSIAN_MIN_UNIT_ROWS`` grid rows, so that costs at most a quarter more compute.
 
 Actors (a Ray Data ``map_batches`` callable class; the model is loaded once per actor) open
-the input themselves, read only their unit's rows (``tiff.open_reader``), run them through
+the input themselves, read only their unit's rows (``sources.open_reader``), run them through
 ``tile.stitch_rows`` (the very code the local engine runs, same windows and batches, so the
 same bytes) and stream the unit's block into the *parts folder*, a hidden folder beside the
 output named after the run's provenance: one ``.npy`` per unit and raster, written under a
@@ -67,11 +67,13 @@ from segnet_cli.config import (
     TileConfig,
 )
 from segnet_cli.errors import Interrupted, OutputError, SegnetError, UsageError
+from segnet_cli.geo.aoi import Aoi
 from segnet_cli.gigapixel.outputs import open_outputs
 from segnet_cli.gigapixel.plan import TilePlan, run_planned
 from segnet_cli.gigapixel.rows import effective_nodata, read_bands, stitch_rows
 from segnet_cli.io.files import TMP_PREFIX, temporary_name
-from segnet_cli.io.tiff import SourceInfo, open_reader
+from segnet_cli.io.sources import open_reader
+from segnet_cli.io.tiff import SourceInfo
 from segnet_cli.tiling import Span, TileGrid
 
 MiB = 1024 * 1024
@@ -223,6 +225,7 @@ class TileJob:
     parts: str
     stop_file: str
     tta: TTA = TTA.NONE
+    aoi: Aoi | None = None  # area of interest, pixel coordinates (plain bytes: pickles)
 
     def part_files(self, unit: Unit) -> list[tuple[Path, tuple[int, ...], np.dtype]]:
         """``(path, shape, dtype)`` of the unit's parts, probabilities first, mask last.
@@ -397,6 +400,8 @@ class TileActor:
                 nodata_class=job.nodata_class,
                 on_batch=self._check_stop,
                 tta=job.tta,
+                aoi=job.aoi,
+                row_offset=off,
             )
             for y, mask, prob in rows:
                 # Gaussian units also finish rows above their own (incomplete there): skip.
@@ -476,6 +481,7 @@ def make_job(plan, config: TileConfig, parts: Path, nodata: float | None, run_id
         parts=str(parts.absolute()),
         stop_file=str((parts / f"{STOP_PREFIX}{run_id}").absolute()),
         tta=config.inference.tta,
+        aoi=plan.aoi,
     )
 
 
@@ -536,7 +542,7 @@ def _stream(plan, config: TileConfig, prov, guard, progress, log, *, address, un
         _compute(job, todo, config, address, guard, progress, log, stats)
     guard.check()
     t_asm = time.perf_counter()
-    _assemble(plan, config, prov, job, units, nodata, guard)
+    stats["areas"] = _assemble(plan, config, prov, job, units, nodata, guard)
     stats["assemble_seconds"] = time.perf_counter() - t_asm
     shutil.rmtree(parts, ignore_errors=True)
     wall = time.perf_counter() - t_start
@@ -676,13 +682,14 @@ def _consume(ds, guard, stop_file: Path, on_row) -> tuple[int | None, BaseExcept
     return signum, (None if signum is not None else error)
 
 
-def _assemble(plan, config: TileConfig, prov, job: TileJob, units: list[Unit], nodata, guard) -> None:
-    """Stream the final TIFF(s) from the parts, one row of output tiles at a time."""
+def _assemble(plan, config: TileConfig, prov, job: TileJob, units: list[Unit], nodata, guard) -> dict:
+    """Stream the final TIFF(s) from the parts, one row of output tiles at a time; returns
+    the class-area report."""
     height = plan.grid.height
     step = config.out_tile
     files = {u.index: job.part_files(u) for u in units}
     first = 0
-    with open_outputs(plan, config, prov, plan.model.palette, nodata is not None) as outputs:
+    with open_outputs(plan, config, prov, plan.model.palette, plan.declares_nodata) as outputs:
         for y in range(0, height, step):
             y1 = min(height, y + step)
             while units[first].y1 <= y:
@@ -698,6 +705,7 @@ def _assemble(plan, config: TileConfig, prov, job: TileJob, units: list[Unit], n
             *prob, mask = blocks
             outputs.add(mask, prob[0] if prob else None)
             guard.check()
+    return outputs.report
 
 
 # --------------------------------------------------------------------------- the plan

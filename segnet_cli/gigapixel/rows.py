@@ -38,6 +38,22 @@ def nodata_mask(band: np.ndarray, value: float) -> np.ndarray | None:
     return (band == np.asarray(value, band.dtype)).all(axis=-1)
 
 
+def invalid_pixels(band: np.ndarray, y0: int, nodata: float | None, aoi) -> np.ndarray | None:
+    """Pixels of ``band`` (image rows from ``y0``) that are nodata or outside the area of
+    interest (``None`` when no pixel can be)."""
+    invalid = nodata_mask(band, nodata) if nodata is not None else None
+    if aoi is not None:
+        outside = aoi.outside(y0, y0 + band.shape[0], band.shape[1])
+        invalid = outside if invalid is None else (invalid | outside)
+    return invalid
+
+
+def all_invalid(invalid: np.ndarray, tile, b0: int, by_window: bool) -> bool:
+    """Every pixel the tile decides is invalid: its core (center mode) or window (blending)."""
+    y0, x0, y1, x1 = tile.window if by_window else tile.core
+    return bool(invalid[y0 - b0 : y1 - b0, x0:x1].all())
+
+
 def probability_block(conf: np.ndarray, dtype: ProbabilityDtype) -> np.ndarray:
     if dtype is ProbabilityDtype.UINT8:
         return np.clip(np.rint(conf * 255.0), 0, 255).astype(np.uint8)
@@ -92,6 +108,8 @@ def stitch_rows(
     stats: dict | None = None,
     on_batch: Callable | None = None,
     tta: TTA = TTA.NONE,
+    aoi=None,
+    row_offset: int = 0,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
     """Run every grid row through the model and yield finished output rows, top to bottom.
 
@@ -111,6 +129,15 @@ def stitch_rows(
         stats: when given, ``model_seconds`` is added to it.
         on_batch: called with each batch's tiles once they are stitched (progress, signals).
         tta: ``flip`` also runs each grid row's mirrored view (``TileGrid.mirrored``).
+        aoi: a ``geo.aoi.Aoi`` (pixel coordinates of the image): pixels outside it are
+            nodata.
+        row_offset: the image row of the grid's row 0 (a Ray work unit's shifted grid), to
+            place the area of interest.
+
+    Tiles whose every pixel is nodata (the input's nodata value, or outside the area of
+    interest) are not run: in center mode when their core is all nodata, in gaussian mode
+    when their whole window is, so the other pixels get exactly the values they get when
+    every tile runs. ``stats["skipped_tiles"]`` counts them.
 
     Yields:
         ``(y0, mask, prob)``: rows ``[y0, y0 + len(mask))`` as uint8 class indices, and their
@@ -129,19 +156,32 @@ def stitch_rows(
         mirrored=tta is TTA.FLIP,
     )
     channels = seg.info.in_channels
+    by_window = blend is not Blend.CENTER
 
     def works():
         source = iter(bands)
         for r in range(len(grid.rows)):
             b0, band = next(source)  # not zip/enumerate: they keep the last item alive
+            invalid = invalid_pixels(band, b0 + row_offset, nodata, aoi)
+            tiles = grid.row_tiles(r, tta is TTA.FLIP)
+            if invalid is not None:
+                skipped = [t for t in tiles if all_invalid(invalid, t, b0, by_window)]
+                if skipped:
+                    for t in skipped:
+                        stitcher.skip(t)
+                    tiles = [t for t in tiles if t not in skipped]
+                    if stats is not None:
+                        stats["skipped_tiles"] = stats.get("skipped_tiles", 0) + len(skipped)
+                    if on_batch is not None:
+                        on_batch(skipped)
 
             def pixels(tile, band=band, b0=b0):
                 return to_model_input(crop(band, tile, b0), channels, source_path, alpha)
 
-            yield Work((b0, band), stitcher, grid.row_tiles(r, tta is TTA.FLIP), pixels)
+            yield Work((b0, invalid), stitcher, tiles, pixels)
             # Drop every reference to the band (the closure's too) before the next is read:
             # two bands alive at most.
-            del band, pixels
+            del band, pixels, invalid
 
     def batch_done(pairs) -> None:
         if stats is not None:
@@ -152,12 +192,12 @@ def stitch_rows(
 
     clock = [time.perf_counter()]
     for work in run_works(seg, works(), batch_size, max_open=0, on_batch=batch_done):
-        b0, band = work.key
+        b0, invalid = work.key
         del work
         for y0, mask, conf, probs in stitcher.pop():
-            if nodata is not None:
-                nod = nodata_mask(band[y0 - b0 : y0 - b0 + mask.shape[0]], nodata)
-                if nod is not None and nod.any():
+            if invalid is not None:
+                nod = invalid[y0 - b0 : y0 - b0 + mask.shape[0]]
+                if nod.any():
                     mask = np.where(nod, np.uint8(nodata_class), mask)
                     if conf is not None:
                         conf = np.where(nod, 0.0, conf)
@@ -172,10 +212,17 @@ def stitch_rows(
             # Drop this block before the next grid row runs: a loop variable would keep the
             # finished band's probabilities alive beside the next band (not in the budget).
             del mask, conf, probs, p
-        del band
+        del invalid
         clock[0] = time.perf_counter()
     if not stitcher.finished:
         raise OutputError("internal error: the stitcher did not finish", source_path)
 
 
-__all__ = ["stitch_rows", "read_bands", "effective_nodata", "nodata_mask", "probability_block"]
+__all__ = [
+    "stitch_rows",
+    "read_bands",
+    "effective_nodata",
+    "nodata_mask",
+    "invalid_pixels",
+    "probability_block",
+]

@@ -19,6 +19,7 @@ path, which keeps that removal race-free.
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import os
 import socket
@@ -94,6 +95,34 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
         if os.path.lexists(tmp):
             try:
                 os.unlink(tmp)
+            except OSError:
+                pass
+
+
+@contextmanager
+def scratch_path(final: str | Path) -> Iterator[Path]:
+    """Yield a hidden temporary beside ``final`` that is always deleted, never renamed.
+
+    For intermediate files of a write (the streamed raster a Cloud-Optimized GeoTIFF is
+    made from): named like ``atomic_path``'s temporaries, so a dead run's are found and
+    removed the same way; files GDAL derives from its name (``.aux.xml``, ``.ovr``) go too.
+    """
+    final = Path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f"{TMP_PREFIX}{writer_tag()}-{final.name}.scratch.", suffix=TMP_SUFFIX,
+            dir=final.parent,
+        )
+        os.close(fd)
+    except OSError as exc:
+        raise OutputError(f"cannot write here: {exc.strerror or exc}", final.parent) from None
+    try:
+        yield Path(tmp)
+    finally:
+        for path in [tmp, *glob.glob(glob.escape(tmp) + ".*")]:
+            try:
+                os.unlink(path)
             except OSError:
                 pass
 
@@ -347,6 +376,7 @@ __all__ = [
     "TMP_SUFFIX",
     "HOST_TOKEN",
     "atomic_path",
+    "scratch_path",
     "check_writable",
     "atomic_folder",
     "temporary_name",

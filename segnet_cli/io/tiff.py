@@ -34,19 +34,16 @@ import queue
 import re
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from segnet_cli.errors import ImageReadError, NoInputError, OutputError, TiffLayoutError
+from segnet_cli.errors import ImageReadError, OutputError, TiffLayoutError
 from segnet_cli.io.images import (
-    TIFF_SUFFIXES,
-    check_decoded_size,
     check_single_image,
     open_pillow,
     oriented_size,
-    read_image,
     tiff_alpha,
 )
 
@@ -109,6 +106,7 @@ class SourceInfo:
     resolution: tuple | None = None
     resolution_unit: int | None = None
     geo_tags: tuple[tuple[int, int, object], ...] = field(default_factory=tuple)
+    bands: tuple[int, ...] | None = None  # --bands: the file's bands (1-based) to read, in order
 
     @property
     def pixels(self) -> int:
@@ -123,6 +121,8 @@ class SourceInfo:
     @property
     def band_channels(self) -> int:
         """Channels of the bands the reader returns (palette images expand to RGB)."""
+        if self.bands is not None:
+            return len(self.bands)
         return 3 if self.palette else self.channels
 
     @property
@@ -152,10 +152,15 @@ class SourceInfo:
                 parts.append("planar (band-interleaved)")
             if self.palette:
                 parts.append("palette")
+        elif self.layout == "gdal":
+            parts.append("via GDAL")
+        if self.bands is not None:
+            parts.append("bands " + ",".join(map(str, self.bands)))
         read = {
             "chunked": "read window by window",
             "contiguous": "read through a memory map",
             "whole": "decoded whole",
+            "gdal": "read window by window",
         }[self.layout]
         return ", ".join(parts) + f" ({read})"
 
@@ -163,55 +168,7 @@ class SourceInfo:
 # --------------------------------------------------------------------------- inspecting
 
 
-def inspect_source(path: str | Path, max_pixels: int | None = None) -> SourceInfo:
-    """Read an input's header and decide how it will be read.
-
-    Sizes are as the reader will return them (a JPEG's EXIF orientation applied). An image
-    that must be decoded whole (``layout == "whole"``) is checked against the run's pixel and
-    byte limits here, before anything else is planned.
-
-    Args:
-        path: the input.
-        max_pixels: the run's ``--max-pixels`` (``None``: the default limit).
-
-    Raises:
-        NoInputError: the file does not exist.
-        ImageReadError: unreadable, not an image, or a TIFF of several images.
-        ImageTooLargeError: an image decoded whole that is over a limit.
-        TiffLayoutError: a TIFF stored as one huge compressed strip (or huge segments).
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise ImageReadError("is a folder, not an image", path)
-    if not path.exists():
-        if path.is_symlink():
-            import errno
-
-            try:
-                path.stat()
-            except OSError as exc:
-                if exc.errno == errno.ELOOP:
-                    raise ImageReadError("a symbolic link loop", path) from None
-        raise NoInputError("file not found (or a broken link)", path)
-    try:
-        if path.stat().st_size == 0:
-            raise ImageReadError("empty file (0 bytes)", path)
-    except PermissionError:
-        raise ImageReadError("permission denied", path) from None
-    if path.suffix.lower() in TIFF_SUFFIXES or _is_tiff(path):
-        info = _inspect_tiff(path)
-    else:
-        info = _inspect_pillow(path, max_pixels)
-    if info.layout == "whole":
-        check_decoded_size(
-            info.width, info.height, info.band_channels * info.band_itemsize, max_pixels, path,
-            f"{info.fmt} cannot be read window by window: convert it to a tiled TIFF or raise "
-            "the limit with --max-pixels",
-        )
-    return info
-
-
-def _is_tiff(path: Path) -> bool:
+def is_tiff(path: Path) -> bool:
     try:
         with open(path, "rb") as fh:
             head = fh.read(4)
@@ -220,7 +177,7 @@ def _is_tiff(path: Path) -> bool:
     return head[:2] in (b"II", b"MM") and head[2:4] in (b"*\x00", b"\x00*", b"+\x00", b"\x00+")
 
 
-def _inspect_pillow(path: Path, max_pixels: int | None) -> SourceInfo:
+def inspect_pillow(path: Path, max_pixels: int | None) -> SourceInfo:
     # Only the header is read, under the run's own limits (Pillow's guard armed as for the
     # read itself: sniffing never switches it off).
     im = open_pillow(path, max_pixels)
@@ -240,7 +197,7 @@ def _inspect_pillow(path: Path, max_pixels: int | None) -> SourceInfo:
     return info
 
 
-def _inspect_tiff(path: Path) -> SourceInfo:
+def inspect_tiff(path: Path) -> SourceInfo:
     import tifffile
 
     try:
@@ -516,31 +473,6 @@ def _colormap_lut(page) -> np.ndarray:
     cmap = np.asarray(page.colormap)
     scale = 257 if cmap.max() > 255 else 1
     return (cmap.T // scale).astype(np.uint8)
-
-
-def open_reader(info: SourceInfo, max_pixels: int | None = None) -> RegionReader:
-    """A reader for ``info``'s layout.
-
-    Raises:
-        ImageReadError: the file cannot be opened or (for ``whole``) decoded.
-        ImageTooLargeError: a ``whole`` image over the pixel limit.
-    """
-    try:
-        if info.layout == "chunked":
-            return ChunkedTiffReader(info)
-        if info.layout == "contiguous":
-            return MemmapTiffReader(info)
-    except ImageReadError:
-        raise
-    except Exception as exc:
-        raise ImageReadError(f"cannot open ({type(exc).__name__}: {exc})", info.path) from None
-    array = read_image(info.path, max_pixels)
-    # What the decoder returned is the truth (Pillow modes and odd TIFF bit depths map to
-    # dtypes and band counts the header alone does not tell).
-    info = replace(
-        info, channels=array.shape[2], dtype=array.dtype, palette=False, alpha=array.alpha
-    )
-    return ArrayReader(info, array)
 
 
 def iter_bands(
@@ -826,8 +758,9 @@ def needs_bigtiff(uncompressed_bytes: int) -> bool:
 
 __all__ = [
     "SourceInfo",
-    "inspect_source",
-    "open_reader",
+    "inspect_tiff",
+    "inspect_pillow",
+    "is_tiff",
     "iter_bands",
     "output_extratags",
     "colormap",
