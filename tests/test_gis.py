@@ -376,3 +376,58 @@ def test_without_the_geo_extra(tmp_path, model, monkeypatch):
     assert r.exit_code == 2 and "segnet-cli[geo]" in r.output
     rep = tile(src, model)
     assert rep["plan"]["cog"] is False and (tmp_path / "s.areas.json").exists()
+
+
+def test_ray_actor_skips_and_masks_like_the_local_engine(tmp_path, model):
+    """A Ray work unit (run in-process: no cluster) gives the local engine's rows, with an
+    area of interest and input nodata: same skipped tiles, same nodata, same classes."""
+    pytest.importorskip("ray")
+    from segnet_cli.config import InferenceConfig, TileConfig, TilingConfig
+    from segnet_cli.gigapixel import plan_tile, run_tile
+    from segnet_cli.gigapixel.ray import TileActor, make_job, plan_units
+
+    src = tmp_path / "s.tif"
+    write_scene(src, h=300, w=400, nodata_cols=120)
+    x0, y0 = ORIGIN
+    top = [(x0, y0), (x0 + 200, y0), (x0 + 200, y0 - 100), (x0, y0 - 100), (x0, y0)]
+    aoi = aoi_file(tmp_path / "top.geojson", top)
+    config = TileConfig(
+        input=src, out=tmp_path / "local.tif", aoi=aoi,
+        inference=InferenceConfig(model=model, tiling=TilingConfig(tile=64, halo=8, batch_size=3)),
+    )
+    assert run_tile(config).done == 1
+    expect = read(tmp_path / "local.tif")
+    assert (expect[200:] == 255).all() and (expect[:, :120] == 255).all()
+    assert (expect[:200, 120:] != 255).all()
+    plan = plan_tile(config)
+    units = plan_units(plan.grid, "center")
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    job = make_job(plan, plan.config, parts, 0.0, "run1")
+    actor = TileActor(job)
+    batch = {k: np.array([u.row()[k] for u in units]) for k in units[0].row()}
+    rows = actor(batch)
+    assert set(rows["status"]) == {"done"}, rows["error"]
+    for u in units:
+        (path, _, _), = job.part_files(u)
+        np.testing.assert_array_equal(np.load(path), expect[u.y0 : u.y1])
+
+
+def test_real_process_writes_a_geopackage_after_tensorflow(tmp_path, model):
+    """A real ``segnet tile --vector x.gpkg`` process, where TensorFlow is imported before any
+    GeoPackage is written: its SQLite must not be the one GDAL writes with (R*Tree index)."""
+    import os
+    import sys
+
+    src = tmp_path / "s.tif"
+    write_scene(src, h=120, w=150)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "NO_COLOR": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "segnet_cli", "tile", str(src), "--model", str(model),
+         "--vector", str(tmp_path / "p.gpkg"), "--json", "-q"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.splitlines()[-1])["areas"]["vector"]["polygons"] > 0
+    with fiona.open(tmp_path / "p.gpkg") as v:
+        assert len(v) > 0

@@ -131,6 +131,10 @@ def tile_command(
         _print_plan(cfg, as_json)
         raise typer.Exit(0)
 
+    if cfg.vector is not None or cfg.aoi is not None:
+        from segnet_cli.geo import load_before_tensorflow
+
+        load_before_tensorflow()  # GeoPackages need GDAL's own SQLite, not TensorFlow's
     quiet_tf()
     from segnet_cli.gigapixel import run_tile
 

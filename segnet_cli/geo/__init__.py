@@ -35,4 +35,16 @@ def require(what: str) -> None:
         raise MissingExtraError(f"{what} needs rasterio, fiona and shapely: {GEO_INSTALL}")
 
 
-__all__ = ["GEO_INSTALL", "available", "require"]
+def load_before_tensorflow() -> None:
+    """Load GDAL's vector side (fiona) now, before TensorFlow is imported.
+
+    TensorFlow's shared library exports its own SQLite, built without the R*Tree module; a
+    GDAL loaded after it binds to that SQLite and cannot write a GeoPackage's spatial index
+    ("no such module: rtree"). Loaded first, GDAL keeps the SQLite it ships with. A process
+    that imported TensorFlow already can still write GeoJSON and FlatGeobuf.
+    """
+    if available():
+        import fiona  # noqa: F401
+
+
+__all__ = ["GEO_INSTALL", "available", "load_before_tensorflow", "require"]

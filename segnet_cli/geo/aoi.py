@@ -16,7 +16,7 @@ import numpy as np
 
 from segnet_cli.errors import ImageReadError, UsageError
 from segnet_cli.geo import require
-from segnet_cli.io.gdal import Georef, gdal_env
+from segnet_cli.io.gdal import Georef, gdal_env, gdal_path
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def load_aoi(path: Path, georef: Georef, height: int, width: int) -> Aoi:
         raise UsageError("area of interest not found", path)
     geoms = []
     try:
-        with gdal_env(), fiona.open(path) as src:
+        with gdal_env(), gdal_path(path) as name, fiona.open(name) as src:
             layer_crs = src.crs_wkt or None
             for feat in src:
                 g = feat.geometry

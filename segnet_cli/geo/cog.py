@@ -17,7 +17,7 @@ from pathlib import Path
 
 from segnet_cli.config import Compression
 from segnet_cli.errors import OutputError, UsageError
-from segnet_cli.io.gdal import Georef, gdal_env
+from segnet_cli.io.gdal import Georef, gdal_env, gdal_path
 
 #: segnet's compression names as the COG driver spells them (it has no PackBits).
 COG_COMPRESS = {
@@ -59,11 +59,11 @@ def georeference(path: Path, georef: Georef) -> None:
     from affine import Affine
     from rasterio.errors import NotGeoreferencedWarning
 
-    with gdal_env():
+    with gdal_env(), gdal_path(path) as name:
         with warnings.catch_warnings():
             # It has no georeferencing yet: that is what this adds.
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            ds = rasterio.open(path, "r+", driver="GTiff")
+            ds = rasterio.open(name, "r+", driver="GTiff")
         with ds:
             if georef.crs_wkt is not None:
                 ds.crs = rasterio.crs.CRS.from_wkt(georef.crs_wkt)
@@ -95,12 +95,16 @@ def to_cog(
     import rasterio.shutil
 
     try:
-        with gdal_env(GDAL_NUM_THREADS="ALL_CPUS"):
+        with (
+            gdal_env(GDAL_NUM_THREADS="ALL_CPUS"),
+            gdal_path(src) as src_name,
+            gdal_path(dst) as dst_name,
+        ):
             # GDAL refuses to create over the (empty) temporary that reserved the name.
             Path(dst).unlink(missing_ok=True)
             rasterio.shutil.copy(
-                str(src),
-                str(dst),
+                src_name,
+                dst_name,
                 driver="COG",
                 COMPRESS=COG_COMPRESS[compression],
                 BLOCKSIZE=blocksize,

@@ -34,6 +34,7 @@ import numpy as np
 from segnet_cli.errors import OutputError, UsageError
 from segnet_cli.geo import require
 from segnet_cli.io.files import atomic_path
+from segnet_cli.io.gdal import gdal_path
 
 if TYPE_CHECKING:
     from shapely import Polygon
@@ -525,14 +526,14 @@ def write_vector(
     # from, so say why.
     hint = " (GeoJSON Sequence needs a CRS that can be reprojected to WGS 84)"
     hint = hint if driver == "GeoJSONSeq" and crs_wkt else ""
-    with atomic_path(final) as tmp, _no_extension_warning():
+    with atomic_path(final) as tmp, _no_extension_warning(), gdal_path(tmp) as tmp_name:
         done = False
         try:
             # GDAL creates the file itself; an empty file already there is not a dataset.
             tmp.unlink()
             with _ogr_errors(tmp, hint):
                 dst = fiona.open(
-                    tmp,
+                    tmp_name,  # text, as GDAL needs it (see io.gdal.gdal_path)
                     "w",
                     driver=driver,
                     schema=schema,

@@ -41,6 +41,10 @@ def run_tile(config: TileConfig, progress=None, log=None) -> Report:
         SegnetError: the input, model, options or output are unusable (see ``plan_tile``),
             ``LockedError`` when another run is writing the same output.
     """
+    if config.vector is not None or config.aoi is not None:
+        from segnet_cli.geo import load_before_tensorflow
+
+        load_before_tensorflow()  # a no-op when TensorFlow came first (see its docstring)
     if config.engine is Engine.RAY:
         from segnet_cli.gigapixel.ray import run_ray
 

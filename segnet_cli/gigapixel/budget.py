@@ -23,6 +23,7 @@ from segnet_cli.config import (
     TilingConfig,
 )
 from segnet_cli.errors import UsageError
+from segnet_cli.io.gdal import GDAL_CACHE_MB
 from segnet_cli.io.tiff import SourceInfo
 from segnet_cli.model.modelfile import ModelInfo
 from segnet_cli.tiling import Span, TileGrid, band_bytes
@@ -208,7 +209,8 @@ def estimate(
     prob = config.probabilities
     bands = probability_bands(prob, info.num_classes)
     item = 0 if prob is None else np.dtype(str(config.probability_dtype)).itemsize
-    nodata = source.nodata is not None
+    # An area of interest is burnt into a mask per band, as nodata is found per band.
+    nodata = source.nodata is not None or config.aoi is not None
     # What ``Stitcher.needs`` asks of the model: anything but center-mode classes (or
     # classes and confidence) brings every window's logits to the host.
     host_logits = (
@@ -219,6 +221,8 @@ def estimate(
     whole = 0
     if source.layout == "whole":
         whole = source.pixels * source.band_channels * source.band_itemsize
+    elif source.layout == "gdal":
+        whole = GDAL_CACHE_MB * MiB  # GDAL's block cache, which it fills up to its limit
     mem = memory_model(
         width=source.width,
         band_rows=worst.band_rows() if source.layout != "whole" else 0,

@@ -91,6 +91,7 @@ def stream(plan: TilePlan, config: TileConfig, prov: Provenance, guard, progress
         reader.close()
     wall = time.perf_counter() - t_start
     stats["areas"] = outputs.report
+    stats.update(outputs.timings)
     stats.update(
         {
             "stream_seconds": wall,

@@ -19,6 +19,7 @@ block ends, the run is finished for GIS use:
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
@@ -28,6 +29,7 @@ import numpy as np
 
 from segnet_cli import __version__
 from segnet_cli.config import ProbabilityMode, TileConfig
+from segnet_cli.errors import OutputError
 from segnet_cli.geo.areas import ClassAreas, pam_xml
 from segnet_cli.geo.cog import Overviews
 from segnet_cli.gigapixel.plan import TilePlan
@@ -35,8 +37,9 @@ from segnet_cli.io.files import atomic_path, scratch_path
 from segnet_cli.io.tiff import RowBlocks, TiledTiffWriter, colormap, output_extratags
 from segnet_cli.jobs import Provenance
 
-#: Rows of the mask read back at once to make polygons.
-VECTOR_STRIP_ROWS = 512
+#: Rows of the mask read back at once to make polygons: GDAL holds every polygon of a strip
+#: at once, so a fragmented 20000-px-wide mask needs short strips (256 rows: ~5 M pixels).
+VECTOR_STRIP_ROWS = 256
 
 
 class OutputRows:
@@ -49,6 +52,7 @@ class OutputRows:
         self._prob = prob_rows
         self.areas = areas
         self.report: dict | None = None  # the class-area report, once the outputs are finished
+        self.timings: dict[str, float] = {}  # seconds spent finishing (COG, polygons)
         self._finished = False
 
     def add(self, mask: np.ndarray, prob: np.ndarray | None = None) -> None:
@@ -146,6 +150,7 @@ def open_outputs(plan: TilePlan, config: TileConfig, prov: Provenance, palette, 
             for w in writers:
                 w.abort()
             raise
+        t0 = time.perf_counter()
         _finish_rasters(
             plan,
             config,
@@ -154,13 +159,16 @@ def open_outputs(plan: TilePlan, config: TileConfig, prov: Provenance, palette, 
                 (tmp_prob, final_prob, Overviews.AVERAGE, plan.prob_output),
             ],
         )
+        rows.timings["finish_rasters_seconds"] = round(time.perf_counter() - t0, 3)
         files = {}
         vector = None
+        t0 = time.perf_counter()
         if plan.vector is not None:
             # Written (atomically, through its own temporary) before the report and the
             # mask are renamed into place: a re-run finds all three or redoes them.
             vector = _polygons(plan, config, tmp_mask)
             files[plan.vector.name] = plan.vector.stat().st_size
+            rows.timings["vector_seconds"] = round(time.perf_counter() - t0, 3)
         tmp_pam.write_text(pam_xml(plan.model.class_names, palette, areas.pixels))
         files[plan.pam_output.name] = tmp_pam.stat().st_size
         report = {
@@ -223,6 +231,15 @@ def _polygons(plan: TilePlan, config: TileConfig, mask_file: Path) -> dict:
             min_area=config.min_area,
             simplify=config.simplify,
         )
+    except OutputError as exc:
+        if "rtree" not in exc.message:
+            raise
+        raise OutputError(
+            f"{exc.message}: TensorFlow was loaded before GDAL in this process; call "
+            "segnet_cli.geo.load_before_tensorflow() before importing TensorFlow, or write "
+            ".fgb or .geojson",
+            exc.path,
+        ) from None
     finally:
         reader.close()
     return {

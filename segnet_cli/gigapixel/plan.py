@@ -30,7 +30,7 @@ from segnet_cli.errors import (
 )
 from segnet_cli.geo.aoi import Aoi
 from segnet_cli.gigapixel.budget import MemoryEstimate, MiB, estimate, fit_tiling
-from segnet_cli.io.files import check_writable, file_digest, remove_dead_temporaries
+from segnet_cli.io.files import check_writable, file_digest, remove_dead_temporaries, tmp_label
 from segnet_cli.io.gdal import PIXELS, Georef, read_georef
 from segnet_cli.io.images import match_channels
 from segnet_cli.io.sources import inspect_source
@@ -387,7 +387,7 @@ def remove_dead_temporaries_of(final: Path) -> int:
     Predict cleans its whole output folder; the folder a gigapixel input sits in may hold
     other things, so only this output's names are touched.
     """
-    return remove_dead_temporaries(final.parent, f"*-{final.name}.*", recursive=False)
+    return remove_dead_temporaries(final.parent, f"*-{tmp_label(final.name)}.*", recursive=False)
 
 
 def run_planned(

@@ -44,9 +44,23 @@ def writer_tag() -> str:
     return f"{os.getpid()}.{HOST_TOKEN}"
 
 
+def tmp_label(name: str) -> str:
+    """``name`` as its temporaries carry it: as is, unless it holds bytes that are not UTF-8
+    (a byte name decoded with surrogate escapes), which become ``%XX``.
+
+    Some writers (GDAL, and so the COG and vector outputs) take only text paths; the final
+    name itself is kept byte for byte by the rename.
+    """
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return "".join(chr(b) if b < 128 else f"%{b:02X}" for b in os.fsencode(name))
+
+
 def temporary_name(final: Path) -> str:
     """A fixed temporary name for ``final`` owned by this process (see the module notes)."""
-    return f"{TMP_PREFIX}{writer_tag()}-{final.name}{TMP_SUFFIX}"
+    return f"{TMP_PREFIX}{writer_tag()}-{tmp_label(final.name)}{TMP_SUFFIX}"
 
 
 def _umask() -> int:
@@ -72,7 +86,8 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(
-            prefix=f"{TMP_PREFIX}{writer_tag()}-{final.name}.", suffix=TMP_SUFFIX, dir=final.parent
+            prefix=f"{TMP_PREFIX}{writer_tag()}-{tmp_label(final.name)}.", suffix=TMP_SUFFIX,
+            dir=final.parent,
         )
         os.close(fd)
     except OSError as exc:
@@ -111,7 +126,8 @@ def scratch_path(final: str | Path) -> Iterator[Path]:
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(
-            prefix=f"{TMP_PREFIX}{writer_tag()}-{final.name}.scratch.", suffix=TMP_SUFFIX,
+            prefix=f"{TMP_PREFIX}{writer_tag()}-{tmp_label(final.name)}.scratch.",
+            suffix=TMP_SUFFIX,
             dir=final.parent,
         )
         os.close(fd)
@@ -380,6 +396,7 @@ __all__ = [
     "check_writable",
     "atomic_folder",
     "temporary_name",
+    "tmp_label",
     "is_temporary",
     "remove_dead_temporaries",
     "Lock",

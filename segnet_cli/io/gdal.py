@@ -14,6 +14,9 @@ extra is installed, for areas, polygons and areas of interest.
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +33,39 @@ PHOTO_FORMATS = frozenset({"jpeg", "png", "bmp", "gif", "webp", "ppm", "tga", "m
 #: GDAL's block cache for windowed reads (MiB): GDAL's default is 5% of the machine's RAM,
 #: which would make the resident set depend on the machine rather than on the plan.
 GDAL_CACHE_MB = 64
+
+
+@contextmanager
+def gdal_path(path: Path) -> Iterator[str]:
+    """``path`` as GDAL can take it: text.
+
+    GDAL (and rasterio, fiona) take only text paths, but a Linux name may hold bytes that
+    are not UTF-8 (Python decodes them with surrogate escapes). Such a path goes through
+    ``/proc/self/fd``: its folder held open when the file's own name is text (so GDAL can
+    also create the file and files beside it), else the existing file itself.
+    """
+    path = Path(path)
+    if _is_text(str(path)):
+        yield str(path)
+        return
+    if _is_text(path.name):
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        target = f"/proc/self/fd/{fd}/{path.name}"
+    else:
+        fd = os.open(path, os.O_RDONLY)
+        target = f"/proc/self/fd/{fd}"
+    try:
+        yield target
+    finally:
+        os.close(fd)
+
+
+def _is_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def gdal_env(**options):
@@ -50,7 +86,7 @@ def gdal_opens(path: Path) -> str | None:
     except ImportError:
         return None
     try:
-        with gdal_env(), rasterio.open(path) as ds:
+        with gdal_env(), gdal_path(path) as name, rasterio.open(name) as ds:
             return ds.driver
     except Exception:
         return None
@@ -92,7 +128,7 @@ def inspect_gdal(path: Path, bands: tuple[int, ...] | None = None):
     from rasterio.enums import ColorInterp
 
     try:
-        with gdal_env(), rasterio.open(path) as ds:
+        with gdal_env(), gdal_path(path) as name, rasterio.open(name) as ds:
             count = ds.count
             check_bands(bands, count, path)
             chosen = bands or tuple(range(1, count + 1))
@@ -140,12 +176,13 @@ class GdalReader(RegionReader):
         import rasterio
 
         super().__init__(info)
-        self._env = gdal_env()
-        self._env.__enter__()
+        self._stack = ExitStack()
         try:
-            self._ds = rasterio.open(info.path)
+            self._stack.enter_context(gdal_env())
+            name = self._stack.enter_context(gdal_path(info.path))
+            self._ds = self._stack.enter_context(rasterio.open(name))
         except Exception:
-            self._env.__exit__(None, None, None)
+            self._stack.close()
             raise
         self._indexes = list(info.bands or range(1, self._ds.count + 1))
         self._lut = None
@@ -170,9 +207,8 @@ class GdalReader(RegionReader):
 
     def close(self) -> None:
         if self._ds is not None:
-            self._ds.close()
             self._ds = None
-            self._env.__exit__(None, None, None)
+            self._stack.close()
 
 
 @dataclass(frozen=True)
@@ -247,10 +283,10 @@ def read_georef(path: Path) -> Georef:
     from rasterio.errors import NotGeoreferencedWarning
 
     try:
-        with warnings.catch_warnings(), gdal_env():
+        with warnings.catch_warnings(), gdal_env(), gdal_path(path) as name:
             # No georeferencing is an answer here (pixel coordinates), not a problem.
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            ds = rasterio.open(path)
+            ds = rasterio.open(name)
         with ds:
             crs = ds.crs
             gt = tuple(float(v) for v in ds.transform.to_gdal())
@@ -277,6 +313,7 @@ __all__ = [
     "check_bands",
     "gdal_env",
     "gdal_opens",
+    "gdal_path",
     "installed",
     "inspect_gdal",
     "parse_bands",

@@ -21,6 +21,7 @@ import numpy as np
 
 from segnet_cli.errors import (
     ImageReadError,
+    ImageTooLargeError,
     MissingExtraError,
     NoInputError,
     TiffLayoutError,
@@ -41,6 +42,9 @@ from segnet_cli.io.tiff import (
 
 #: Rows the band-picking wrapper decodes at once (bounds its temporary of all bands).
 PICK_ROWS = 256
+
+#: Photos: Pillow reads them (EXIF orientation) under the pixel limits, never GDAL.
+PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
 def inspect_source(
@@ -111,7 +115,11 @@ def _inspect_other(path: Path, max_pixels: int | None, bands) -> SourceInfo:
     pillow_error: ImageReadError | None = None
     try:
         info = inspect_pillow(path, max_pixels)
-    except ImageReadError as exc:  # including "too large": GDAL may window it
+    except ImageTooLargeError:
+        if path.suffix.lower() in PHOTO_SUFFIXES:
+            raise  # a photo over the limits is refused, as predict refuses it
+        info, pillow_error = None, None  # e.g. a huge JPEG 2000: GDAL windows it
+    except ImageReadError as exc:
         info, pillow_error = None, exc
     if info is not None and info.fmt in gdal.PHOTO_FORMATS:
         return info
@@ -119,15 +127,15 @@ def _inspect_other(path: Path, max_pixels: int | None, bands) -> SourceInfo:
     if driver is not None:
         return gdal.inspect_gdal(path, bands)
     if pillow_error is not None:
-        if not gdal.installed() and path.suffix.lower() not in (
-            ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp",
-        ):
+        if not gdal.installed() and path.suffix.lower() not in PHOTO_SUFFIXES:
             raise MissingExtraError(
                 f"{pillow_error.message}; rasters such as VRT or JPEG 2000 are read through "
                 f"GDAL: {gdal.GEO_INSTALL}",
                 path,
             ) from None
         raise pillow_error
+    if info is None:  # too large for Pillow, and GDAL cannot open it either
+        return inspect_pillow(path, max_pixels)  # raises the limit's own message
     return info
 
 
