@@ -431,3 +431,30 @@ def test_real_process_writes_a_geopackage_after_tensorflow(tmp_path, model):
     assert json.loads(out.stdout.splitlines()[-1])["areas"]["vector"]["polygons"] > 0
     with fiona.open(tmp_path / "p.gpkg") as v:
         assert len(v) > 0
+
+
+def test_a_signal_while_polygons_are_made_leaves_nothing(tmp_path, model, monkeypatch):
+    import signal
+
+    from segnet_cli.config import InferenceConfig, TileConfig, TilingConfig
+    from segnet_cli.gigapixel import outputs, run_tile
+
+    src = tmp_path / "s.tif"
+    write_scene(src, h=200, w=160)
+    real = outputs._strips
+
+    def strips_then_ctrl_c(*args):
+        for i, strip in enumerate(real(*args)):
+            if i == 1:
+                signal.raise_signal(signal.SIGINT)  # as Ctrl-C would, mid-polygons
+            yield strip
+
+    monkeypatch.setattr(outputs, "VECTOR_STRIP_ROWS", 16)
+    monkeypatch.setattr(outputs, "_strips", strips_then_ctrl_c)
+    config = TileConfig(
+        input=src, vector=tmp_path / "p.gpkg",
+        inference=InferenceConfig(model=model, tiling=TilingConfig(tile=96, halo=16, batch_size=4)),
+    )
+    report = run_tile(config)
+    assert report.return_code == 130
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".segnet-locks") == ["s.tif"]

@@ -416,3 +416,21 @@ def test_unwritable_folder_is_an_output_error(tmp_path):
         write_vector(
             tmp_path / "file" / "m.gpkg", [], transform=UTM, crs_wkt=None, class_names=NAMES
         )
+
+
+def test_a_region_over_the_vertex_budget_is_cut_at_a_strip_edge():
+    """A background around many islands holds many vertices: past the budget it is cut along
+    the strip edge it has reached; the pieces still add up to its pixels exactly."""
+    from segnet_cli.geo.vector import polygonize_strips
+
+    mask = np.zeros((60, 40), np.uint8)
+    mask[1::4, 1::4] = 1  # islands: holes of the background
+    strips = [(y, mask[y : y + 5]) for y in range(0, 60, 5)]
+    whole = list(polygonize_strips(strips, 40))
+    cut = polygonize_strips(strips, 40, max_vertices=200)
+    pieces = list(cut)
+    assert cut.cuts > 0
+    assert len([c for c, _ in pieces if c == 0]) > len([c for c, _ in whole if c == 0]) == 1
+    for k in (0, 1):
+        assert sum(p.area for c, p in pieces if c == k) == (mask == k).sum()
+    assert all(p.is_valid for _, p in pieces)

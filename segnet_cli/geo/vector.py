@@ -74,13 +74,26 @@ class _Region:
     same memory (the pieces hold about the vertices of their union) and one union.
     """
 
-    __slots__ = ("cls", "pieces", "bottom")
+    __slots__ = ("cls", "pieces", "bottom", "vertices")
 
-    def __init__(self, cls: int, pieces: list[Polygon], bottom: list[Polygon]) -> None:
+    def __init__(
+        self, cls: int, pieces: list[Polygon], bottom: list[Polygon], vertices: int
+    ) -> None:
         self.cls = cls
         self.pieces = pieces
         #: The pieces from the last strip that touch its bottom: the only ones on the seam.
         self.bottom = bottom
+        #: Vertices of all its pieces: what it costs to hold (see ``MAX_OPEN_VERTICES``).
+        self.vertices = vertices
+
+
+#: An open region holding more vertices than this is cut at the strip edge it has reached:
+#: it is yielded as it is, and what continues below starts a new polygon of the same class.
+#: Without a cut, memory would follow the largest region, and a fragmented scene's
+#: background (one region around millions of islands, each a hole of it) is as large as
+#: the scene. Half a million vertices hold about 40 MB as strip pieces, and about as much
+#: again while one is written (GeoJSON-like coordinates for fiona).
+MAX_OPEN_VERTICES = 500_000
 
 
 class StripPolygons(Iterator[tuple[int, "Polygon"]]):
@@ -98,10 +111,13 @@ class StripPolygons(Iterator[tuple[int, "Polygon"]]):
         strips: Iterable[tuple[int, np.ndarray]],
         width: int,
         skip: int | Iterable[int] | None,
+        max_vertices: int = MAX_OPEN_VERTICES,
     ) -> None:
         self.max_open = 0
         self.max_open_pieces = 0
         self.rows = 0
+        self.cuts = 0
+        self._max_vertices = int(max_vertices)
         self._gen = self._run(iter(strips), int(width), skip)
 
     def __iter__(self) -> StripPolygons:
@@ -182,9 +198,17 @@ class StripPolygons(Iterator[tuple[int, "Polygon"]]):
                 for r in old[1:]:
                     parts.extend(r.pieces)
                 parts.extend(p for _, p, _, _ in new)
+                vertices = sum(r.vertices for r in old) + sum(
+                    int(shapely.get_num_coordinates(p)) for _, p, _, _ in new
+                )
                 bottom = [p for _, p, _, at_bottom in new if at_bottom]
-                if bottom:
-                    still_open.append(_Region(cls, parts, bottom))
+                if bottom and vertices > self._max_vertices:
+                    # Too large to hold on: cut here (see MAX_OPEN_VERTICES).
+                    self.cuts += 1
+                    for poly in _unite(parts):
+                        yield cls, poly
+                elif bottom:
+                    still_open.append(_Region(cls, parts, bottom, vertices))
                 else:
                     # Nothing below the seam continues it: complete.
                     for poly in _unite(parts):
@@ -210,6 +234,7 @@ def polygonize_strips(
     *,
     skip: int | Iterable[int] | None = None,
     connectivity: int = 4,
+    max_vertices: int = MAX_OPEN_VERTICES,
 ) -> StripPolygons:
     """Polygons per class of a mask that arrives as strips of rows, in bounded memory.
 
@@ -235,6 +260,11 @@ def polygonize_strips(
         connectivity: 4 only, as GDAL's polygonize by default. Under 8-connectivity GDAL
             makes rings that touch themselves (invalid for GEOS, so they could not be
             stitched into the same polygons), so it is refused.
+        max_vertices: a region still open with more vertices than this is cut along the
+            strip edge it has reached (``MAX_OPEN_VERTICES``): the only exception to "the
+            same polygons as the whole mask", which keeps memory bounded when one region
+            (a background around millions of islands) is as large as the scene. The
+            pieces of a cut region still add up to its pixels; ``cuts`` counts the cuts.
 
     Returns:
         An iterator of ``(class, polygon)`` with the polygon in pixel coordinates of the
@@ -252,7 +282,7 @@ def polygonize_strips(
         raise UsageError(f"only 4-connectivity is supported, not {connectivity}")
     if int(width) <= 0:
         raise UsageError(f"the width must be positive, not {width}")
-    return StripPolygons(strips, width, skip)
+    return StripPolygons(strips, width, skip, max_vertices)
 
 
 def _components(n: int, links: Iterable[tuple[int, int]]) -> list[list[int]]:

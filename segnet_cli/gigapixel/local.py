@@ -60,7 +60,9 @@ def stream(plan: TilePlan, config: TileConfig, prov: Provenance, guard, progress
     reader = open_reader(source, inference.max_pixels)
     bands = read_bands(reader, grid)
     try:
-        with open_outputs(plan, config, prov, seg.info.palette, plan.declares_nodata) as outputs:
+        with open_outputs(
+            plan, config, prov, seg.info.palette, plan.declares_nodata, guard.check
+        ) as outputs:
             rows = stitch_rows(
                 seg,
                 grid,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -72,7 +72,14 @@ class OutputRows:
 
 
 @contextmanager
-def open_outputs(plan: TilePlan, config: TileConfig, prov: Provenance, palette, nodata: bool):
+def open_outputs(
+    plan: TilePlan,
+    config: TileConfig,
+    prov: Provenance,
+    palette,
+    nodata: bool,
+    check: Callable[[], None] | None = None,
+):
     """Open the outputs as temporaries; finish them and rename them into place on success.
 
     The mask is uint8 with the model's colour map, the probability raster (if asked for)
@@ -86,6 +93,8 @@ def open_outputs(plan: TilePlan, config: TileConfig, prov: Provenance, palette, 
         palette: the model's class colours.
         nodata: the mask has nodata pixels (``plan.declares_nodata``): it declares
             ``nodata_class`` as its nodata value.
+        check: called between steps of the finishing (each strip of polygons); it raises
+            to stop (``SignalGuard.check``), and every temporary is then removed.
 
     Yields:
         An ``OutputRows`` to feed rows to; it is finished on leaving the block. On an
@@ -166,7 +175,7 @@ def open_outputs(plan: TilePlan, config: TileConfig, prov: Provenance, palette, 
         if plan.vector is not None:
             # Written (atomically, through its own temporary) before the report and the
             # mask are renamed into place: a re-run finds all three or redoes them.
-            vector = _polygons(plan, config, tmp_mask)
+            vector = _polygons(plan, config, tmp_mask, check)
             files[plan.vector.name] = plan.vector.stat().st_size
             rows.timings["vector_seconds"] = round(time.perf_counter() - t0, 3)
         tmp_pam.write_text(pam_xml(plan.model.class_names, palette, areas.pixels))
@@ -209,7 +218,7 @@ def _finish_rasters(plan: TilePlan, config: TileConfig, rasters) -> None:
             )
 
 
-def _polygons(plan: TilePlan, config: TileConfig, mask_file: Path) -> dict:
+def _polygons(plan: TilePlan, config: TileConfig, mask_file: Path, check=None) -> dict:
     """Polygons per class from the finished mask, read back strip by strip."""
     from segnet_cli.geo.vector import polygonize_strips, write_vector
     from segnet_cli.io.sources import open_reader
@@ -220,7 +229,9 @@ def _polygons(plan: TilePlan, config: TileConfig, mask_file: Path) -> dict:
     reader = open_reader(info)
     try:
         polygons = polygonize_strips(
-            _strips(reader, info.height, VECTOR_STRIP_ROWS), info.width, skip=config.nodata_class
+            _strips(reader, info.height, VECTOR_STRIP_ROWS, check),
+            info.width,
+            skip=config.nodata_class,
         )
         stats = write_vector(
             plan.vector,
@@ -248,12 +259,16 @@ def _polygons(plan: TilePlan, config: TileConfig, mask_file: Path) -> dict:
         "polygons": stats.features,
         "dropped": stats.dropped,
         "max_open": stats.max_open,
+        # Regions too large to hold open, cut along a strip edge (geo.vector.MAX_OPEN_VERTICES).
+        "cuts": polygons.cuts,
         "per_class": {str(k): v for k, v in stats.polygons.items()},
     }
 
 
-def _strips(reader, height: int, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+def _strips(reader, height: int, rows: int, check=None) -> Iterator[tuple[int, np.ndarray]]:
     for y in range(0, height, rows):
+        if check is not None:
+            check()  # a signal stops the polygons between strips
         band = reader.read_rows(y, min(height, y + rows))
         yield y, band[..., 0] if band.ndim == 3 else band
         del band

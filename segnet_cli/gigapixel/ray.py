@@ -689,7 +689,9 @@ def _assemble(plan, config: TileConfig, prov, job: TileJob, units: list[Unit], n
     step = config.out_tile
     files = {u.index: job.part_files(u) for u in units}
     first = 0
-    with open_outputs(plan, config, prov, plan.model.palette, plan.declares_nodata) as outputs:
+    with open_outputs(
+        plan, config, prov, plan.model.palette, plan.declares_nodata, guard.check
+    ) as outputs:
         for y in range(0, height, step):
             y1 = min(height, y + step)
             while units[first].y1 <= y:
