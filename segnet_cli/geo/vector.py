@@ -56,6 +56,10 @@ VECTOR_FIELDS: dict[str, str] = {"class": "int", "name": "str", "pixels": "int",
 #: Mask dtypes GDAL polygonizes without a conversion (rasterio.features.shapes).
 _MASK_DTYPES = (np.uint8, np.uint16, np.int16, np.int32)
 
+#: GDAL builds a GeoPackage's spatial index in memory up to this many bytes, then spills it
+#: to a temporary database beside the file (its own default grows with the machine's RAM).
+GPKG_LIMITS = {"OGR_GPKG_MAX_RAM_USAGE_RTREE": str(32 * 1024 * 1024)}
+
 #: Features handed to fiona per ``writerecords`` call (one transaction in a GeoPackage):
 #: large enough to amortise the call, small enough that a batch never matters for memory.
 _BATCH = 2048
@@ -556,7 +560,12 @@ def write_vector(
     # from, so say why.
     hint = " (GeoJSON Sequence needs a CRS that can be reprojected to WGS 84)"
     hint = hint if driver == "GeoJSONSeq" and crs_wkt else ""
-    with atomic_path(final) as tmp, _no_extension_warning(), gdal_path(tmp) as tmp_name:
+    with (
+        atomic_path(final) as tmp,
+        _no_extension_warning(),
+        gdal_path(tmp) as tmp_name,
+        fiona.Env(**GPKG_LIMITS),
+    ):
         done = False
         try:
             # GDAL creates the file itself; an empty file already there is not a dataset.

@@ -30,6 +30,7 @@ from segnet_cli.jobs import Provenance
 def stream(plan: TilePlan, config: TileConfig, prov: Provenance, guard, progress, log) -> dict:
     """The streaming run itself (``plan.run_planned``'s ``stream``); returns timing figures."""
     from segnet_cli.model.segmenter import open_segmenter
+    from segnet_cli.model.tfload import release_memory
 
     source, grid, tiling = plan.source, plan.grid, plan.tiling
     if log:
@@ -88,6 +89,9 @@ def stream(plan: TilePlan, config: TileConfig, prov: Provenance, guard, progress
             tw = time.perf_counter()
             outputs.finish()
             stats["write_wait_seconds"] += time.perf_counter() - tw
+            # The model's part is done: free what it held before the COG and the polygons.
+            del rows, seg
+            release_memory()
     finally:
         bands.close()
         reader.close()

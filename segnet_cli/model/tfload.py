@@ -50,3 +50,18 @@ def import_tf():
             os.close(saved)
     _done = True
     return tf
+
+
+def release_memory() -> None:
+    """Give back what a dropped model held: Python's garbage, then the C heap's free pages
+    (``malloc_trim``), so work after the model (``tile``'s COG and polygons) does not stack
+    on top of it. TensorFlow's libraries stay loaded."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the pages stay with the process until it exits
