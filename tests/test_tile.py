@@ -479,14 +479,17 @@ def test_default_budget_lowers_only_the_batch(tmp_path, tiny_model, monkeypatch)
     src = tmp_path / "a.tif"
     tifffile.imwrite(src, image(400, 600), tile=(32, 32), compression="zlib")
     tiling = TilingConfig(tile=128, halo=16, batch_size=4)
-    base = tile_mod.plan_tile(tile_cfg(src, tiny_model, tiling=tiling, max_memory_mb=float("inf")))
+    # cog=False: without the geo extra the plan would also note that no COG is written.
+    base = tile_mod.plan_tile(
+        tile_cfg(src, tiny_model, tiling=tiling, max_memory_mb=float("inf"), cog=False)
+    )
     assert base.tiling == tiling and not base.notes
     monkeypatch.setattr(budget_mod, "DEFAULT_MEMORY_BUDGET_MB", (base.memory.total - 1) / 1024**2)
-    plan = tile_mod.plan_tile(tile_cfg(src, tiny_model, tiling=tiling))
+    plan = tile_mod.plan_tile(tile_cfg(src, tiny_model, tiling=tiling, cog=False))
     assert plan.tiling.batch_size == 1 and plan.tiling.tile == 128
     assert "default memory budget" in plan.notes[0]
     monkeypatch.setattr(budget_mod, "DEFAULT_MEMORY_BUDGET_MB", 1.0)
-    plan = tile_mod.plan_tile(tile_cfg(src, tiny_model, tiling=tiling))  # soft: no refusal
+    plan = tile_mod.plan_tile(tile_cfg(src, tiny_model, tiling=tiling, cog=False))  # soft
     assert plan.tiling.tile == 128 and "over the default budget" in plan.notes[-1]
 
 
