@@ -69,6 +69,25 @@ def _umask() -> int:
     return mask
 
 
+def _reserve(final: Path, kind: str = "") -> str:
+    """Create an empty, uniquely named temporary for ``final`` beside it; its path.
+
+    Raises:
+        OutputError: the folder cannot be created or written (naming the folder).
+    """
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f"{TMP_PREFIX}{writer_tag()}-{tmp_label(final.name)}.{kind}",
+            suffix=TMP_SUFFIX,
+            dir=final.parent,
+        )
+        os.close(fd)
+    except OSError as exc:
+        raise OutputError(f"cannot write here: {exc.strerror or exc}", final.parent) from None
+    return tmp
+
+
 @contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it into place only on success.
@@ -83,15 +102,7 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
             never the hidden temporary).
     """
     final = Path(final)
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(
-            prefix=f"{TMP_PREFIX}{writer_tag()}-{tmp_label(final.name)}.", suffix=TMP_SUFFIX,
-            dir=final.parent,
-        )
-        os.close(fd)
-    except OSError as exc:
-        raise OutputError(f"cannot write here: {exc.strerror or exc}", final.parent) from None
+    tmp = _reserve(final)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
@@ -122,17 +133,7 @@ def scratch_path(final: str | Path) -> Iterator[Path]:
     made from): named like ``atomic_path``'s temporaries, so a dead run's are found and
     removed the same way; files GDAL derives from its name (``.aux.xml``, ``.ovr``) go too.
     """
-    final = Path(final)
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(
-            prefix=f"{TMP_PREFIX}{writer_tag()}-{tmp_label(final.name)}.scratch.",
-            suffix=TMP_SUFFIX,
-            dir=final.parent,
-        )
-        os.close(fd)
-    except OSError as exc:
-        raise OutputError(f"cannot write here: {exc.strerror or exc}", final.parent) from None
+    tmp = _reserve(Path(final), "scratch.")
     try:
         yield Path(tmp)
     finally:
