@@ -187,11 +187,10 @@ def test_areas_without_crs_are_pixels_and_geographic_rows_differ(tmp_path, model
     assert areas["crs"] is None and "area_m2" not in areas["classes"][0]
     # Degrees: each row's area follows its latitude (sphere), summed per class.
     geo = tmp_path / "geo.tif"
-    img = write_scene(geo, nodata=None, crs=None)
+    write_scene(geo, nodata=None, crs=None)
     with rasterio.open(geo, "r+") as ds:
         ds.crs = "EPSG:4326"
         ds.transform = from_origin(10.0, 60.0, 0.001, 0.001)
-    del img
     areas = tile(geo, model)["areas"]
     total = sum(c["area_m2"] for c in areas["classes"])
     r = 6_371_007.2
@@ -207,8 +206,6 @@ def test_vrt_input_equals_tiff_and_keeps_the_crs(tmp_path, model):
     src = tmp_path / "s.tif"
     write_scene(src)
     vrt = tmp_path / "s.vrt"
-    with rasterio.open(src) as ds:
-        from rasterio.vrt import WarpedVRT  # noqa: F401  (GDAL's own VRT writer below)
     if shutil.which("gdalbuildvrt"):
         subprocess.run(["gdalbuildvrt", "-q", str(vrt), str(src)], check=True)
     else:
@@ -277,8 +274,7 @@ def test_aoi_runs_only_touching_tiles_and_marks_the_rest_nodata(tmp_path, model)
     aoi = aoi_file(tmp_path / "aoi.gpkg", right, driver="GPKG")
     rep = tile(src, model, "--aoi", str(aoi), "--out", str(tmp_path / "aoi.tif"))
     assert rep["skipped_tiles"] > 0 and rep["plan"]["aoi_pixels"] == 300 * 200
-    whole = tile(src, model, "--out", str(tmp_path / "whole.tif"))
-    del whole
+    tile(src, model, "--out", str(tmp_path / "whole.tif"))
     a, b = read(tmp_path / "aoi.tif"), read(tmp_path / "whole.tif")
     assert (a[:, :200] == 255).all()
     assert np.array_equal(a[:, 200:], b[:, 200:])
