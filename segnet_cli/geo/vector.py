@@ -26,6 +26,7 @@ import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from itertools import chain, islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,9 +61,10 @@ _MASK_DTYPES = (np.uint8, np.uint16, np.int16, np.int32)
 #: to a temporary database beside the file (its own default grows with the machine's RAM).
 GPKG_LIMITS = {"OGR_GPKG_MAX_RAM_USAGE_RTREE": str(32 * 1024 * 1024)}
 
-#: Features handed to fiona per ``writerecords`` call (one transaction in a GeoPackage):
-#: large enough to amortise the call, small enough that a batch never matters for memory.
-_BATCH = 2048
+#: Features prepared together (transform, areas, simplification: vectorised) and handed to
+#: fiona in one ``writerecords`` call (one transaction in a GeoPackage): large enough to
+#: amortise the calls, small enough that a batch never matters for memory.
+_BATCH = 4096
 
 
 # --------------------------------------------------------------------------------------
@@ -155,18 +157,20 @@ class StripPolygons(Iterator[tuple[int, "Polygon"]]):
             # A piece can join a region from above only if one is open.
             above = bool(open_regions)
             pieces: list[tuple[int, Polygon, bool, bool]] = []  # (class, polygon, top, bottom)
-            for geom, value in shapes(
-                rows, mask=mask, connectivity=4, transform=Affine.translation(0, y0)
-            ):
-                poly = shapely.geometry.shape(geom)
-                _, miny, _, maxy = poly.bounds
-                top = above and miny == y0
-                bottom = maxy == y1
-                if not (top or bottom):
-                    # Touches neither seam: the whole region, exactly as GDAL made it.
-                    yield int(value), poly
-                else:
-                    pieces.append((int(value), poly, top, bottom))
+            found = shapes(rows, mask=mask, connectivity=4, transform=Affine.translation(0, y0))
+            while chunk := list(islice(found, _SHAPES_CHUNK)):
+                polys = _polygons([geom["coordinates"] for geom, _ in chunk])
+                values = [int(value) for _, value in chunk]
+                del chunk
+                bounds = shapely.bounds(polys)
+                top = (bounds[:, 1] == y0) & above
+                bottom = bounds[:, 3] == y1
+                for i in range(len(polys)):
+                    if top[i] or bottom[i]:
+                        pieces.append((values[i], polys[i], bool(top[i]), bool(bottom[i])))
+                    else:
+                        # Touches neither seam: the whole region, exactly as GDAL made it.
+                        yield values[i], polys[i]
 
             # Which new piece holds each pixel of the strip's first row.
             top_owner = _owners(
@@ -289,6 +293,35 @@ def polygonize_strips(
     return StripPolygons(strips, width, skip, max_vertices)
 
 
+#: GDAL's polygons of a strip are turned into shapely polygons this many at a time: the
+#: GeoJSON-like rings rasterio hands over cost about 100 bytes a vertex as Python objects.
+_SHAPES_CHUNK = 4096
+
+
+def _polygons(rings: list[list[Any]]) -> np.ndarray:
+    """Shapely polygons from GeoJSON-like polygon coordinates, built in one call.
+
+    ``shapely.geometry.shape`` builds each ring through Python; flattening all the
+    coordinates into one array and building from offsets (``from_ragged_array``) makes the
+    conversion about 20 times cheaper, which was a fifth of the polygon step's time.
+    """
+    import shapely
+
+    ring_sizes = [len(r) for poly in rings for r in poly]
+    flat = np.fromiter(
+        chain.from_iterable(chain.from_iterable(chain.from_iterable(rings))),
+        np.float64,
+        count=2 * sum(ring_sizes),
+    )
+    ring_offsets = np.zeros(len(ring_sizes) + 1, np.int64)
+    np.cumsum(ring_sizes, out=ring_offsets[1:])
+    poly_offsets = np.zeros(len(rings) + 1, np.int64)
+    np.cumsum([len(poly) for poly in rings], out=poly_offsets[1:])
+    return shapely.from_ragged_array(
+        shapely.GeometryType.POLYGON, flat.reshape(-1, 2), (ring_offsets, poly_offsets)
+    )
+
+
 def _components(n: int, links: Iterable[tuple[int, int]]) -> list[list[int]]:
     """The connected components of nodes ``0..n-1`` joined by ``links`` (union-find)."""
     parent = list(range(n))
@@ -350,15 +383,49 @@ def _owners(width: int, owned: Iterable[tuple[int, Polygon]], y: float) -> np.nd
 
 
 def _unite(parts: list[Polygon]) -> list[Polygon]:
-    """The polygon the pieces of one region make, with GDAL's vertices and orientation."""
+    """The polygon the pieces of one region make, with GDAL's vertices and orientation.
+
+    Only the pieces' exteriors are united; their holes are carried over as they are. A
+    hole of a piece is enclosed within its strip, so no other piece of the region can
+    cover it or touch it along an edge: it is a hole of the union too. Uniting the
+    exteriors alone keeps the union's cost to the seam outlines, where uniting whole
+    pieces cost the holes as well: 13 s for one background region of 334 pieces and
+    40,000 holes in a 4000 x 4000 mask, under 1 s this way.
+
+    The exteriors tile the region without overlapping, so GEOS's coverage union does the
+    job (linear, where a general union sorts out overlaps). It needs shared edges made of
+    the same vertices, so every exterior gets a vertex at each integer point first
+    (``segmentize`` to 1 pixel, rounded back onto the grid); ``_tidy`` removes them again.
+    """
     import shapely
 
     if len(parts) == 1:
         return parts  # never crossed a seam: GDAL's own polygon
-    merged = shapely.union_all(parts)
+    pieces = np.asarray(parts, dtype=object)
+    exteriors = shapely.polygons(shapely.get_exterior_ring(pieces))
+    noded = shapely.transform(shapely.segmentize(exteriors, 1.0), np.rint)
+    merged = shapely.coverage_union_all(noded)
     # A 4-connected region's union is one Polygon; explode defensively all the same.
     polys = list(merged.geoms) if merged.geom_type == "MultiPolygon" else [merged]
-    return [_tidy(p) for p in polys if not p.is_empty]
+    polys = [_tidy(p) for p in polys if not p.is_empty]
+    counts = shapely.get_num_interior_rings(pieces)
+    if not counts.any():
+        return polys
+    holes = np.concatenate(
+        [shapely.get_interior_ring(p, np.arange(n)) for p, n in zip(pieces, counts) if n]
+    )
+    if len(polys) == 1:
+        owners = np.zeros(len(holes), np.int64)
+    else:
+        # Never seen; each hole goes to the part whose exterior contains it.
+        probe = shapely.point_on_surface(shapely.polygons(holes))
+        owners = np.array([next(i for i, q in enumerate(polys) if q.contains(pt)) for pt in probe])
+    return [
+        shapely.polygons(
+            p.exterior, holes=np.concatenate([np.asarray(p.interiors, object), holes[owners == i]])
+        )
+        for i, p in enumerate(polys)
+    ]
 
 
 def _tidy(poly: Polygon) -> Polygon:
@@ -511,45 +578,35 @@ def write_vector(
         raise UsageError(f"the transform is degenerate (it maps pixels to no area): {transform}")
 
     import fiona
-    import shapely
-    from shapely.affinity import affine_transform
-    from shapely.geometry import mapping
 
-    identity = matrix == (1.0, 0.0, 0.0, 1.0, 0.0, 0.0)
     counts: dict[int, int] = {}
     pixels: dict[int, int] = {}
     areas: dict[int, float] = {}
     dropped = 0
 
-    def features() -> Iterator[dict[str, Any]]:
+    def batches() -> Iterator[list[dict[str, Any]]]:
         nonlocal dropped
-        for value, geom in polygons:
-            cls = int(value)
-            parts = geom.geoms if geom.geom_type == "MultiPolygon" else [geom]
-            for part in parts:
-                if part.is_empty:
-                    continue
-                n = int(round(part.area))  # exact: pixel polygons have integer vertices
-                area = n * scale
-                if area < min_area:
-                    dropped += 1
-                    continue
-                g = part if identity else affine_transform(part, matrix)
-                if simplify > 0:
-                    s = shapely.simplify(g, simplify, preserve_topology=True)
-                    # Topology-preserving simplification keeps a polygon one polygon; if it
-                    # ever did not, the unsimplified one keeps the layer's type true.
-                    if s.geom_type == "Polygon" and not s.is_empty:
-                        g = s
-                    area = g.area
-                counts[cls] = counts.get(cls, 0) + 1
-                pixels[cls] = pixels.get(cls, 0) + n
-                areas[cls] = areas.get(cls, 0.0) + area
-                name = class_names[cls] if 0 <= cls < len(class_names) else f"class{cls}"
-                yield {
-                    "geometry": mapping(g),
-                    "properties": {"class": cls, "name": str(name), "pixels": n, "area": area},
+        for cls, geoms in _chunks(polygons, _BATCH):
+            cls, geoms, n, area = _prepare(cls, geoms, matrix, scale, simplify)
+            keep = n * scale >= min_area
+            dropped += int(np.count_nonzero(~keep))
+            cls, geoms, n, area = cls[keep], geoms[keep], n[keep], area[keep]
+            for c in np.unique(cls).tolist():
+                sel = cls == c
+                counts[c] = counts.get(c, 0) + int(np.count_nonzero(sel))
+                pixels[c] = pixels.get(c, 0) + int(n[sel].sum())
+                areas[c] = areas.get(c, 0.0) + float(area[sel].sum())
+            names = [
+                str(class_names[c]) if 0 <= c < len(class_names) else f"class{c}"
+                for c in range(int(cls.max()) + 1 if len(cls) else 0)
+            ]
+            yield [
+                {
+                    "geometry": g.__geo_interface__,
+                    "properties": {"class": c, "name": names[c], "pixels": k, "area": a},
                 }
+                for g, c, k, a in zip(geoms, cls.tolist(), n.tolist(), area.tolist())
+            ]
 
     schema = {"geometry": "Polygon", "properties": dict(VECTOR_FIELDS)}
     options: dict[str, str] = {}
@@ -581,14 +638,7 @@ def write_vector(
                     **options,
                 )
             try:
-                batch: list[dict[str, Any]] = []
-                for feature in features():
-                    batch.append(feature)
-                    if len(batch) >= _BATCH:
-                        with _ogr_errors(tmp, hint):
-                            dst.writerecords(batch)
-                        batch = []
-                if batch:
+                for batch in batches():
                     with _ogr_errors(tmp, hint):
                         dst.writerecords(batch)
             except BaseException:
@@ -607,6 +657,70 @@ def write_vector(
             _remove_leftovers(tmp, keep=done)
     max_open = getattr(polygons, "max_open", None)
     return VectorStats(final, driver, counts, pixels, areas, dropped, max_open)
+
+
+def _chunks(
+    polygons: Iterable[tuple[int, Any]], size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(class, polygon)`` pairs as arrays of up to ``size`` classes and polygons."""
+    cls: list[int] = []
+    geoms: list[Any] = []
+    for value, geom in polygons:
+        cls.append(int(value))
+        geoms.append(geom)
+        if len(geoms) >= size:
+            yield np.asarray(cls, np.int64), _objects(geoms)
+            cls, geoms = [], []
+    if geoms:
+        yield np.asarray(cls, np.int64), _objects(geoms)
+
+
+def _objects(items: list[Any]) -> np.ndarray:
+    out = np.empty(len(items), object)
+    out[:] = items  # never let NumPy look inside the geometries
+    return out
+
+
+def _prepare(
+    cls: np.ndarray,
+    geoms: np.ndarray,
+    matrix: tuple[float, float, float, float, float, float],
+    scale: float,
+    simplify: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One batch of pixel polygons as the features' geometries and numbers, vectorised.
+
+    Returns:
+        ``(class, geometry in map coordinates, pixels, area)`` per polygon, MultiPolygons
+        split into their parts (each with its own class and pixels), empty ones left out.
+        Pixels are exact (pixel polygons have integer vertices); the area is pixels times
+        the pixel area, or the simplified geometry's own area.
+    """
+    import shapely
+
+    parts, index = shapely.get_parts(geoms, return_index=True)
+    full = ~shapely.is_empty(parts)
+    parts, cls = parts[full], cls[index[full]]
+    n = np.rint(shapely.area(parts)).astype(np.int64)
+    if matrix != (1.0, 0.0, 0.0, 1.0, 0.0, 0.0):
+        a, b, d, e, xoff, yoff = matrix
+
+        def affine(xy: np.ndarray) -> np.ndarray:
+            x, y = xy[:, 0], xy[:, 1]
+            return np.column_stack([a * x + b * y + xoff, d * x + e * y + yoff])
+
+        parts = shapely.transform(parts, affine)
+    area = n * scale
+    if simplify > 0:
+        simple = shapely.simplify(parts, simplify, preserve_topology=True)
+        # Topology-preserving simplification keeps a polygon one polygon; if it ever did
+        # not, the unsimplified one keeps the layer's type true.
+        ok = (shapely.get_type_id(simple) == shapely.GeometryType.POLYGON) & ~shapely.is_empty(
+            simple
+        )
+        parts = np.where(ok, simple, parts)
+        area = shapely.area(parts)
+    return cls, parts, n, area
 
 
 def _shapely_matrix(transform: Any) -> tuple[float, float, float, float, float, float]:
