@@ -30,6 +30,18 @@ class SegnetError(Exception):
         self.message = message
         super().__init__(f"{path}: {message}" if path is not None else message)
 
+    def __reduce__(self):
+        # Rebuilt as it was whatever a subclass's __init__ takes: errors cross processes
+        # (``tile``'s model process), and pickle would call __init__ with the full text.
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls: type, args: tuple, state: dict) -> Exception:
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, *args)
+    exc.__dict__.update(state)
+    return exc
+
 
 class UsageError(SegnetError):
     """A bad option value or a combination that cannot work."""

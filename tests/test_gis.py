@@ -409,9 +409,9 @@ def test_ray_actor_skips_and_masks_like_the_local_engine(tmp_path, model):
         np.testing.assert_array_equal(np.load(path), expect[u.y0 : u.y1])
 
 
-def test_real_process_writes_a_geopackage_after_tensorflow(tmp_path, model):
-    """A real ``segnet tile --vector x.gpkg`` process, where TensorFlow is imported before any
-    GeoPackage is written: its SQLite must not be the one GDAL writes with (R*Tree index)."""
+def test_real_process_writes_a_geopackage(tmp_path, model):
+    """A real ``segnet tile --vector x.gpkg`` process writes a GeoPackage with its R*Tree
+    index (TensorFlow's own SQLite lacks R*Tree: the model runs in a child process)."""
     import os
     import sys
 
@@ -453,4 +453,112 @@ def test_a_signal_while_polygons_are_made_leaves_nothing(tmp_path, model, monkey
     )
     report = run_tile(config)
     assert report.return_code == 130
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".segnet-locks") == ["s.tif"]
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def test_vector_runs_the_model_in_a_child_and_never_loads_tensorflow_here(tmp_path, model):
+    """With --vector the rows come from a model process: this process writes them, then
+    makes the COG and the polygons without TensorFlow (what it would keep stays there)."""
+    import os
+    import sys
+
+    src = tmp_path / "s.tif"
+    write_scene(src, h=150, w=170)
+    script = f"""
+import json, sys
+from pathlib import Path
+from segnet_cli.config import InferenceConfig, TileConfig, TilingConfig
+from segnet_cli.gigapixel import run_tile
+tiling = TilingConfig(tile=96, halo=16, batch_size=4)
+for name, vector in (("iso", Path({str(tmp_path)!r}) / "p.gpkg"), ("in", None)):
+    config = TileConfig(
+        input=Path({str(src)!r}), out=Path({str(tmp_path)!r}) / (name + ".mask.tif"),
+        vector=vector, inference=InferenceConfig(model=Path({str(model)!r}), tiling=tiling),
+    )
+    r = run_tile(config)
+    print(json.dumps({{"name": name, "code": r.return_code, "tf": "tensorflow" in sys.modules,
+                      "child": r.details.get("model_process_peak_rss_bytes"),
+                      "model_seconds": r.details["model_seconds"]}}))
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    iso, inproc = (json.loads(line) for line in out.stdout.splitlines()[-2:])
+    assert iso["code"] == 0 and iso["tf"] is False  # the model ran elsewhere
+    assert iso["child"] > 100 * 2**20 and iso["model_seconds"] > 0
+    assert inproc["code"] == 0 and inproc["tf"] is True and inproc["child"] is None
+    # The same pixels either way.
+    np.testing.assert_array_equal(read(tmp_path / "iso.mask.tif"), read(tmp_path / "in.mask.tif"))
+
+
+def test_an_error_in_the_model_process_comes_back_as_itself(tmp_path, model):
+    from dataclasses import replace
+
+    from segnet_cli.config import InferenceConfig, TileConfig, TilingConfig
+    from segnet_cli.errors import ModelFileError
+    from segnet_cli.gigapixel.isolated import isolated_rows
+    from segnet_cli.gigapixel.plan import plan_tile
+
+    src = tmp_path / "s.tif"
+    write_scene(src, h=100, w=100)
+    copy = tmp_path / "m.keras"
+    shutil.copy(model, copy)
+    config = TileConfig(
+        input=src, vector=tmp_path / "p.gpkg",
+        inference=InferenceConfig(model=copy, tiling=TilingConfig(tile=96, halo=16)),
+    )
+    plan = plan_tile(config)
+    copy.write_bytes(b"not a model any more")  # changed between the plan and the run
+    rows = isolated_rows(plan, config, {}, lambda n, px: None, lambda: None)
+    with pytest.raises(ModelFileError) as err:
+        next(rows)
+    assert err.value.path == copy  # the named exception, with its path, crossed over
+    stub = replace(plan, model_path=tmp_path / "gone.keras")
+    with pytest.raises(ModelFileError):
+        next(isolated_rows(stub, config, {}, lambda n, px: None, lambda: None))
+
+
+def test_sigterm_mid_stream_ends_the_model_process_and_leaves_nothing(tmp_path, model):
+    """cron's ``kill`` reaches only the parent: it ends its model process and cleans up."""
+    import os
+    import signal
+    import sys
+    import time
+
+    src = tmp_path / "s.tif"
+    write_scene(src, h=900, w=900)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "NO_COLOR": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "segnet_cli", "tile", str(src), "--model", str(model),
+         "--tile", "96", "--halo", "16", "--batch-size", "1", "--vector",
+         str(tmp_path / "p.gpkg")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.name.startswith(TMP_PREFIX) for p in tmp_path.iterdir()):
+            assert proc.poll() is None and time.monotonic() < deadline, "no output started"
+            time.sleep(0.1)
+        while not (kids := _children(proc.pid)):
+            assert proc.poll() is None and time.monotonic() < deadline, "no model process"
+            time.sleep(0.1)
+        time.sleep(3)  # the model process is loading or running tiles
+        assert proc.poll() is None, "finished before the signal: make the scene larger"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    for pid in kids:  # the parent waited for its model process before exiting
+        assert not Path(f"/proc/{pid}").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".segnet-locks") == ["s.tif"]

@@ -135,7 +135,10 @@ def tile_command(
         from segnet_cli.geo import load_before_tensorflow
 
         load_before_tensorflow()  # GeoPackages need GDAL's own SQLite, not TensorFlow's
-    quiet_tf()
+    if cfg.vector is None or cfg.engine is not Engine.LOCAL:
+        # With --vector the local engine runs the model in a child process (which keeps its
+        # own chatter quiet); this process then never loads TensorFlow.
+        quiet_tf()
     from segnet_cli.gigapixel import run_tile
 
     bar = ui.Progress("tiles", 0)

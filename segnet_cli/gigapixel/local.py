@@ -14,7 +14,7 @@ So the whole image, the whole mask and the whole probability map are never in me
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -28,73 +28,63 @@ from segnet_cli.jobs import Provenance
 
 
 def stream(plan: TilePlan, config: TileConfig, prov: Provenance, guard, progress, log) -> dict:
-    """The streaming run itself (``plan.run_planned``'s ``stream``); returns timing figures."""
-    from segnet_cli.model.segmenter import open_segmenter
+    """The streaming run itself (``plan.run_planned``'s ``stream``); returns timing figures.
+
+    With ``--vector`` the model runs in a child process (``isolated``) and this process
+    only writes the rows it sends: the polygons that follow the stream then do not stack
+    on what TensorFlow keeps after its last tile (oneDNN's memory pool, about 400 MiB
+    that the process never gives back).
+    """
     from segnet_cli.model.tfload import release_memory
 
-    source, grid, tiling = plan.source, plan.grid, plan.tiling
-    if log:
-        log(f"loading model {plan.model_path}")
-    inference = config.inference
-    seg = open_segmenter(plan.model_path, inference.precision, inference.device)
-    if seg.stride != grid.stride or seg.num_classes != plan.model.num_classes:
-        raise UsageError("the model changed since it was planned")
-    guard.check()
-    nodata = effective_nodata(source, log)
+    source, grid = plan.source, plan.grid
     stats = {"model_seconds": 0.0, "read_wait_seconds": 0.0, "write_wait_seconds": 0.0}
     total_px = source.pixels
     done_px = 0
+    isolate = plan.vector is not None
+    if log:
+        where = " in a model process (--vector: polygons follow)" if isolate else ""
+        log(f"loading model {plan.model_path}{where}")
     if progress is not None:
         progress.start(len(grid), 0)
     t_start = time.perf_counter()
 
-    def on_batch(tiles) -> None:
+    def on_batch(tiles: int, pixels: int) -> None:
         nonlocal done_px
-        for tile in tiles:
-            cy0, cx0, cy1, cx1 = tile.core
-            done_px += (cy1 - cy0) * (cx1 - cx0)
+        done_px += pixels
         if progress is not None:
             rate = done_px / max(1e-9, time.perf_counter() - t_start) / 1e6
-            progress.advance(len(tiles), extra=f"{rate:.2f} Mpx/s")
+            progress.advance(tiles, extra=f"{rate:.2f} Mpx/s")
         guard.check()
 
-    reader = open_reader(source, inference.max_pixels)
-    bands = read_bands(reader, grid)
-    try:
-        with open_outputs(
-            plan, config, prov, seg.info.palette, plan.declares_nodata, guard.check
-        ) as outputs:
-            rows = stitch_rows(
-                seg,
-                grid,
-                _timed(bands, stats),
-                blend=tiling.blend,
-                batch_size=tiling.batch_size,
-                source_path=source.path,
-                alpha=source.alpha,
-                probabilities=config.probabilities,
-                probability_dtype=config.probability_dtype,
-                nodata=nodata,
-                nodata_class=config.nodata_class,
-                stats=stats,
-                on_batch=on_batch,
-                tta=inference.tta,
-                aoi=plan.aoi,
-            )
+    if isolate:
+        from segnet_cli.gigapixel.isolated import isolated_rows
+
+        rows = isolated_rows(plan, config, stats, on_batch, guard.check)
+    else:
+        rows = model_rows(plan, config, stats, on_batch, guard.check, log)
+    with open_outputs(
+        plan, config, prov, plan.model.palette, plan.declares_nodata, guard.check
+    ) as outputs:
+        try:
             for _y0, mask, prob in rows:
                 tw = time.perf_counter()
                 outputs.add(mask, prob)
                 stats["write_wait_seconds"] += time.perf_counter() - tw
                 del mask, prob  # copied into the output blocks: not alive during the next row
-            tw = time.perf_counter()
-            outputs.finish()
-            stats["write_wait_seconds"] += time.perf_counter() - tw
-            # The model's part is done: free what it held before the COG and the polygons.
-            del rows, seg
-            release_memory()
-    finally:
-        bands.close()
-        reader.close()
+        finally:
+            rows.close()  # the reader, its read-ahead and the model (or its process) go
+        if isolate:
+            from segnet_cli.gigapixel.plan import peak_rss
+
+            # This process's peak while the model process ran beside it (see run_planned).
+            stats["stream_peak_rss_bytes"] = peak_rss()
+        tw = time.perf_counter()
+        outputs.finish()
+        stats["write_wait_seconds"] += time.perf_counter() - tw
+        # The model's part is done: free what it held before the COG and the polygons.
+        del rows
+        release_memory()
     wall = time.perf_counter() - t_start
     stats["areas"] = outputs.report
     stats.update(outputs.timings)
@@ -109,7 +99,72 @@ def stream(plan: TilePlan, config: TileConfig, prov: Provenance, guard, progress
     return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in stats.items()}
 
 
-def _timed(bands: Iterator[tuple[int, np.ndarray]], stats: dict) -> Iterator[tuple[int, np.ndarray]]:
+def model_rows(
+    plan: TilePlan,
+    config: TileConfig,
+    stats: dict,
+    on_batch: Callable[[int, int], None] | None,
+    check: Callable[[], None] | None = None,
+    log=None,
+) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+    """The finished output rows of the whole image: reader, model and stitcher, top to bottom.
+
+    Args:
+        plan: the plan.
+        config: the options.
+        stats: ``model_seconds`` and ``read_wait_seconds`` are added to it.
+        on_batch: called with ``(tiles, core pixels)`` after each batch.
+        check: called once the model is loaded; it raises to stop.
+        log: optional callable for one-line messages.
+
+    Yields:
+        ``(y0, mask rows, probability rows or None)``. Closing the generator closes the
+        reader and drops the model.
+    """
+    from segnet_cli.model.segmenter import open_segmenter
+
+    source, grid, tiling = plan.source, plan.grid, plan.tiling
+    inference = config.inference
+    seg = open_segmenter(plan.model_path, inference.precision, inference.device)
+    if seg.stride != grid.stride or seg.num_classes != plan.model.num_classes:
+        raise UsageError("the model changed since it was planned")
+    if check is not None:
+        check()
+    nodata = effective_nodata(source, log)
+
+    def batch_done(tiles) -> None:
+        if on_batch is not None:
+            pixels = sum((t.core[2] - t.core[0]) * (t.core[3] - t.core[1]) for t in tiles)
+            on_batch(len(tiles), pixels)
+
+    reader = open_reader(source, inference.max_pixels)
+    bands = read_bands(reader, grid)
+    try:
+        yield from stitch_rows(
+            seg,
+            grid,
+            _timed(bands, stats),
+            blend=tiling.blend,
+            batch_size=tiling.batch_size,
+            source_path=source.path,
+            alpha=source.alpha,
+            probabilities=config.probabilities,
+            probability_dtype=config.probability_dtype,
+            nodata=nodata,
+            nodata_class=config.nodata_class,
+            stats=stats,
+            on_batch=batch_done,
+            tta=inference.tta,
+            aoi=plan.aoi,
+        )
+    finally:
+        bands.close()
+        reader.close()
+
+
+def _timed(
+    bands: Iterator[tuple[int, np.ndarray]], stats: dict
+) -> Iterator[tuple[int, np.ndarray]]:
     """Pass bands on, adding the time spent waiting for each to ``read_wait_seconds``."""
     while True:
         t = time.perf_counter()
@@ -122,4 +177,4 @@ def _timed(bands: Iterator[tuple[int, np.ndarray]], stats: dict) -> Iterator[tup
         del item
 
 
-__all__ = ["stream"]
+__all__ = ["model_rows", "stream"]

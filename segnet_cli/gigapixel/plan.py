@@ -451,6 +451,12 @@ def run_planned(
         claim.release()
     details.update(stats)
     details["peak_rss_bytes"] = peak_rss()
+    if "model_process_peak_rss_bytes" in stats:
+        # The model ran in a child process (``tile --vector``): its peak plus this process's
+        # peak until then (an upper bound of the two at once), or this process's own peak
+        # afterwards (the polygons), whichever is larger.
+        together = stats["stream_peak_rss_bytes"] + stats["model_process_peak_rss_bytes"]
+        details["peak_rss_bytes"] = max(details["peak_rss_bytes"], together)
     run.emit(Outcome(str(plan.source.path), str(out), Status.DONE, run.timer()), advance=False)
     return run.report(**details)
 

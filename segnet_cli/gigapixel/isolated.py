@@ -1,0 +1,142 @@
+"""The model's part of a local ``tile`` run in a child process.
+
+TensorFlow keeps what its last tile used: on a CPU, oneDNN's memory pool (about 400 MiB
+after 1280 x 1280 windows, measured with the bundled model: 1169 MiB resident after three
+windows, 1126 MiB after dropping the model, ``clear_session`` and ``malloc_trim``; 728 MiB
+with oneDNN off, which costs 1.6x the time). Work after the stream, the polygons of
+``--vector`` above all, would stack on top of it. So with ``--vector`` the reader, the model
+and the stitcher run in a child process (a fresh Python running ``main``) that
+sends the finished rows back; this process writes them, and once the child has exited it
+makes the COG and the polygons without TensorFlow ever having been loaded here.
+
+The protocol is pickled ``(kind, payload)`` messages on the child's standard output:
+``batch`` ``(tiles, pixels)`` after each batch, ``rows`` ``(y0, mask, probabilities)``,
+``stats`` (the model's timing figures), ``error`` (the exception that stopped it), ``end``.
+The plan and the options go the other way on its standard input. A ``subprocess``, not
+``multiprocessing``: nothing of the caller's ``__main__`` is imported again, whatever
+script or test runner started the run.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from segnet_cli.errors import SegnetError
+
+
+def isolated_rows(
+    plan,
+    config,
+    stats: dict,
+    on_batch: Callable[[int, int], None],
+    check: Callable[[], None],
+) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+    """``local.model_rows`` run in a child process: the same rows, in the same order.
+
+    Args:
+        plan: the plan (``TilePlan``).
+        config: the options (``TileConfig``).
+        stats: the child's timing figures are added to it at the end.
+        on_batch: called with ``(tiles, core pixels)`` after each batch.
+        check: called after each message; it raises to stop (``SignalGuard.check``).
+
+    Yields:
+        ``(y0, mask rows, probability rows or None)``. Closing the generator, or an
+        exception, ends the child (SIGTERM, then waits for it).
+
+    Raises:
+        SegnetError: whatever stopped the child (the same exception class), or that the
+            child died without saying why (killed by the system, for one).
+    """
+    # The child imports this very package: the installed one, or else the folder this one
+    # was imported from (appended, so it never shadows anything installed).
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = (
+        f"import sys; sys.path.append({root!r}); "
+        "from segnet_cli.gigapixel.isolated import main; sys.exit(main())"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.write(pickle.dumps((plan, config), protocol=5))
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass  # it died at once: reading says how
+        while True:
+            try:
+                kind, payload = pickle.load(proc.stdout)
+            except EOFError:
+                code = proc.wait()
+                raise SegnetError(
+                    f"the model process ended without finishing (exit status {code})",
+                    plan.source.path,
+                ) from None
+            if kind == "rows":
+                yield payload
+            elif kind == "batch":
+                on_batch(*payload)
+            elif kind == "stats":
+                stats.update({k: stats.get(k, 0.0) + v for k, v in payload.items()})
+            elif kind == "error":
+                raise payload
+            elif kind == "end":
+                break
+            check()
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def _send(out: BinaryIO, kind: str, payload: Any) -> None:
+    # Pickled whole before writing, so a payload that cannot be pickled never leaves half a
+    # message on the pipe.
+    out.write(pickle.dumps((kind, payload), protocol=5))
+    out.flush()
+
+
+def main() -> int:
+    """The child: read the plan, send the rows, the figures and ``end`` (or the error)."""
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything else printed goes to standard error, never into the messages
+    # Ctrl-C reaches the whole process group: the parent decides, then ends this process.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from segnet_cli.gigapixel.local import model_rows
+    from segnet_cli.model.tfload import import_tf
+
+    plan, config = pickle.load(sys.stdin.buffer)
+    import_tf()  # with its C++ start-up chatter kept off standard error
+    stats = {"model_seconds": 0.0, "read_wait_seconds": 0.0}
+    try:
+        for row in model_rows(plan, config, stats, lambda n, px: _send(out, "batch", (n, px))):
+            _send(out, "rows", row)
+        from segnet_cli.gigapixel.plan import peak_rss
+
+        _send(out, "stats", {**stats, "model_process_peak_rss_bytes": peak_rss()})
+    except BrokenPipeError:
+        return 1  # the parent is gone
+    except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent
+        try:
+            _send(out, "error", exc)
+        except Exception:
+            _send(out, "error", SegnetError(f"{type(exc).__name__}: {exc}", plan.source.path))
+        return 1
+    _send(out, "end", None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
