@@ -10,7 +10,8 @@ subprocess while polling its peak resident set from ``/proc``, and prints:
 
 * wall time and Mpx/s, and the run's own figures: model, COG (``finish_rasters_seconds``)
   and polygon (``vector_seconds``) seconds, polygon count;
-* peak RSS (polled VmHWM and the child's ``ru_maxrss``) next to the planner's estimate and
+* peak RSS (polled: the largest of segnet's VmHWM and the sum of VmRSS over segnet and its
+  model process, which ``--vector`` starts; and segnet's ``ru_maxrss``) next to the planner's estimate and
   the 1.5 GB target;
 * the sizes of the mask, the GeoPackage, ``<stem>.areas.json`` and ``<mask>.aux.xml``;
 * checks with GDAL's own tools when they are installed (each says "skipped" otherwise):
@@ -211,13 +212,14 @@ def run_measured(cmd: list[str]) -> tuple[float, int, int, dict]:
     """
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    hwm = [0]
+    hwm = [0, 0]  # the process's own VmHWM; the largest sum of VmRSS over it and its children
     texts: dict[str, str] = {}
     done = threading.Event()
 
     def poll() -> None:
         while not done.is_set():
             hwm[0] = max(hwm[0], _status(proc.pid).get("VmHWM", 0))
+            hwm[1] = max(hwm[1], sum(_rss(pid) for pid in _tree(proc.pid)))
             time.sleep(0.1)
 
     def drain(name: str, stream) -> None:
@@ -239,7 +241,28 @@ def run_measured(cmd: list[str]) -> tuple[float, int, int, dict]:
         raise SystemExit(f"{' '.join(cmd[1:4])} ... failed with exit code {proc.returncode}")
     out = texts.get("out", "").strip()
     report = json.loads(out.splitlines()[-1]) if out else {}
-    return wall, hwm[0], usage.ru_maxrss * 1024, report
+    # With --vector the model runs in a child process: the tree's sum is the figure.
+    return wall, max(hwm), usage.ru_maxrss * 1024, report
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (``/proc/PID/task/PID/children``, Linux)."""
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        kids = []
+    return [pid] + [q for k in kids for q in _tree(int(k))]
+
+
+def _rss(pid: int) -> int:
+    """Current VmRSS of ``pid`` in bytes (0 once it has exited)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 #: ``segnet`` as installed.
@@ -313,7 +336,8 @@ def print_run(label: str, px: int, wall: float, hwm: int, rusage: int, report: d
           f"{sec('finish_rasters_seconds')}, polygons {sec('vector_seconds')}; "
           f"{report.get('tiles', '?')} tiles, {report.get('skipped_tiles', 0)} skipped)")
     rss_self = report.get("peak_rss_bytes")
-    print(f"[{label}] peak RSS: {peak / MiB:,.0f} MiB = {peak / GB:.2f} GB (VmHWM polled "
+    print(f"[{label}] peak RSS: {peak / MiB:,.0f} MiB = {peak / GB:.2f} GB (polled, the "
+          f"process and its model process together "
           f"{hwm / MiB:,.0f} MiB, ru_maxrss {rusage / MiB:,.0f} MiB"
           + (f", segnet's own {rss_self / MiB:,.0f} MiB" if rss_self else "") + ")"
           + ("" if est is None else

@@ -16,6 +16,7 @@ from segnet_cli.config import (
     MEMORY_BUDGET_MB,
     TTA,
     Blend,
+    Engine,
     Precision,
     ProbabilityDtype,
     ProbabilityMode,
@@ -38,6 +39,14 @@ MiB = 1024 * 1024
 RUNTIME_BYTES = 680 * MiB
 #: A loaded model costs about this many times its file size (weights, Keras objects).
 MODEL_FILE_FACTOR = 4
+#: GDAL's libraries as rasterio, fiona and shapely bring them (48 MiB measured by importing
+#: them in a fresh Python): counted when the run uses them (a COG, polygons, an area of
+#: interest, an input read through GDAL).
+GIS_LIBRARY_BYTES = 50 * MiB
+#: The process beside ``tile --vector``'s model process (``gigapixel.isolated``): Python,
+#: NumPy, tifffile and GDAL's libraries, and the rows it receives (about 100 MiB measured
+#: when the stream starts). The model process itself counts as ``runtime``.
+MODEL_PROCESS_PARENT_BYTES = 100 * MiB
 #: Fixed cost of the first inference (traced graph, oneDNN primitives).
 ACTIVATION_FIXED_BYTES = 20 * MiB
 #: Bytes per input pixel per channel at full resolution (a channel at stage s counts 4**-s)
@@ -139,6 +148,8 @@ def memory_model(
     num_classes: int = 0,
     host_logits: bool = False,
     prob_encode_bytes: float = 0.0,
+    gis: bool = False,
+    isolated: bool = False,
 ) -> MemoryEstimate:
     """Peak resident memory of a streaming run: a pure function of widths and tile sizes.
 
@@ -162,6 +173,8 @@ def memory_model(
             (``prob_encode_bytes`` per pixel of a band of core rows: the float16 copy, or
             uint8's float temporaries, and the nodata masking copy).
         output: finished rows waiting to be encoded (a few rows of output tiles per raster).
+        gis: GDAL's libraries (``gis``), or, when the model runs in its own process
+            (``isolated``), the process that writes the rows beside it, libraries included.
     """
     row_px = width * file_channels * file_itemsize
     window_side = math.isqrt(max(1, batch_pixels))
@@ -180,6 +193,10 @@ def memory_model(
         ("encode", int(core_rows * width * prob_encode_bytes)),
         ("output", int(4 * out_tile * width * (1 + prob_bands * prob_itemsize))),
     )
+    if isolated:
+        parts += (("writer", MODEL_PROCESS_PARENT_BYTES),)
+    elif gis:
+        parts += (("gis", GIS_LIBRARY_BYTES),)
     return MemoryEstimate(parts)
 
 
@@ -203,6 +220,7 @@ def estimate(
     config: TileConfig,
     tiling: TilingConfig,
     model_file_bytes: int,
+    gis: bool = False,
 ) -> tuple[TileGrid, MemoryEstimate]:
     grid = TileGrid.make(source.height, source.width, tiling.tile, tiling.halo, info.stride)
     worst = worst_row_grid(grid)
@@ -253,6 +271,9 @@ def estimate(
         prob_encode_bytes=encode_bytes_per_pixel(
             bands, config.probability_dtype if prob is not None else None, nodata
         ),
+        gis=gis or source.layout == "gdal" or config.aoi is not None,
+        # The local engine runs the model in a child process when polygons follow.
+        isolated=config.vector is not None and config.engine is Engine.LOCAL,
     )
     return grid, mem
 

@@ -219,7 +219,7 @@ def plan_tile(config: TileConfig) -> TilePlan:
     model_bytes = model_path.stat().st_size
 
     def peak(t: TilingConfig) -> int:
-        return estimate(source, info, arch, config, t, model_bytes)[1].total
+        return estimate(source, info, arch, config, t, model_bytes, cog)[1].total
 
     tiling = config.inference.tiling
     if config.max_memory_mb is not None and math.isinf(config.max_memory_mb):
@@ -245,7 +245,7 @@ def plan_tile(config: TileConfig) -> TilePlan:
                 f"{budget.DEFAULT_MEMORY_BUDGET_MB:,.0f} MiB; --max-memory MB makes it a hard "
                 "limit (smaller tiles)"
             )
-    grid, mem = estimate(source, info, arch, config, tiling, model_bytes)
+    grid, mem = estimate(source, info, arch, config, tiling, model_bytes, cog)
     if grid.tile != tiling.tile or grid.halo != tiling.halo:
         notes.append(
             f"tile {tiling.tile} / halo {tiling.halo} aligned to the model's stride "
