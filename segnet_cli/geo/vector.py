@@ -255,9 +255,10 @@ def polygonize_strips(
     mask at once gives: the same polygons, holes included, with the same vertices and ring
     orientation as GDAL's (the start vertex of a ring may differ).
 
-    Every strip costs a GDAL call and every piece a Python object, so tall strips are much
-    faster: on a 4000 x 4000 mask, 256-row strips took about 1.5 times the whole-mask time,
-    1-row strips about 20 times.
+    Every strip costs a GDAL call and every seam a union, so tall strips are faster: on a
+    4000 x 4000 mask of the bundled model's output (383,968 polygons), 256-row strips took
+    18 s against 14 s for GDAL and shapely on the whole mask at once, and 512- or 1024-row
+    strips were no faster.
 
     Args:
         strips: ``(y0, rows)`` pairs, ``rows`` a ``(h, width)`` array of class indices

@@ -542,7 +542,8 @@ def _stream(plan, config: TileConfig, prov, guard, progress, log, *, address, un
         _compute(job, todo, config, address, guard, progress, log, stats)
     guard.check()
     t_asm = time.perf_counter()
-    stats["areas"] = _assemble(plan, config, prov, job, units, nodata, guard)
+    stats["areas"], timings = _assemble(plan, config, prov, job, units, nodata, guard)
+    stats.update(timings)  # the COG and the polygons
     stats["assemble_seconds"] = time.perf_counter() - t_asm
     shutil.rmtree(parts, ignore_errors=True)
     wall = time.perf_counter() - t_start
@@ -682,9 +683,11 @@ def _consume(ds, guard, stop_file: Path, on_row) -> tuple[int | None, BaseExcept
     return signum, (None if signum is not None else error)
 
 
-def _assemble(plan, config: TileConfig, prov, job: TileJob, units: list[Unit], nodata, guard) -> dict:
+def _assemble(
+    plan, config: TileConfig, prov, job: TileJob, units: list[Unit], nodata, guard
+) -> tuple[dict, dict]:
     """Stream the final TIFF(s) from the parts, one row of output tiles at a time; returns
-    the class-area report."""
+    the class-area report and the finishing's timings (COG, polygons)."""
     height = plan.grid.height
     step = config.out_tile
     files = {u.index: job.part_files(u) for u in units}
@@ -707,7 +710,7 @@ def _assemble(plan, config: TileConfig, prov, job: TileJob, units: list[Unit], n
             *prob, mask = blocks
             outputs.add(mask, prob[0] if prob else None)
             guard.check()
-    return outputs.report
+    return outputs.report, outputs.timings
 
 
 # --------------------------------------------------------------------------- the plan
