@@ -465,7 +465,8 @@ def _children(pid: int) -> list[int]:
 
 def test_vector_runs_the_model_in_a_child_and_never_loads_tensorflow_here(tmp_path, model):
     """With --vector the rows come from a model process: this process writes them, then
-    makes the COG and the polygons without TensorFlow (what it would keep stays there)."""
+    makes the COG and the polygons without TensorFlow (what it would keep stays there),
+    unless this process already holds TensorFlow."""
     import os
     import sys
 
@@ -477,7 +478,9 @@ from pathlib import Path
 from segnet_cli.config import InferenceConfig, TileConfig, TilingConfig
 from segnet_cli.gigapixel import run_tile
 tiling = TilingConfig(tile=96, halo=16, batch_size=4)
-for name, vector in (("iso", Path({str(tmp_path)!r}) / "p.gpkg"), ("in", None)):
+runs = (("iso", Path({str(tmp_path)!r}) / "p.gpkg"), ("in", None),
+        ("after", Path({str(tmp_path)!r}) / "q.gpkg"))
+for name, vector in runs:
     config = TileConfig(
         input=Path({str(src)!r}), out=Path({str(tmp_path)!r}) / (name + ".mask.tif"),
         vector=vector, inference=InferenceConfig(model=Path({str(model)!r}), tiling=tiling),
@@ -492,10 +495,12 @@ for name, vector in (("iso", Path({str(tmp_path)!r}) / "p.gpkg"), ("in", None)):
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
     )
     assert out.returncode == 0, out.stderr
-    iso, inproc = (json.loads(line) for line in out.stdout.splitlines()[-2:])
+    iso, inproc, after = (json.loads(line) for line in out.stdout.splitlines()[-3:])
     assert iso["code"] == 0 and iso["tf"] is False  # the model ran elsewhere
     assert iso["child"] > 100 * 2**20 and iso["model_seconds"] > 0
     assert inproc["code"] == 0 and inproc["tf"] is True and inproc["child"] is None
+    # Once this process holds TensorFlow, a second one would only add to it: no child.
+    assert after["code"] == 0 and after["child"] is None
     # The same pixels either way.
     np.testing.assert_array_equal(read(tmp_path / "iso.mask.tif"), read(tmp_path / "in.mask.tif"))
 

@@ -135,9 +135,11 @@ def tile_command(
         from segnet_cli.geo import load_before_tensorflow
 
         load_before_tensorflow()  # GeoPackages need GDAL's own SQLite, not TensorFlow's
-    if cfg.vector is None or cfg.engine is not Engine.LOCAL:
-        # With --vector the local engine runs the model in a child process (which keeps its
-        # own chatter quiet); this process then never loads TensorFlow.
+    from segnet_cli.gigapixel.isolated import runs_model_apart
+
+    if not runs_model_apart(cfg):
+        # Otherwise (--vector) the model runs in a child process, which keeps its own
+        # chatter quiet, and this process never loads TensorFlow.
         quiet_tf()
     from segnet_cli.gigapixel import run_tile
 

@@ -16,7 +16,6 @@ from segnet_cli.config import (
     MEMORY_BUDGET_MB,
     TTA,
     Blend,
-    Engine,
     Precision,
     ProbabilityDtype,
     ProbabilityMode,
@@ -24,6 +23,7 @@ from segnet_cli.config import (
     TilingConfig,
 )
 from segnet_cli.errors import UsageError
+from segnet_cli.gigapixel.isolated import runs_model_apart
 from segnet_cli.io.gdal import GDAL_CACHE_MB
 from segnet_cli.io.tiff import SourceInfo
 from segnet_cli.model.modelfile import ModelInfo
@@ -272,8 +272,7 @@ def estimate(
             bands, config.probability_dtype if prob is not None else None, nodata
         ),
         gis=gis or source.layout == "gdal" or config.aoi is not None,
-        # The local engine runs the model in a child process when polygons follow.
-        isolated=config.vector is not None and config.engine is Engine.LOCAL,
+        isolated=runs_model_apart(config),
     )
     return grid, mem
 

@@ -5,11 +5,11 @@ after 1280 x 1280 windows, measured with the bundled model: 1169 MiB resident af
 windows, 1126 MiB after dropping the model, ``clear_session`` and ``malloc_trim``; 728 MiB
 with oneDNN off, which costs 1.6x the time). Work after the stream, the polygons of
 ``--vector`` above all, would stack on top of it. So with ``--vector`` the reader, the model
-and the stitcher run in a child process (a fresh Python running ``main``) that
+and the stitcher run in a child process (a fresh Python running ``local.serve_rows``) that
 sends the finished rows back; this process writes them, and once the child has exited it
 makes the COG and the polygons without TensorFlow ever having been loaded here.
 
-The protocol is pickled ``(kind, payload)`` messages on the child's standard output:
+The child's side is ``local.serve_rows``. The protocol is pickled ``(kind, payload)`` messages on the child's standard output:
 ``batch`` ``(tiles, pixels)`` after each batch, ``rows`` ``(y0, mask, probabilities)``,
 ``stats`` (the model's timing figures), ``error`` (the exception that stopped it), ``end``.
 The plan and the options go the other way on its standard input. A ``subprocess``, not
@@ -21,15 +21,28 @@ from __future__ import annotations
 
 import os
 import pickle
-import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any, BinaryIO
 
 import numpy as np
 
 from segnet_cli.errors import SegnetError
+
+
+def runs_model_apart(config) -> bool:
+    """Whether the local engine runs the model in a child process for ``config``.
+
+    Only when polygons follow (``--vector``), and only while this process has not loaded
+    TensorFlow itself: a caller that already holds it would then hold two of them.
+    """
+    from segnet_cli.config import Engine
+
+    return (
+        config.vector is not None
+        and config.engine is Engine.LOCAL
+        and "tensorflow" not in sys.modules
+    )
 
 
 def isolated_rows(
@@ -61,7 +74,7 @@ def isolated_rows(
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     code = (
         f"import sys; sys.path.append({root!r}); "
-        "from segnet_cli.gigapixel.isolated import main; sys.exit(main())"
+        "from segnet_cli.gigapixel.local import serve_rows; sys.exit(serve_rows())"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
@@ -99,44 +112,3 @@ def isolated_rows(
         proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
-
-
-def _send(out: BinaryIO, kind: str, payload: Any) -> None:
-    # Pickled whole before writing, so a payload that cannot be pickled never leaves half a
-    # message on the pipe.
-    out.write(pickle.dumps((kind, payload), protocol=5))
-    out.flush()
-
-
-def main() -> int:
-    """The child: read the plan, send the rows, the figures and ``end`` (or the error)."""
-    out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)  # anything else printed goes to standard error, never into the messages
-    # Ctrl-C reaches the whole process group: the parent decides, then ends this process.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from segnet_cli.gigapixel.local import model_rows
-    from segnet_cli.model.tfload import import_tf
-
-    plan, config = pickle.load(sys.stdin.buffer)
-    import_tf()  # with its C++ start-up chatter kept off standard error
-    stats = {"model_seconds": 0.0, "read_wait_seconds": 0.0}
-    try:
-        for row in model_rows(plan, config, stats, lambda n, px: _send(out, "batch", (n, px))):
-            _send(out, "rows", row)
-        from segnet_cli.gigapixel.plan import peak_rss
-
-        _send(out, "stats", {**stats, "model_process_peak_rss_bytes": peak_rss()})
-    except BrokenPipeError:
-        return 1  # the parent is gone
-    except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent
-        try:
-            _send(out, "error", exc)
-        except Exception:
-            _send(out, "error", SegnetError(f"{type(exc).__name__}: {exc}", plan.source.path))
-        return 1
-    _send(out, "end", None)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

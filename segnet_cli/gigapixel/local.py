@@ -13,15 +13,21 @@ So the whole image, the whole mask and the whole probability map are never in me
 
 from __future__ import annotations
 
+import os
+import pickle
+import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from segnet_cli.config import TileConfig
-from segnet_cli.errors import UsageError
+from segnet_cli.errors import SegnetError, UsageError
+from segnet_cli.gigapixel.isolated import isolated_rows, runs_model_apart
 from segnet_cli.gigapixel.outputs import open_outputs
-from segnet_cli.gigapixel.plan import TilePlan
+from segnet_cli.gigapixel.plan import TilePlan, peak_rss
 from segnet_cli.gigapixel.rows import effective_nodata, read_bands, stitch_rows
 from segnet_cli.io.sources import open_reader
 from segnet_cli.jobs import Provenance
@@ -30,8 +36,8 @@ from segnet_cli.jobs import Provenance
 def stream(plan: TilePlan, config: TileConfig, prov: Provenance, guard, progress, log) -> dict:
     """The streaming run itself (``plan.run_planned``'s ``stream``); returns timing figures.
 
-    With ``--vector`` the model runs in a child process (``isolated``) and this process
-    only writes the rows it sends: the polygons that follow the stream then do not stack
+    With ``--vector`` the model runs in a child process (``isolated``; unless this process
+    already holds TensorFlow) and this process only writes the rows it sends: the polygons that follow the stream then do not stack
     on what TensorFlow keeps after its last tile (oneDNN's memory pool, about 400 MiB
     that the process never gives back).
     """
@@ -41,7 +47,7 @@ def stream(plan: TilePlan, config: TileConfig, prov: Provenance, guard, progress
     stats = {"model_seconds": 0.0, "read_wait_seconds": 0.0, "write_wait_seconds": 0.0}
     total_px = source.pixels
     done_px = 0
-    isolate = plan.vector is not None
+    isolate = runs_model_apart(config)
     if log:
         where = " in a model process (--vector: polygons follow)" if isolate else ""
         log(f"loading model {plan.model_path}{where}")
@@ -58,8 +64,6 @@ def stream(plan: TilePlan, config: TileConfig, prov: Provenance, guard, progress
         guard.check()
 
     if isolate:
-        from segnet_cli.gigapixel.isolated import isolated_rows
-
         rows = isolated_rows(plan, config, stats, on_batch, guard.check)
     else:
         rows = model_rows(plan, config, stats, on_batch, guard.check, log)
@@ -75,8 +79,6 @@ def stream(plan: TilePlan, config: TileConfig, prov: Provenance, guard, progress
         finally:
             rows.close()  # the reader, its read-ahead and the model (or its process) go
         if isolate:
-            from segnet_cli.gigapixel.plan import peak_rss
-
             # This process's peak while the model process ran beside it (see run_planned).
             stats["stream_peak_rss_bytes"] = peak_rss()
         tw = time.perf_counter()
@@ -177,4 +179,43 @@ def _timed(
         del item
 
 
-__all__ = ["model_rows", "stream"]
+def serve_rows() -> int:
+    """The model process of ``isolated.isolated_rows``: read the plan and the options on
+    standard input, send the rows, the figures and ``end`` (or the error) on standard output.
+
+    Returns:
+        The process's exit status: 0 when every row was sent.
+    """
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything else printed goes to standard error, never into the messages
+    # Ctrl-C reaches the whole process group: the parent decides, then ends this process.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from segnet_cli.model.tfload import import_tf
+
+    plan, config = pickle.load(sys.stdin.buffer)
+    import_tf()  # with its C++ start-up chatter kept off standard error
+    stats = {"model_seconds": 0.0, "read_wait_seconds": 0.0}
+    try:
+        for row in model_rows(plan, config, stats, lambda n, px: _send(out, "batch", (n, px))):
+            _send(out, "rows", row)
+        _send(out, "stats", {**stats, "model_process_peak_rss_bytes": peak_rss()})
+    except BrokenPipeError:
+        return 1  # the parent is gone
+    except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent
+        try:
+            _send(out, "error", exc)
+        except Exception:
+            _send(out, "error", SegnetError(f"{type(exc).__name__}: {exc}", plan.source.path))
+        return 1
+    _send(out, "end", None)
+    return 0
+
+
+def _send(out: BinaryIO, kind: str, payload: Any) -> None:
+    # Pickled whole before writing, so a payload that cannot be pickled never leaves half a
+    # message on the pipe.
+    out.write(pickle.dumps((kind, payload), protocol=5))
+    out.flush()
+
+
+__all__ = ["model_rows", "serve_rows", "stream"]
