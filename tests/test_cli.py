@@ -61,6 +61,27 @@ def test_info_describes_model(tiny_model):
     assert r.exit_code == 2 and "/nonexistent/model.keras" in r.output
 
 
+def test_info_names_the_splits_of_recorded_figures(tmp_path, tiny_model):
+    import dataclasses
+    import shutil
+
+    from segnet_cli.model.modelfile import read_info, replace_info
+
+    copy = tmp_path / "m.keras"
+    shutil.copyfile(tiny_model, copy)
+    figures = {"global_accuracy": 0.8, "class_accuracy": 0.6, "per_class_iou": [0.5, 0.25, 0.125]}
+    training = {
+        "val": {**figures, "mean_iou": 0.524, "split": "CamVid val/"},
+        "held_out": {**figures, "mean_iou": 0.358, "split": "drive 0006R0"},
+    }
+    replace_info(copy, dataclasses.replace(read_info(copy), training=training))
+    r = runner.invoke(app, ["info", "--model", str(copy)])
+    assert r.exit_code == 0, r.output
+    assert "validation on CamVid val/: mIoU 52.4, G 80.0, C 60.0" in r.output
+    assert "held out on drive 0006R0: mIoU 35.8" in r.output
+    assert "disc  val IoU 25.0" in r.output
+
+
 def test_log_file_and_plain_progress(tmp_path, tiny_model):
     src = write_png(tmp_path / "in" / "a.png", shapes_image(30, 40)[0])
     (tmp_path / "in" / "bad.png").write_text("nope")

@@ -59,11 +59,17 @@ def info_command(
         iou = (val.get("per_class_iou") or [None] * len(meta.class_names))[i]
         extra = f"  val IoU {iou * 100:.1f}" if iou is not None else ""
         c.print(f"  {i:3d}  [rgb({rgb[0]},{rgb[1]},{rgb[2]})]■[/]  {escape(ui.safe(n))}{extra}")
-    if val:
+    # Figures a model card records (``training["val"]``, ``training["held_out"]``) name
+    # their split; a run's own history only has its epoch.
+    for label, rec in (("validation", val), ("held out", meta.training.get("held_out"))):
+        if not rec:
+            continue
+        split = f" on {rec['split']}" if rec.get("split") else ""
         c.print(
-            f"validation: mIoU {val['mean_iou'] * 100:.1f}, G {val['global_accuracy'] * 100:.1f}, "
-            f"C {val['class_accuracy'] * 100:.1f}"
-            + (f" (epoch {val['epoch']})" if val.get("epoch") else ""),
+            f"{label}{split}: mIoU {rec['mean_iou'] * 100:.1f}, "
+            f"G {rec['global_accuracy'] * 100:.1f}, C {rec['class_accuracy'] * 100:.1f}"
+            + (f" (epoch {rec['epoch']})" if rec.get("epoch") else ""),
             markup=False,
+            soft_wrap=True,
         )
     raise typer.Exit(0)
