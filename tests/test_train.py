@@ -116,8 +116,9 @@ def test_two_epochs_lower_the_loss_and_ship_a_ready_model(data, straight):
     # The shipped model carries no optimizer state (the checkpoint does).
     assert getattr(keras.saving.load_model(str(out / "model.keras"), compile=True), "optimizer", None) is None
     assert checkpoint_optimizer(out / "checkpoint.keras") is not None
-    # 'auto' class weights are verify's median-frequency weights, recorded in the file.
-    vr = verify(pairs, load_classes("3"))
+    # 'auto' class weights are verify's median-frequency weights (tempered by the default
+    # --weight-power), recorded in the file.
+    vr = verify(pairs, load_classes("3"), weight_power=TrainConfig.weight_power)
     assert info.training["class_weights"] == pytest.approx(vr.weights.tolist())
     # Ready for predict: the engine segments an odd-sized image at full size.
     seg = Segmenter(out / "model.keras")
