@@ -131,12 +131,12 @@ def tile_command(
         _print_plan(cfg, as_json)
         raise typer.Exit(0)
 
-    if cfg.vector is not None or cfg.aoi is not None:
+    from segnet_cli.gigapixel.isolated import runs_model_apart
+
+    if (cfg.vector is not None or cfg.aoi is not None) and not runs_model_apart(cfg):
         from segnet_cli.geo import load_before_tensorflow
 
         load_before_tensorflow()  # GeoPackages need GDAL's own SQLite, not TensorFlow's
-    from segnet_cli.gigapixel.isolated import runs_model_apart
-
     if not runs_model_apart(cfg):
         # Otherwise (--vector) the model runs in a child process, which keeps its own
         # chatter quiet, and this process never loads TensorFlow.

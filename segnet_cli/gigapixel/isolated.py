@@ -10,7 +10,8 @@ sends the finished rows back; this process writes them, and once the child has e
 makes the COG and the polygons without TensorFlow ever having been loaded here.
 
 The child's side is ``local.serve_rows``. The protocol is pickled ``(kind, payload)`` messages on the child's standard output:
-``batch`` ``(tiles, pixels)`` after each batch, ``rows`` ``(y0, mask, probabilities)``,
+``batch`` ``(tiles, pixels)`` after each batch, ``rows`` ``(y0, [(shape, dtype), ...])``
+followed by the mask's (and the probabilities') raw bytes,
 ``stats`` (the model's timing figures), ``error`` (the exception that stopped it), ``end``.
 The plan and the options go the other way on its standard input. A ``subprocess``, not
 ``multiprocessing``: nothing of the caller's ``__main__`` is imported again, whatever
@@ -96,7 +97,9 @@ def isolated_rows(
                     plan.source.path,
                 ) from None
             if kind == "rows":
-                yield payload
+                y0, specs = payload
+                arrays = [_read_array(proc.stdout, shape, dtype) for shape, dtype in specs]
+                yield y0, arrays[0], (arrays[1] if len(arrays) > 1 else None)
             elif kind == "batch":
                 on_batch(*payload)
             elif kind == "stats":
@@ -112,3 +115,20 @@ def isolated_rows(
         proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def _read_array(stream, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """An array of ``shape`` and ``dtype`` read straight into its own memory from ``stream``.
+
+    Rows travel as raw bytes after their pickled header (``local.send_rows``): unpickling a
+    20000-pixel-wide band would hold its bytes and its array at once, 40 MB more at the peak.
+    """
+    out = np.empty(shape, np.dtype(dtype))
+    view = memoryview(out).cast("B")
+    got = 0
+    while got < len(view):
+        n = stream.readinto(view[got:])
+        if not n:
+            raise EOFError("the model process ended in the middle of a row")
+        got += n
+    return out

@@ -196,8 +196,11 @@ def serve_rows() -> int:
     import_tf()  # with its C++ start-up chatter kept off standard error
     stats = {"model_seconds": 0.0, "read_wait_seconds": 0.0}
     try:
-        for row in model_rows(plan, config, stats, lambda n, px: _send(out, "batch", (n, px))):
-            _send(out, "rows", row)
+        for y0, mask, prob in model_rows(
+            plan, config, stats, lambda n, px: _send(out, "batch", (n, px))
+        ):
+            send_rows(out, y0, mask, prob)
+            del mask, prob
         _send(out, "stats", {**stats, "model_process_peak_rss_bytes": peak_rss()})
     except BrokenPipeError:
         return 1  # the parent is gone
@@ -211,6 +214,16 @@ def serve_rows() -> int:
     return 0
 
 
+def send_rows(out: BinaryIO, y0: int, mask: np.ndarray, prob: np.ndarray | None) -> None:
+    """One band of finished rows: a pickled header, then each array's raw bytes (no copy)."""
+    arrays = [np.ascontiguousarray(a) for a in (mask, prob) if a is not None]
+    header = pickle.dumps(("rows", (y0, [(a.shape, a.dtype.str) for a in arrays])), protocol=5)
+    out.write(header)
+    for a in arrays:
+        out.write(memoryview(a).cast("B"))
+    out.flush()
+
+
 def _send(out: BinaryIO, kind: str, payload: Any) -> None:
     # Pickled whole before writing, so a payload that cannot be pickled never leaves half a
     # message on the pipe.
@@ -218,4 +231,4 @@ def _send(out: BinaryIO, kind: str, payload: Any) -> None:
     out.flush()
 
 
-__all__ = ["model_rows", "serve_rows", "stream"]
+__all__ = ["model_rows", "send_rows", "serve_rows", "stream"]
