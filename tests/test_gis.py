@@ -567,3 +567,19 @@ def test_sigterm_mid_stream_ends_the_model_process_and_leaves_nothing(tmp_path, 
     for pid in kids:  # the parent waited for its model process before exiting
         assert not Path(f"/proc/{pid}").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".segnet-locks") == ["s.tif"]
+
+
+def test_probabilities_cross_from_the_model_process_unchanged(tmp_path, model):
+    """With --vector the rows arrive as raw bytes: the probability raster of every class
+    (float16, a 3-D band) equals the one written by the in-process run."""
+    src = tmp_path / "s.tif"
+    write_scene(src, h=130, w=150)
+    args = ["--probabilities", "classes", "--no-cog"]
+    tile(src, model, *args, "--out", str(tmp_path / "a.mask.tif"))
+    tile(src, model, *args, "--out", str(tmp_path / "b.mask.tif"),
+         "--vector", str(tmp_path / "b.gpkg"))
+    for name in ("mask.tif", "prob.tif"):
+        with rasterio.open(tmp_path / f"a.{name}") as a, rasterio.open(tmp_path / f"b.{name}") as b:
+            assert a.count == b.count and a.dtypes == b.dtypes
+            np.testing.assert_array_equal(a.read(), b.read())
+    assert b.count == 3  # every class of the tiny model
