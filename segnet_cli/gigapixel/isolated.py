@@ -9,10 +9,10 @@ and the stitcher run in a child process (a fresh Python running ``local.serve_ro
 sends the finished rows back; this process writes them, and once the child has exited it
 makes the COG and the polygons without TensorFlow ever having been loaded here.
 
-The child's side is ``local.serve_rows``. The protocol is pickled ``(kind, payload)`` messages on the child's standard output:
-``batch`` ``(tiles, pixels)`` after each batch, ``rows`` ``(y0, [(shape, dtype), ...])``
-followed by the mask's (and the probabilities') raw bytes,
-``stats`` (the model's timing figures), ``error`` (the exception that stopped it), ``end``.
+The child's side is ``local.serve_rows``. The protocol is pickled ``(kind, payload)``
+messages on the child's standard output: ``batch`` ``(tiles, pixels)`` after each batch,
+``rows`` ``(y0, [(shape, dtype), ...])`` followed by the mask's (and the probabilities') raw
+bytes, ``stats`` (the model's figures), ``error`` (the exception that stopped it), ``end``.
 The plan and the options go the other way on its standard input. A ``subprocess``, not
 ``multiprocessing``: nothing of the caller's ``__main__`` is imported again, whatever
 script or test runner started the run.
@@ -91,9 +91,9 @@ def isolated_rows(
             try:
                 kind, payload = pickle.load(proc.stdout)
             except EOFError:
-                code = proc.wait()
+                status = proc.wait()
                 raise SegnetError(
-                    f"the model process ended without finishing (exit status {code})",
+                    f"the model process ended without finishing (exit status {status})",
                     plan.source.path,
                 ) from None
             if kind == "rows":
@@ -103,7 +103,7 @@ def isolated_rows(
             elif kind == "batch":
                 on_batch(*payload)
             elif kind == "stats":
-                stats.update({k: stats.get(k, 0.0) + v for k, v in payload.items()})
+                stats.update({k: stats.get(k, 0) + v for k, v in payload.items()})
             elif kind == "error":
                 raise payload
             elif kind == "end":

@@ -37,9 +37,9 @@ def stream(plan: TilePlan, config: TileConfig, prov: Provenance, guard, progress
     """The streaming run itself (``plan.run_planned``'s ``stream``); returns timing figures.
 
     With ``--vector`` the model runs in a child process (``isolated``; unless this process
-    already holds TensorFlow) and this process only writes the rows it sends: the polygons that follow the stream then do not stack
-    on what TensorFlow keeps after its last tile (oneDNN's memory pool, about 400 MiB
-    that the process never gives back).
+    already holds TensorFlow) and this process only writes the rows it sends: the polygons
+    that follow the stream then do not stack on what TensorFlow keeps after its last tile
+    (oneDNN's memory pool, about 400 MiB that the process never gives back).
     """
     from segnet_cli.model.tfload import release_memory
 
