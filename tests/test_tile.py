@@ -142,6 +142,47 @@ def test_reader_bands_equal_whole_read(tmp_path, name, kind):
             np.testing.assert_array_equal(band, whole[y0:y1])
 
 
+@pytest.mark.parametrize("ahead", [0, 1])
+def test_read_ahead_bands_and_the_bands_they_hold(tmp_path, ahead):
+    """``read_bands`` gives the same bands either way; reading ahead holds one band more.
+
+    The peak is measured by tracemalloc, which sees NumPy's buffers: with ``ahead=0`` and a
+    caller that drops each band, the previous band is freed once its overlap is copied
+    (here half a band: tile 128, halo 32), so a band and an overlap are the most alive.
+    """
+    import hashlib
+    import time
+    import tracemalloc
+
+    from segnet_cli.gigapixel.rows import read_bands
+
+    data = image(576, 2000)  # 8 grid rows of 128, the last not pulled back
+    path = tmp_path / "tiled.tif"
+    tifffile.imwrite(path, data, tile=(32, 32))  # decoded straight into the band, tile by tile
+    grid = TileGrid.make(576, 2000, 128, 32, 32)
+    band = grid.rows[0].window_end * 2000 * 3
+    info = sources_mod.inspect_source(path)
+    with sources_mod.open_reader(info) as reader:
+        got = []
+        tracemalloc.start()
+        try:
+            for y0, b in read_bands(reader, grid, ahead=ahead):
+                got.append((y0, hashlib.sha1(memoryview(b)).hexdigest()))  # no copy
+                time.sleep(0.05)  # the model's turn: reading ahead fills the next band now
+                del b
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert got == [
+        (r.window_start, hashlib.sha1(data[r.window_start : r.window_end].tobytes()).hexdigest())
+        for r in grid.rows
+    ]
+    if ahead == 0:
+        assert peak < 1.7 * band  # a band and its overlap (half a band here)
+    else:
+        assert peak > 2 * band  # the band in use and the next one
+
+
 def test_palette_tiff_expands_like_predict(tmp_path):
     idx = (np.arange(40 * 50) % 4).astype(np.uint8).reshape(40, 50)
     cmap = np.zeros((3, 256), np.uint16)
@@ -359,9 +400,18 @@ def test_max_memory_fits_batch_then_tile_or_refuses():
     limit = full - 1
     t, note = budget_mod.fit_tiling(two, limit, peak, 32)
     assert t.batch_size == 1 and t.tile == 1024 and peak(t) <= limit and "batch" in note
-    limit = peak(replace(TilingConfig(), batch_size=1)) - 50 * 1024**2
+    # Next, reading ahead goes: one band of input rows less, sized on the tallest grid row
+    # an image can have (1024 + 32 - 1 rows) x 20000 px x 3 bytes (60.4 MiB).
+    one = replace(TilingConfig(), batch_size=1)
+    assert peak(one) - peak(replace(one, read_ahead=0)) == 1055 * 20_000 * 3
+    limit = peak(one) - 50 * 1024**2
+    t, note = budget_mod.fit_tiling(two, limit, peak, 32)
+    assert (t.batch_size, t.read_ahead, t.tile) == (1, 0, 1024) and peak(t) <= limit
+    assert budget_mod.NO_READ_AHEAD in note and "tile" not in note
+    limit = peak(replace(one, read_ahead=0)) - 50 * 1024**2
     t, note = budget_mod.fit_tiling(two, limit, peak, 32)
     assert t.tile < 1024 and t.tile % 32 == 0 and peak(t) <= limit and "tile" in note
+    assert t.read_ahead == 0
     assert t.halo == 128  # the halo (and so the result) never changes
     with pytest.raises(UsageError, match="too small"):
         budget_mod.fit_tiling(TilingConfig(), 600 * 1024**2, peak, 32)
@@ -499,3 +549,15 @@ def test_output_names_and_bigtiff_rule():
     assert plan_mod.prob_output_path(Path("/d/out.tif")) == Path("/d/out.prob.tif")
     assert not tiff_mod.needs_bigtiff(20_000 * 20_000)  # 400 MB of class indices
     assert tiff_mod.needs_bigtiff(50_000 * 50_000)  # 2.5 GB
+
+
+def test_class_counts_are_exact_across_count_chunks(monkeypatch):
+    from segnet_cli.geo import areas
+
+    rng = np.random.default_rng(3)
+    mask = rng.integers(0, 256, size=(37, 53), dtype=np.uint8)
+    expected = np.bincount(mask.ravel(), minlength=256)
+    # 37 * 53 = 1961 pixels: chunks of 100 leave a partial last chunk.
+    monkeypatch.setattr(areas, "COUNT_CHUNK", 100)
+    assert np.array_equal(areas.count_values(mask), expected)
+    assert areas.count_values(mask[:0]).sum() == 0

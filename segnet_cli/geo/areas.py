@@ -17,6 +17,19 @@ import numpy as np
 
 from segnet_cli.io.gdal import Georef
 
+#: Pixels counted per ``np.bincount`` call: it converts uint8 to a platform integer first, so
+#: one call over a 768-row band of a 20000-px-wide mask would briefly hold 123 MB of int64.
+COUNT_CHUNK = 1 << 20
+
+
+def count_values(mask: np.ndarray) -> np.ndarray:
+    """How often each value 0-255 occurs in the uint8 ``mask``, counted a chunk at a time."""
+    flat = mask.reshape(-1)
+    counts = np.zeros(256, np.int64)
+    for i in range(0, flat.size, COUNT_CHUNK):
+        counts += np.bincount(flat[i : i + COUNT_CHUNK], minlength=256)[:256]
+    return counts
+
 
 class ClassAreas:
     """Per-class pixel counts (and areas in m²) of mask rows added top to bottom."""
@@ -33,11 +46,11 @@ class ClassAreas:
         """The next rows of the mask (uint8 class indices)."""
         y0, y1 = self._y, self._y + mask.shape[0]
         self._y = y1
-        self.pixels += np.bincount(mask.ravel(), minlength=256)[:256]
+        self.pixels += count_values(mask)
         rows = self.georef.row_areas_m2(y0, y1)
         if rows is not None:  # degrees: a pixel's area depends on its row's latitude
             for r, area in zip(mask, rows):
-                self._row_m2 += np.bincount(r, minlength=256)[:256] * area
+                self._row_m2 += count_values(r) * area
 
     @property
     def unit_m2(self) -> float | None:
@@ -133,4 +146,4 @@ def pam_xml(class_names, palette, pixels: np.ndarray | None, description: str = 
     return "\n".join(lines)
 
 
-__all__ = ["ClassAreas", "pam_xml"]
+__all__ = ["ClassAreas", "count_values", "pam_xml"]

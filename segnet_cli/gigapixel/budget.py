@@ -47,6 +47,8 @@ GIS_LIBRARY_BYTES = 50 * MiB
 #: NumPy, tifffile and GDAL's libraries, and the rows it receives (about 100 MiB measured
 #: when the stream starts). The model process itself counts as ``runtime``.
 MODEL_PROCESS_PARENT_BYTES = 100 * MiB
+#: How the planner's notes say that reading ahead was given up (``TilingConfig.read_ahead``).
+NO_READ_AHEAD = "input read band by band, not ahead of the model"
 #: Fixed cost of the first inference (traced graph, oneDNN primitives).
 ACTIVATION_FIXED_BYTES = 20 * MiB
 #: Bytes per input pixel per channel at full resolution (a channel at stage s counts 4**-s)
@@ -150,6 +152,7 @@ def memory_model(
     prob_encode_bytes: float = 0.0,
     gis: bool = False,
     isolated: bool = False,
+    read_ahead: int = 1,
 ) -> MemoryEstimate:
     """Peak resident memory of a streaming run: a pure function of widths and tile sizes.
 
@@ -165,8 +168,9 @@ def memory_model(
             float32 logits handed to the host (``Segmenter.run``'s copy, alive while its
             tiles are stitched) and the softmax of one window and its Gaussian-weighted copy
             (``LOGIT_COPIES`` float32 copies of a window's logits) while the band is full.
-        input: two bands of input rows (the one the model uses and the one being read),
-            plus the row of decoded TIFF segments the reader keeps for the next band.
+        input: the band of input rows the model uses and the ``read_ahead`` bands being
+            read (``TilingConfig.read_ahead``), plus the row of decoded TIFF segments the
+            reader keeps for the next band.
         stitch: the stitcher's band (class indices, or float sums when blending), and, when
             the input declares nodata, the per-band comparison's scratch.
         encode: a finished band's probabilities on their way to the raster
@@ -188,7 +192,10 @@ def memory_model(
             "tiles",
             int(window_side * window_side * 4 * model_channels * 2 + batch_pixels * 8 + logit_copies),
         ),
-        ("input", int(2 * band_rows * row_px + chunk_rows * row_px + whole_image_bytes)),
+        (
+            "input",
+            int((1 + read_ahead) * band_rows * row_px + chunk_rows * row_px + whole_image_bytes),
+        ),
         ("stitch", int(stitch_bytes + (core_rows * width * (file_channels + 2) if nodata else 0))),
         ("encode", int(core_rows * width * prob_encode_bytes)),
         ("output", int(4 * out_tile * width * (1 + prob_bands * prob_itemsize))),
@@ -273,6 +280,7 @@ def estimate(
         ),
         gis=gis or source.layout == "gdal" or config.aoi is not None,
         isolated=runs_model_apart(config),
+        read_ahead=tiling.read_ahead,
     )
     return grid, mem
 
@@ -282,9 +290,10 @@ def fit_tiling(
 ) -> tuple[TilingConfig, str | None]:
     """The largest batch, then tile, whose estimated peak stays under ``limit`` bytes.
 
-    The batch goes first (on a CPU it barely changes speed); then the tile shrinks by the
-    model's stride, which raises the overlap overhead but keeps results identical as long as
-    the halo is unchanged.
+    The batch goes first (on a CPU it barely changes speed), then reading ahead (a band of
+    input rows less, for reading no longer hidden behind the model: little for a TIFF);
+    then the tile shrinks by the model's stride, which raises the overlap overhead but keeps
+    results identical as long as the halo is unchanged.
 
     Args:
         tiling: what was asked for.
@@ -300,15 +309,21 @@ def fit_tiling(
     t = replace(tiling, batch_size=1)
     if estimate(t) <= limit:
         return t, f"--max-memory: batch size {tiling.batch_size} -> 1"
+    t = replace(t, read_ahead=0)
+    if estimate(t) <= limit:
+        return t, f"--max-memory: batch size {tiling.batch_size} -> 1, {NO_READ_AHEAD}"
     halo = math.ceil(tiling.halo / stride) * stride
     smallest = 2 * halo + stride
     size = (tiling.tile // stride) * stride - stride
     while size >= smallest:
-        t = replace(tiling, tile=size, batch_size=1)
+        t = replace(tiling, tile=size, batch_size=1, read_ahead=0)
         if estimate(t) <= limit:
-            return t, f"--max-memory: batch size {tiling.batch_size} -> 1, tile {tiling.tile} -> {size}"
+            return t, (
+                f"--max-memory: batch size {tiling.batch_size} -> 1, {NO_READ_AHEAD}, "
+                f"tile {tiling.tile} -> {size}"
+            )
         size -= stride
-    need = estimate(replace(tiling, tile=smallest, batch_size=1))
+    need = estimate(replace(tiling, tile=smallest, batch_size=1, read_ahead=0))
     raise UsageError(
         f"--max-memory {limit / MiB:,.0f} MiB is too small: even tile {smallest} (the least a "
         f"halo of {halo} allows) with batch 1 needs about {need / MiB:,.0f} MiB, of which the "

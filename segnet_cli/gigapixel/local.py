@@ -140,7 +140,7 @@ def model_rows(
             on_batch(len(tiles), pixels)
 
     reader = open_reader(source, inference.max_pixels)
-    bands = read_bands(reader, grid)
+    bands = read_bands(reader, grid, ahead=tiling.read_ahead)
     try:
         yield from stitch_rows(
             seg,

@@ -229,8 +229,9 @@ def plan_tile(config: TileConfig) -> TilePlan:
         if note:
             notes.append(note)
     else:
-        # A soft default: lower the batch (free on a CPU), never the tile (that costs speed:
-        # an explicit --max-memory asks for it) and never refuse.
+        # A soft default: lower the batch (free on a CPU), then stop reading ahead (a band of
+        # input rows less; reading a TIFF band is quick next to the model), never the tile
+        # (that costs speed: an explicit --max-memory asks for it) and never refuse.
         soft = int(budget.DEFAULT_MEMORY_BUDGET_MB * MiB)
         if peak(tiling) > soft and tiling.batch_size > 1:
             tiling = replace(tiling, batch_size=1)
@@ -238,6 +239,12 @@ def plan_tile(config: TileConfig) -> TilePlan:
                 f"batch size {config.inference.tiling.batch_size} -> 1 to stay under the default "
                 f"memory budget of {budget.DEFAULT_MEMORY_BUDGET_MB:,.0f} MiB (on a CPU the batch "
                 "size barely changes speed; --max-memory sets another limit)"
+            )
+        if peak(tiling) > soft and tiling.read_ahead:
+            tiling = replace(tiling, read_ahead=0)
+            notes.append(
+                f"{budget.NO_READ_AHEAD}, to stay under the default memory budget of "
+                f"{budget.DEFAULT_MEMORY_BUDGET_MB:,.0f} MiB"
             )
         if peak(tiling) > soft:
             notes.append(

@@ -226,6 +226,7 @@ class TileJob:
     stop_file: str
     tta: TTA = TTA.NONE
     aoi: Aoi | None = None  # area of interest, pixel coordinates (plain bytes: pickles)
+    read_ahead: int = 1  # bands read while the model works (TilingConfig.read_ahead)
 
     def part_files(self, unit: Unit) -> list[tuple[Path, tuple[int, ...], np.dtype]]:
         """``(path, shape, dtype)`` of the unit's parts, probabilities first, mask last.
@@ -384,7 +385,7 @@ class TileActor:
         writers = [_PartWriter(path, shape, dtype) for path, shape, dtype in job.part_files(unit)]
         *prob_writer, mask_writer = writers
         reader = open_reader(job.source, job.max_pixels)
-        bands = read_bands(reader, sub, off)
+        bands = read_bands(reader, sub, off, ahead=job.read_ahead)
         try:
             rows = stitch_rows(
                 self.seg,
@@ -469,6 +470,7 @@ def make_job(plan, config: TileConfig, parts: Path, nodata: float | None, run_id
         grid=plan.grid,
         blend=plan.tiling.blend,
         batch_size=plan.tiling.batch_size,
+        read_ahead=plan.tiling.read_ahead,
         model=str(plan.model_path.absolute()),
         precision=config.inference.precision,
         device=config.inference.device,

@@ -72,20 +72,21 @@ def effective_nodata(source: SourceInfo, log=None) -> float | None:
 
 
 def read_bands(
-    reader: RegionReader, grid: TileGrid, offset: int = 0
+    reader: RegionReader, grid: TileGrid, offset: int = 0, ahead: int = 1
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """``(y0, band)`` for each grid row in order, read one band ahead in a thread.
+    """``(y0, band)`` for each grid row in order, read ``ahead`` bands ahead in a thread.
 
     ``offset``: the image row of the grid's row 0 (a Ray work unit's grid is shifted so
     that its first window starts at 0); ``y0`` is in the grid's coordinates.
 
     ``tiff.iter_bands`` reuses the rows a band shares with the previous one, so bands are
     read sequentially; ``pipeline.read_ahead`` reads the next while the model works on the
-    current one. A caller that drops each band before asking for the next keeps two alive.
+    current one. A caller that drops each band before asking for the next keeps
+    ``ahead + 1`` alive (``TilingConfig.read_ahead``; the planner counts them).
     """
     ranges = [(r.window_start + offset, r.window_end + offset) for r in grid.rows]
-    source = iter_bands(reader, ranges)
-    for _, fut in read_ahead(lambda _: next(source), ranges, depth=1, workers=1):
+    source = iter_bands(reader, ranges, dropped=ahead == 0)
+    for _, fut in read_ahead(lambda _: next(source), ranges, depth=ahead, workers=1):
         y0, band = fut.result()
         del fut
         yield y0 - offset, band

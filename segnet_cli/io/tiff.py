@@ -476,25 +476,41 @@ def _colormap_lut(page) -> np.ndarray:
 
 
 def iter_bands(
-    reader: RegionReader, ranges: list[tuple[int, int]]
+    reader: RegionReader, ranges: list[tuple[int, int]], dropped: bool = False
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(y0, band)`` for each ``[y0, y1)`` of ``ranges`` (increasing starts and ends).
 
     Rows a band shares with the previous one are copied from it rather than read again.
+
+    Args:
+        reader: the image.
+        ranges: the bands' rows.
+        dropped: the caller drops each band before asking for the next (no reading
+            ahead). The shared rows are then set aside and the previous band freed before
+            the next is allocated, so at most one band and its overlap are alive at once;
+            otherwise the caller still holds the previous band, and the shared rows are
+            copied straight from it.
     """
     info = reader.info
     prev_y0, prev = 0, None
     for y0, y1 in ranges:
-        band = np.empty((y1 - y0, info.width, info.band_channels), prev.dtype if prev is not None else _band_dtype(info))
+        dtype = prev.dtype if prev is not None else _band_dtype(info)
         have = 0
         if prev is not None and prev_y0 <= y0 < prev_y0 + prev.shape[0]:
             have = min(prev_y0 + prev.shape[0] - y0, y1 - y0)
-            band[:have] = prev[y0 - prev_y0 : y0 - prev_y0 + have]
+        shared = prev[y0 - prev_y0 : y0 - prev_y0 + have] if have else None
+        if dropped and shared is not None:
+            shared = shared.copy()  # not a view: the previous band can go now
+        prev = None
+        band = np.empty((y1 - y0, info.width, info.band_channels), dtype)
+        if shared is not None:
+            band[:have] = shared
+            shared = None
         if have < y1 - y0:
             reader.read_rows(y0 + have, y1, out=band[have:])
-        prev = None  # the generator keeps no reference while the caller has the band
         yield y0, band
         prev_y0, prev = y0, band
+        del band  # only ``prev`` refers to it here, until the shared rows are taken
 
 
 def _band_dtype(info: SourceInfo) -> np.dtype:
