@@ -44,9 +44,14 @@ MODEL_FILE_FACTOR = 4
 #: interest, an input read through GDAL).
 GIS_LIBRARY_BYTES = 50 * MiB
 #: The process beside ``tile --vector``'s model process (``gigapixel.isolated``): Python,
-#: NumPy, tifffile and GDAL's libraries, and the rows it receives (about 100 MiB measured
-#: when the stream starts). The model process itself counts as ``runtime``.
+#: NumPy, tifffile and GDAL's libraries (92 MiB measured while the stream runs), plus
+#: ``RECEIVED_BANDS`` bands of the rows it receives. The model process itself counts as
+#: ``runtime`` and the rest.
 MODEL_PROCESS_PARENT_BYTES = 100 * MiB
+#: Bands of finished rows alive at once in that process: the one being received and the one
+#: being written. With the ``output`` part (rows waiting to be encoded) that is 150 MiB at
+#: 20000 px wide, where a band of 768 mask rows is 15 MB; 147 MiB was measured.
+RECEIVED_BANDS = 2
 #: How the planner's notes say that reading ahead was given up (``TilingConfig.read_ahead``).
 NO_READ_AHEAD = "input read band by band, not ahead of the model"
 #: Fixed cost of the first inference (traced graph, oneDNN primitives).
@@ -201,7 +206,8 @@ def memory_model(
         ("output", int(4 * out_tile * width * (1 + prob_bands * prob_itemsize))),
     )
     if isolated:
-        parts += (("writer", MODEL_PROCESS_PARENT_BYTES),)
+        received = RECEIVED_BANDS * core_rows * width * (1 + prob_bands * prob_itemsize)
+        parts += (("writer", MODEL_PROCESS_PARENT_BYTES + received),)
     elif gis:
         parts += (("gis", GIS_LIBRARY_BYTES),)
     return MemoryEstimate(parts)
