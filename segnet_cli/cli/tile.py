@@ -52,7 +52,7 @@ def tile_command(
     blend: BlendOpt = None,
     tta: TTAOpt = None,
     plan: Annotated[bool, typer.Option("--plan", help="Print the grid, output size, estimated peak memory and run time; run nothing.")] = False,
-    max_memory: Annotated[Optional[float], typer.Option("--max-memory", help="Hard peak-memory limit in MiB: lowers the batch, then the tile size, to fit, or refuses. Without it (and without --batch-size) the batch is lowered to stay under " f"{MEMORY_BUDGET_MB:.0f} MiB.")] = None,
+    max_memory: Annotated[Optional[float], typer.Option("--max-memory", help="Hard peak-memory limit in MiB: lowers the batch, then stops reading input ahead of the model, then lowers the tile size, to fit, or refuses. Without it (and without --batch-size) the batch and the reading ahead give way to stay under " f"{MEMORY_BUDGET_MB:.0f} MiB; the tile never does.")] = None,
     probabilities: Annotated[Optional[str], typer.Option("--probabilities", help=f"Also write <stem>.prob.tif: {ProbabilityMode.CONFIDENCE!s} (winning class's probability) or {ProbabilityMode.CLASSES!s} (one band per class).")] = None,
     prob_dtype: Annotated[Optional[str], typer.Option("--prob-dtype", help=f"Probability raster type: {' or '.join(ProbabilityDtype.values())} (probability x 255).")] = None,
     compression: Annotated[Optional[str], typer.Option("--compression", help=f"Output compression: {', '.join(Compression.values())}.")] = None,

@@ -1,8 +1,8 @@
 """The memory and time model of ``segnet tile``: pure arithmetic, before any pixel moves.
 
 Peak memory of a streaming run depends on the image *width*, the tile and the batch, never
-on the height (``memory_model``); ``fit_tiling`` lowers the batch, then the tile, to stay
-under a limit. The constants were measured (``bench/tile_memory.py`` measures them again).
+on the height (``memory_model``); ``fit_tiling`` lowers the batch, then stops reading ahead,
+then lowers the tile, to stay under a limit. The constants were measured (``bench/tile_memory.py`` measures them again).
 """
 
 from __future__ import annotations
