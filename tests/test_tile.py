@@ -168,7 +168,14 @@ def test_read_ahead_bands_and_the_bands_they_hold(tmp_path, ahead):
         try:
             for y0, b in read_bands(reader, grid, ahead=ahead):
                 got.append((y0, hashlib.sha1(memoryview(b)).hexdigest()))  # no copy
-                time.sleep(0.05)  # the model's turn: reading ahead fills the next band now
+                # The model's turn: reading ahead allocates and fills the next band now (up
+                # to 2 s for a loaded machine to schedule the reader thread).
+                deadline = time.monotonic() + 2
+                while ahead and tracemalloc.get_traced_memory()[0] < 2 * band:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.005)
+                time.sleep(0.02)  # without reading ahead, nothing may grow meanwhile
                 del b
             peak = tracemalloc.get_traced_memory()[1]
         finally:
@@ -524,8 +531,9 @@ def test_cli_run(tmp_path, tiny_model):
     assert r.exit_code == 0 and "up to date" in r.output
 
 
-def test_default_budget_lowers_only_the_batch(tmp_path, tiny_model, monkeypatch):
-    """Without --max-memory the batch is lowered to the default budget, never the tile."""
+def test_default_budget_lowers_the_batch_then_the_read_ahead(tmp_path, tiny_model, monkeypatch):
+    """Without --max-memory the batch, then reading ahead, give way to the default budget;
+    never the tile."""
     src = tmp_path / "a.tif"
     tifffile.imwrite(src, image(400, 600), tile=(32, 32), compression="zlib")
     tiling = TilingConfig(tile=128, halo=16, batch_size=4)
@@ -537,9 +545,11 @@ def test_default_budget_lowers_only_the_batch(tmp_path, tiny_model, monkeypatch)
     monkeypatch.setattr(budget_mod, "DEFAULT_MEMORY_BUDGET_MB", (base.memory.total - 1) / 1024**2)
     plan = tile_mod.plan_tile(tile_cfg(src, tiny_model, tiling=tiling, cog=False))
     assert plan.tiling.batch_size == 1 and plan.tiling.tile == 128
+    assert plan.tiling.read_ahead == 1 and len(plan.notes) == 1  # the batch was enough
     assert "default memory budget" in plan.notes[0]
     monkeypatch.setattr(budget_mod, "DEFAULT_MEMORY_BUDGET_MB", 1.0)
     plan = tile_mod.plan_tile(tile_cfg(src, tiny_model, tiling=tiling, cog=False))  # soft
+    assert plan.tiling.read_ahead == 0 and budget_mod.NO_READ_AHEAD in plan.notes[1]
     assert plan.tiling.tile == 128 and "over the default budget" in plan.notes[-1]
 
 

@@ -2,7 +2,8 @@
 
 Peak memory of a streaming run depends on the image *width*, the tile and the batch, never
 on the height (``memory_model``); ``fit_tiling`` lowers the batch, then stops reading ahead,
-then lowers the tile, to stay under a limit. The constants were measured (``bench/tile_memory.py`` measures them again).
+then lowers the tile, to stay under a limit. The constants were measured
+(``bench/tile_memory.py`` measures them again).
 """
 
 from __future__ import annotations
@@ -294,7 +295,7 @@ def estimate(
 def fit_tiling(
     tiling: TilingConfig, limit: int, estimate, stride: int
 ) -> tuple[TilingConfig, str | None]:
-    """The largest batch, then tile, whose estimated peak stays under ``limit`` bytes.
+    """The largest batch, then read-ahead, then tile whose estimated peak stays under ``limit``.
 
     The batch goes first (on a CPU it barely changes speed), then reading ahead (a band of
     input rows less, for reading no longer hidden behind the model: little for a TIFF);

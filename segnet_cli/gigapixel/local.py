@@ -1,7 +1,8 @@
 """``segnet tile`` on this machine: one huge image streamed through the one pipeline.
 
 1. a reader thread assembles the band of input rows that one grid row of windows needs
-   (``rows.read_bands``), one band ahead of the model;
+   (``rows.read_bands``), one band ahead of the model (or, when the memory budget needs it,
+   only once the model is done with the previous one: ``TilingConfig.read_ahead``);
 2. the main thread runs ``rows.stitch_rows``: the grid row's windows, scaled as every
    command scales them, through the ``Segmenter`` in batches of equal shape, into the
    ``Stitcher``;
