@@ -48,7 +48,7 @@ import keras
 import numpy as np
 
 from segnet_cli.classes import ClassTable, load_classes
-from segnet_cli.config import Report, TrainConfig
+from segnet_cli.config import DEFAULT_EPOCHS, Report, TrainConfig
 from segnet_cli.dataset import Pair, find_pairs, load_mask, require_ok, verify
 from segnet_cli.errors import Interrupted, LockedError, ModelFileError, UsageError
 from segnet_cli.io.files import atomic_path, file_digest, remove_dead_temporaries
@@ -58,11 +58,6 @@ from segnet_cli.losses import make_loss
 from segnet_cli.metrics import confusion, scores
 from segnet_cli.model.modelfile import InputScaling, ModelInfo, read_info
 from segnet_cli.model.network import Architecture, build_segnet, count_params, save_model
-
-#: Epochs of a new run when ``TrainConfig.epochs`` is not given: the cross-drive study's
-#: choice (on CamVid's 266 frames of two drives, mIoU on the held-out drive went 22.6, 31.2,
-#: 35.8 after 26, 70 and 130 epochs; weights/README.md).
-DEFAULT_EPOCHS = 130
 
 CHECKPOINT = "checkpoint.keras"
 LOCK = ".segnet-train.lock"

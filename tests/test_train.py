@@ -536,3 +536,14 @@ def test_init_refusals(data, tiny_model, tmp_path):
     r = runner.invoke(app, ["train", str(data / "train"), "--init", str(tiny_model), "--resume",
                             "--out", str(tmp_path / "r4")])
     assert r.exit_code == 2 and "give only one" in r.stderr
+
+
+def test_a_new_run_without_epochs_takes_the_default_schedule(tmp_path):
+    """No --epochs: the cross-drive study's schedule; an explicit value is kept."""
+    from segnet_cli.config import DEFAULT_EPOCHS
+    from segnet_cli.train import _settings
+
+    cfg, _ = _settings(TrainConfig(images=tmp_path, out=tmp_path), tmp_path)
+    assert cfg.epochs == DEFAULT_EPOCHS == 300
+    cfg, _ = _settings(TrainConfig(images=tmp_path, out=tmp_path, epochs=7), tmp_path)
+    assert cfg.epochs == 7

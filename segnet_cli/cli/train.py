@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from segnet_cli.cli.common import fail, parse_pair, quiet_tf
-from segnet_cli.config import Loss, TrainConfig
+from segnet_cli.config import DEFAULT_EPOCHS, Loss, TrainConfig
 from segnet_cli.errors import SegnetError
 
 
@@ -86,7 +86,7 @@ def train_command(
     stages: Annotated[Optional[int], typer.Option(help="Encoder/decoder stages (1-5); with --init, the model's.")] = None,
     crop: Annotated[Optional[str], typer.Option(help="Random crop size, e.g. 224 or 257x321 (default 224x288).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Crops per step.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs (default 130; with --resume: the new total).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help=f"Epochs (default {DEFAULT_EPOCHS}; with --resume: the new total).")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (AdamW, cosine decay).")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay.")] = None,
     class_weights: Annotated[Optional[str], typer.Option(help="'auto' (median frequency), 'none', or a file of weights.")] = None,
