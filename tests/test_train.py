@@ -21,7 +21,7 @@ from conftest import make_model_file, shapes_image, write_png
 from typer.testing import CliRunner
 
 from segnet_cli.cli import app
-from segnet_cli.config import Loss, TrainConfig
+from segnet_cli.config import DEFAULT_EPOCHS, Loss, TrainConfig
 from segnet_cli.errors import DatasetError, LockedError, ModelFileError, UsageError
 from segnet_cli.model.modelfile import read_info
 from segnet_cli.pipeline import segment_image
@@ -540,7 +540,6 @@ def test_init_refusals(data, tiny_model, tmp_path):
 
 def test_a_new_run_without_epochs_takes_the_default_schedule(tmp_path):
     """No --epochs: the cross-drive study's schedule; an explicit value is kept."""
-    from segnet_cli.config import DEFAULT_EPOCHS
     from segnet_cli.train import _settings
 
     cfg, _ = _settings(TrainConfig(images=tmp_path, out=tmp_path), tmp_path)
