@@ -92,14 +92,14 @@ def export_metadata(info: ModelInfo, source: Path, fmt: ExportFormat, classes_ou
                     logits: str | None = None) -> dict:
     """The metadata every export carries: the source's ``segnet.json`` plus an export block.
 
-    Training history is left out (it can be long); the validation figures stay, so
-    ``segnet info --model x.onnx`` shows them.
+    Training history is left out (it can be long); the validation and held-out figures stay,
+    so ``segnet info --model x.onnx`` shows them.
     """
     from segnet_cli import __version__
 
     data = json.loads(info.to_json())
-    val = info.validation()
-    data["training"] = {"val": val} if val else {}
+    figures = {"val": info.validation(), "held_out": info.training.get("held_out")}
+    data["training"] = {k: v for k, v in figures.items() if v}
     out_dtype = "uint8" if info.num_classes <= 256 else "int32"
     data["export"] = {
         "format": str(fmt),

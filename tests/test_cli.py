@@ -82,6 +82,29 @@ def test_info_names_the_splits_of_recorded_figures(tmp_path, tiny_model):
     assert "disc  val IoU 25.0" in r.output
 
 
+def test_info_shows_held_out_figures_of_a_model_without_validation(tmp_path, tiny_model):
+    """A final fit that trained on its validation split records held-out figures only."""
+    import dataclasses
+    import shutil
+
+    from segnet_cli.config import ExportFormat
+    from segnet_cli.export import export_metadata
+    from segnet_cli.model.modelfile import read_info, replace_info
+
+    copy = tmp_path / "m.keras"
+    shutil.copyfile(tiny_model, copy)
+    held = {"mean_iou": 0.389, "global_accuracy": 0.8, "class_accuracy": 0.55,
+            "per_class_iou": [0.5, 0.25, 0.125], "split": "drive 0006R0"}
+    replace_info(copy, dataclasses.replace(read_info(copy), training={"held_out": held}))
+    r = runner.invoke(app, ["info", "--model", str(copy)])
+    assert r.exit_code == 0, r.output
+    assert "disc  held-out IoU 25.0" in r.output and "val IoU" not in r.output
+    assert "held out on drive 0006R0: mIoU 38.9" in r.output and "validation" not in r.output
+    # Exports keep them, so `segnet info --model x.onnx` shows the same figures.
+    data = export_metadata(read_info(copy), copy, ExportFormat.ONNX, False)
+    assert data["training"] == {"held_out": held}
+
+
 def test_log_file_and_plain_progress(tmp_path, tiny_model):
     src = write_png(tmp_path / "in" / "a.png", shapes_image(30, 40)[0])
     (tmp_path / "in" / "bad.png").write_text("nope")

@@ -48,10 +48,16 @@ def _version(value: bool) -> None:
         try:
             info = read_info(default_model_path())
             val = info.validation() or {}
+            held = info.training.get("held_out") or {}
             if val:
                 line += (
                     f" (bundled model: {default_model_path().name}, CamVid val mIoU "
                     f"{val.get('mean_iou', 0) * 100:.1f})"
+                )
+            elif held:
+                line += (
+                    f" (bundled model: {default_model_path().name}, held-out mIoU "
+                    f"{held.get('mean_iou', 0) * 100:.1f})"
                 )
         except SegnetError:
             line += " (no bundled model)"

@@ -55,13 +55,17 @@ def info_command(
             markup=False,
         )
     val = meta.validation() or {}
+    held = meta.training.get("held_out") or {}
+    # A model whose final fit saw its validation split records only held-out figures: the
+    # per-class column then names them, so a figure on seen data is never shown as one.
+    per_class, column = (val, "val IoU") if val.get("per_class_iou") else (held, "held-out IoU")
     for i, (n, rgb) in enumerate(zip(meta.class_names, meta.palette)):
-        iou = (val.get("per_class_iou") or [None] * len(meta.class_names))[i]
-        extra = f"  val IoU {iou * 100:.1f}" if iou is not None else ""
+        iou = (per_class.get("per_class_iou") or [None] * len(meta.class_names))[i]
+        extra = f"  {column} {iou * 100:.1f}" if iou is not None else ""
         c.print(f"  {i:3d}  [rgb({rgb[0]},{rgb[1]},{rgb[2]})]■[/]  {escape(ui.safe(n))}{extra}")
     # Figures a model card records (``training["val"]``, ``training["held_out"]``) name
     # their split; a run's own history only has its epoch.
-    for label, rec in (("validation", val), ("held out", meta.training.get("held_out"))):
+    for label, rec in (("validation", val), ("held out", held)):
         if not rec:
             continue
         split = f" on {rec['split']}" if rec.get("split") else ""
