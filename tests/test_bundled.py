@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from conftest import grid_of
 
@@ -10,30 +12,23 @@ from segnet_cli.config import TilingConfig, default_model_path
 from segnet_cli.model.modelfile import read_info
 from segnet_cli.pipeline import segment_image
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
-def street_scene(h: int, w: int, seed: int = 0) -> np.ndarray:
-    """A synthetic street-like scene (sky, facades with windows, road, cars), float32 [0, 1]."""
-    rng = np.random.default_rng(seed)
-    img = np.zeros((h, w, 3), np.float32)
-    yy = np.linspace(0, 1, h)[:, None]
-    img[:] = (0.55 + 0.3 * (1 - yy))[..., None] * np.array([0.8, 0.85, 0.95], np.float32)
-    horizon = int(h * 0.55)
-    x = 0
-    while x < w:
-        bw = int(rng.integers(w // 12, w // 5))
-        top = int(rng.integers(h // 10, horizon - h // 10))
-        colour = rng.uniform(0.25, 0.6, 3).astype(np.float32)
-        img[top:horizon, x : x + bw] = colour
-        for wy in range(top + 10, horizon - 10, 28):
-            for wx in range(x + 6, min(x + bw, w) - 10, 22):
-                img[wy : wy + 12, wx : wx + 9] = colour * 0.4
-        x += bw
-    img[horizon:] = np.array([0.5, 0.42, 0.5], np.float32)
-    for _ in range(max(1, w // 300)):
-        cx, cy = int(rng.integers(0, w - 120)), int(rng.integers(horizon, h - 50))
-        img[cy : cy + 45, cx : cx + 110] = rng.uniform(0.1, 0.9, 3)
-    img += rng.normal(0, 0.03, img.shape).astype(np.float32)
-    return np.clip(img, 0, 1)
+
+def example_mosaic() -> np.ndarray:
+    """The three CamVid photos in ``examples/`` as a 720x1440 scene, float32 [0, 1].
+
+    Real street content, as the README's tiling figures use: a flat synthetic scene leaves
+    large areas where two classes nearly tie, so it measures ties rather than tiling. The
+    second row is the first mirrored and shifted, so no tile sees the same content twice.
+    """
+    from segnet_cli.io.images import read_image, to_model_input
+
+    photos = [to_model_input(read_image(p), 3, p) for p in sorted(EXAMPLES.glob("*.jpg"))]
+    assert len(photos) == 3 and all(p.shape == (360, 480, 3) for p in photos)
+    top = np.concatenate(photos, axis=1)
+    bottom = np.concatenate([p[:, ::-1] for p in photos[1:] + photos[:1]], axis=1)
+    return np.ascontiguousarray(np.concatenate([top, bottom], axis=0))
 
 
 def test_bundled_model_file():
@@ -55,8 +50,8 @@ def test_defaults_agree_with_whole_image_inference():
 
     seg = Segmenter()
     tiling = TilingConfig()
-    img = street_scene(1100, 1400)
-    assert len(grid_of(seg, 1100, 1400, tiling)) > 1  # really tiled at the defaults
+    img = example_mosaic()
+    assert len(grid_of(seg, *img.shape[:2], tiling)) > 1  # really tiled at the defaults
     whole = np.argmax(seg.logits(img[None])[0], -1)
     tiled, _ = segment_image(seg, img, tiling)
     agreement = float((tiled == whole).mean())
