@@ -48,6 +48,8 @@ def test_help_and_version_do_not_import_tensorflow():
 def test_version():
     r = runner.invoke(app, ["--version"])
     assert r.exit_code == 0 and __version__ in r.output
+    # The bundled model's figure: val/ if it records one, else its held-out drive's.
+    assert "(bundled model: segnet-camvid.keras, " in r.output and " mIoU " in r.output
 
 
 def test_info_describes_model(tiny_model):
