@@ -40,8 +40,8 @@ def test_bundled_model_file():
     assert info.palette[: len(CAMVID)] == tuple(c for _, c in CAMVID)
     assert info.in_channels == 3 and info.void_class == 11 and info.stride == 32
     # Figures on val/, or (when the final fit trained on val/) on a held-out drive.
-    figures = info.validation() or info.training.get("held_out")
-    assert figures is not None and 0 < figures["mean_iou"] <= 1
+    headline = info.headline()
+    assert headline is not None and 0 < headline[1]["mean_iou"] <= 1
 
 
 def test_defaults_agree_with_whole_image_inference():

@@ -167,6 +167,29 @@ def test_conv_flops_matches_keras_layer_shapes():
     del x
 
 
+def test_headline_prefers_validation_then_held_out(tiny_model):
+    """Validation figures (recorded, else the history's best epoch) come first; a model whose
+    final fit saw its validation split quotes held-out figures, labelled so."""
+    import dataclasses
+
+    info = read_info(tiny_model)
+    val = {"mean_iou": 0.6}
+    held = {"mean_iou": 0.4, "split": "drive B"}
+    history = [{"epoch": 1, "val_miou": 0.3}, {"epoch": 2, "val_miou": 0.5}, {"epoch": 3}]
+    cases = [
+        ({"val": val, "held_out": held}, ("val", val)),
+        ({"history": history, "held_out": held}, "history"),
+        ({"history": [{"epoch": 1}], "held_out": held}, ("held-out", held)),
+        ({"history": [{"epoch": 1}]}, None),
+    ]
+    for training, expected in cases:
+        got = dataclasses.replace(info, training=training).headline()
+        if expected == "history":
+            assert got[0] == "val" and got[1]["mean_iou"] == 0.5 and got[1]["epoch"] == 2
+        else:
+            assert got == expected, training
+
+
 def test_replace_info_keeps_weights(tiny_model, tmp_path):
     import dataclasses
     import shutil

@@ -47,17 +47,13 @@ def _version(value: bool) -> None:
         line = f"segnet {__version__}"
         try:
             info = read_info(default_model_path())
-            val = info.validation() or {}
-            held = info.training.get("held_out") or {}
-            if val:
+            headline = info.headline()
+            if headline:
+                label, figures = headline
+                label = "CamVid val" if label == "val" else label
                 line += (
-                    f" (bundled model: {default_model_path().name}, CamVid val mIoU "
-                    f"{val.get('mean_iou', 0) * 100:.1f})"
-                )
-            elif held:
-                line += (
-                    f" (bundled model: {default_model_path().name}, held-out mIoU "
-                    f"{held.get('mean_iou', 0) * 100:.1f})"
+                    f" (bundled model: {default_model_path().name}, {label} mIoU "
+                    f"{figures.get('mean_iou', 0) * 100:.1f})"
                 )
         except SegnetError:
             line += " (no bundled model)"

@@ -56,9 +56,10 @@ def info_command(
         )
     val = meta.validation() or {}
     held = meta.training.get("held_out") or {}
-    # A model whose final fit saw its validation split records only held-out figures: the
-    # per-class column then names them, so a figure on seen data is never shown as one.
-    per_class, column = (val, "val IoU") if val.get("per_class_iou") else (held, "held-out IoU")
+    # The per-class column names its figures: a model whose final fit saw its validation
+    # split records only held-out ones.
+    kind, per_class = meta.headline() or ("val", {})
+    column = f"{kind} IoU"
     for i, (n, rgb) in enumerate(zip(meta.class_names, meta.palette)):
         iou = (per_class.get("per_class_iou") or [None] * len(meta.class_names))[i]
         extra = f"  {column} {iou * 100:.1f}" if iou is not None else ""

@@ -81,6 +81,20 @@ class ModelInfo:
             "epoch": best.get("epoch"),
         }
 
+    def headline(self) -> tuple[str, dict] | None:
+        """The figures to quote for this model and what they are, or None if it records none.
+
+        Returns ``("val", figures)`` when it has validation figures (see `validation`), else
+        ``("held-out", figures)`` from ``training["held_out"]``. A model whose final fit saw its
+        validation split records only held-out figures, so a figure on data it trained on is
+        never quoted as validation.
+        """
+        val = self.validation()
+        if val:
+            return "val", val
+        held = self.training.get("held_out")
+        return ("held-out", dict(held)) if held else None
+
     def to_json(self) -> str:
         data = asdict(self)
         data = {"format": FORMAT, "format_version": FORMAT_VERSION, **data}
