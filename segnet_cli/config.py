@@ -376,6 +376,8 @@ class TrainConfig:
     masks: Path | None = None
     val_images: Path | None = None
     val_masks: Path | None = None
+    #: Globs naming training images to validate on instead of training (a drive, a site).
+    hold_out: tuple[str, ...] = ()
     out: Path = Path("runs/segnet")
     classes: str = "camvid"
     void: int | None = None
@@ -442,6 +444,7 @@ class TrainConfig:
                 put(self, name, Path(value))
         put(self, "crop", tuple(self.crop))
         put(self, "scale", tuple(self.scale))
+        put(self, "hold_out", tuple(self.hold_out))
         put(self, "given", frozenset(self.given))
         if self.loss in {v.value for v in Loss}:
             put(self, "loss", Loss(self.loss))
@@ -462,6 +465,12 @@ class TrainConfig:
             problems.append("give the training IMAGES folder (it is optional only with --resume)")
         if self.resume and self.init is not None:
             problems.append("--init starts a new run and --resume continues one: give only one")
+        if self.hold_out and self.val_images is not None:
+            problems.append(
+                "--hold-out and --val both name the validation split: give only one"
+            )
+        if any(not p.strip() for p in self.hold_out):
+            problems.append("--hold-out needs a glob such as '0006R0_*', not an empty one")
         for name in ("width", "learning_rate", "weight_decay", "weight_power", "jitter",
                      "max_minutes", "cache_mb"):  # fmt: skip
             value = getattr(self, name)

@@ -10,7 +10,8 @@ not just the first, with the class histogram and median-frequency weights.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
+from fnmatch import fnmatchcase
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -78,6 +79,38 @@ def find_pairs(
     problems += [f"{msks[k]}: mask has no image in {images}" for k in msks if k not in imgs]
     pairs = [Pair(imgs[k], msks[k]) for k in imgs if k in msks]
     return pairs, problems
+
+
+def split_held_out(
+    pairs: list[Pair], patterns: tuple[str, ...], root: Path
+) -> tuple[list[Pair], list[Pair]]:
+    """Split ``pairs`` into those to train on and those held out, by glob on the image.
+
+    Frames of one drive, tiles of one site or fields of one slide are near-copies of each
+    other: a validation split drawn from the same groups as training rewards remembering
+    them. Holding out whole groups measures what carries over to a group the model has not
+    seen, which is what choosing epochs and recipes should reward. The groups are named by
+    glob patterns, as file names usually encode them (CamVid's ``0006R0_*``).
+
+    Args:
+        pairs: the dataset's pairs.
+        patterns: ``fnmatch`` globs (case-sensitive); a pair is held out when any matches
+            its image's file name or its path under ``root`` (``/``-separated).
+        root: the images folder (for a list file, the list's folder).
+
+    Returns:
+        ``(train, held)``, each in the order of ``pairs``.
+    """
+    train, held = [], []
+    for pair in pairs:
+        names = [pair.image.name]
+        try:
+            names.append(PurePosixPath(*pair.image.relative_to(root).parts).as_posix())
+        except ValueError:  # a list file may name images outside its folder
+            pass
+        matched = any(fnmatchcase(n, p) for n in names for p in patterns)
+        (held if matched else train).append(pair)
+    return train, held
 
 
 def _pairs_from_list(listfile: Path) -> tuple[list[Pair], list[str]]:

@@ -49,7 +49,7 @@ import numpy as np
 
 from segnet_cli.classes import ClassTable, load_classes
 from segnet_cli.config import DEFAULT_EPOCHS, Report, TrainConfig
-from segnet_cli.dataset import Pair, find_pairs, load_mask, require_ok, verify
+from segnet_cli.dataset import Pair, find_pairs, load_mask, require_ok, split_held_out, verify
 from segnet_cli.errors import Interrupted, LockedError, ModelFileError, UsageError
 from segnet_cli.io.files import atomic_path, file_digest, remove_dead_temporaries
 from segnet_cli.io.images import read_image, to_model_input
@@ -614,6 +614,9 @@ def _load_data(config: TrainConfig, start: _Start, guard: SignalGuard, log) -> _
     """
     classes = load_classes(config.classes, config.void)
     pairs, problems = find_pairs(config.images, config.masks)
+    val_pairs: list[Pair] = []
+    if config.hold_out:
+        pairs, val_pairs = _held_out(config, pairs, log)
     log(f"verifying {len(pairs)} training pairs ...")
     # Verifying a large dataset takes minutes: a signal is answered between pairs.
     report = verify(
@@ -634,9 +637,10 @@ def _load_data(config: TrainConfig, start: _Start, guard: SignalGuard, log) -> _
             f"have {channels} channel(s)",
             start.path,
         )
-    val_pairs: list[Pair] = []
-    if config.val_images is not None:
-        val_pairs, vproblems = find_pairs(config.val_images, config.val_masks)
+    if config.val_images is not None or val_pairs:
+        vproblems: list[str] = []
+        if config.val_images is not None:
+            val_pairs, vproblems = find_pairs(config.val_images, config.val_masks)
         vreport = verify(
             val_pairs, classes, vproblems, config.rgb_masks, progress=lambda *_: guard.check()
         )
@@ -661,6 +665,32 @@ def _load_data(config: TrainConfig, start: _Start, guard: SignalGuard, log) -> _
         for p in val_pairs
     ]
     return _Data(classes, pairs, channels, weights, mean, std, val_items)
+
+
+def _held_out(config: TrainConfig, pairs: list[Pair], log) -> tuple[list[Pair], list[Pair]]:
+    """``(train, validation)``: the pairs ``--hold-out`` leaves to train on, and those it takes.
+
+    Raises:
+        UsageError: the globs match none of the pairs, or all of them.
+    """
+    images = Path(config.images)
+    root = images.parent if images.is_file() else images
+    train, held = split_held_out(pairs, config.hold_out, root)
+    shown = " ".join(repr(p) for p in config.hold_out)
+    if not held:
+        raise UsageError(
+            f"--hold-out {shown} matches none of the {len(pairs)} training images "
+            "(globs match a file name or its path under the images folder)",
+            images,
+        )
+    if not train:
+        raise UsageError(
+            f"--hold-out {shown} matches all {len(pairs)} training images: none is left to "
+            "train on",
+            images,
+        )
+    log(f"holding out {len(held)} of {len(pairs)} pairs ({shown}) to validate on")
+    return train, held
 
 
 def _build_model(config: TrainConfig, start: _Start, data: _Data, steps: int, log):

@@ -298,6 +298,8 @@ def test_sigterm_mid_run_stops_cleanly_with_143_and_a_resumable_checkpoint(data,
         (["--width", "0"], "--width"),
         (["--width", "-0.5"], "--width"),
         (["--precision", "int8"], "--precision"),
+        (["--hold-out", "s0*", "--val", "v"], "--hold-out"),
+        (["--hold-out", ""], "--hold-out"),
     ],
 )
 def test_bad_options_are_refused_before_any_data_is_read(tmp_path, args, option):
@@ -546,3 +548,62 @@ def test_a_new_run_without_epochs_takes_the_default_schedule(tmp_path):
     assert cfg.epochs == DEFAULT_EPOCHS == 300
     cfg, _ = _settings(TrainConfig(images=tmp_path, out=tmp_path, epochs=7), tmp_path)
     assert cfg.epochs == 7
+
+
+def test_split_held_out_matches_a_file_name_or_its_path_under_the_root(tmp_path):
+    """Globs name groups (a drive, a site folder); the order of the pairs is kept."""
+    from segnet_cli.dataset import Pair, split_held_out
+
+    root = tmp_path / "images"
+    names = ["0001TP_1.png", "siteA/0006R0_2.png", "0006R0_3.png", "siteB/x_4.png"]
+    pairs = [Pair(root / n, tmp_path / "masks" / n) for n in names]
+    outside = Pair(tmp_path / "elsewhere" / "0006R0_5.png", tmp_path / "m.png")
+
+    train, held = split_held_out(pairs + [outside], ("0006R0_*",), root)
+    assert [p.image.name for p in held] == ["0006R0_2.png", "0006R0_3.png", "0006R0_5.png"]
+    assert [p.image.name for p in train] == ["0001TP_1.png", "x_4.png"]
+    # A path under the root: the folder of one site; several globs add up.
+    train, held = split_held_out(pairs, ("siteB/*", "0001TP_*"), root)
+    assert [p.image.name for p in held] == ["0001TP_1.png", "x_4.png"]
+    assert len(train) == 2
+    # Case-sensitive on every platform, as file names are on the machines that train.
+    assert split_held_out(pairs, ("0006r0_*",), root)[1] == []
+
+
+def test_hold_out_validates_on_a_group_and_never_trains_on_it(data, tmp_path):
+    from segnet_cli.classes import load_classes
+    from segnet_cli.dataset import find_pairs, verify
+    from segnet_cli.train import channel_stats
+
+    out = tmp_path / "run"
+    lines: list[str] = []
+    report = run_train(tiny(data, out, epochs=1, hold_out=("s0.*", "s[34].png")), log=lines.append)
+    assert report.return_code == 0
+    assert "holding out 3 of 6 pairs ('s0.*' 's[34].png') to validate on" in lines
+    history = json.loads((out / "history.json").read_text())
+    assert 0 <= history[0]["val_miou"] <= 1 and len(history[0]["val_iou"]) == 3
+    # The class weights and input scaling come from the three pairs left to train on.
+    train = [p for p in find_pairs(data / "train")[0] if p.image.name in ("s1.png", "s2.png", "s5.png")]
+    info = read_info(out / "model.keras")
+    assert list(info.scaling.mean) == channel_stats(train, 3)[0]
+    weights = verify(train, load_classes("3"), weight_power=TrainConfig.weight_power).weights
+    assert info.training["class_weights"] == pytest.approx(weights.tolist())
+    r = runner.invoke(app, ["info", "--model", str(out / "model.keras")])
+    assert "validation on the training images matching 's0.*' 's[34].png', held out" in r.output
+    # --resume keeps the split; another one contradicts the run.
+    r = runner.invoke(app, ["train", "--resume", "--out", str(out), "--hold-out", "s1*"])
+    assert r.exit_code == 2 and "--hold-out s1* (the run's: s0.*,s[34].png)" in r.stderr
+    r = runner.invoke(app, ["train", "--resume", "--out", str(out), "--epochs", "2"])
+    assert r.exit_code == 0, r.output
+    assert "holding out 3 of 6 pairs" in r.stderr
+    assert len(json.loads((out / "history.json").read_text())[1]["val_iou"]) == 3
+
+
+def test_hold_out_that_matches_none_or_all_is_refused(data, tmp_path):
+    base = ["train", str(data / "train"), "--classes", str(data / "classes.json")]
+    for glob, reason in (("0006R0_*", "matches none of the 6"), ("s*", "matches all 6")):
+        out = tmp_path / glob.replace("*", "")
+        r = runner.invoke(app, [*base, "--out", str(out), "--hold-out", glob])
+        assert r.exit_code == 2, r.output
+        assert reason in r.stderr and str(data / "train") in r.stderr
+        assert not (out / CHECKPOINT).exists()

@@ -65,7 +65,7 @@ class ModelInfo:
     def validation(self) -> dict | None:
         """Validation figures of this model: ``training["val"]`` if recorded, else the best
         epoch of the training history (mean_iou, global_accuracy, class_accuracy,
-        per_class_iou, epoch)."""
+        per_class_iou, epoch, and the split when the run's config names it)."""
         val = self.training.get("val")
         if val:
             return dict(val)
@@ -73,13 +73,20 @@ class ModelInfo:
         if not rows:
             return None
         best = max(rows, key=lambda r: r["val_miou"])
-        return {
+        figures = {
             "mean_iou": best["val_miou"],
             "global_accuracy": best.get("val_g"),
             "class_accuracy": best.get("val_c"),
             "per_class_iou": best.get("val_iou"),
             "epoch": best.get("epoch"),
         }
+        config = self.training.get("config") or {}
+        if config.get("hold_out"):
+            globs = " ".join(repr(g) for g in config["hold_out"])
+            figures["split"] = f"the training images matching {globs}, held out"
+        elif config.get("val_images"):
+            figures["split"] = str(config["val_images"])
+        return figures
 
     def headline(self) -> tuple[str, dict] | None:
         """The figures to quote for this model and what they are, or None if it records none.
