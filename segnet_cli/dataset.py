@@ -9,6 +9,7 @@ not just the first, with the class histogram and median-frequency weights.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
@@ -94,18 +95,25 @@ def split_held_out(
 
     Args:
         pairs: the dataset's pairs.
-        patterns: ``fnmatch`` globs (case-sensitive); a pair is held out when any matches
-            its image's file name or its path under ``root`` (``/``-separated).
+        patterns: ``fnmatch`` globs (case-sensitive; ``*`` also matches ``/``, ``[[]``
+            matches ``[``); a pair is held out when any matches its image's file name or its
+            path under ``root``, written with ``/`` between folders (on Windows a ``\\`` in
+            a glob is taken as one).
         root: the images folder (for a list file, the list's folder).
 
     Returns:
         ``(train, held)``, each in the order of ``pairs``.
     """
+    if os.sep == "\\":  # fnmatch has no escape character: a backslash can only be a folder
+        patterns = tuple(p.replace("\\", "/") for p in patterns)
+    # abspath, not resolve: '..' goes, links stay (a folder of links is a split of its own).
+    root = Path(os.path.abspath(root))
     train, held = [], []
     for pair in pairs:
         names = [pair.image.name]
         try:
-            names.append(PurePosixPath(*pair.image.relative_to(root).parts).as_posix())
+            rel = Path(os.path.abspath(pair.image)).relative_to(root)
+            names.append(PurePosixPath(*rel.parts).as_posix())
         except ValueError:  # a list file may name images outside its folder
             pass
         matched = any(fnmatchcase(n, p) for n in names for p in patterns)

@@ -49,8 +49,15 @@ import numpy as np
 
 from segnet_cli.classes import ClassTable, load_classes
 from segnet_cli.config import DEFAULT_EPOCHS, Report, TrainConfig
-from segnet_cli.dataset import Pair, find_pairs, load_mask, require_ok, split_held_out, verify
-from segnet_cli.errors import Interrupted, LockedError, ModelFileError, UsageError
+from segnet_cli.dataset import Pair, find_pairs, load_mask, split_held_out, verify
+from segnet_cli.errors import (
+    DatasetError,
+    Interrupted,
+    LockedError,
+    ModelFileError,
+    SegnetError,
+    UsageError,
+)
 from segnet_cli.io.files import atomic_path, file_digest, remove_dead_temporaries
 from segnet_cli.io.images import read_image, to_model_input
 from segnet_cli.jobs import SignalGuard
@@ -566,7 +573,7 @@ def _contradictions(config: TrainConfig, run: TrainConfig) -> list[str]:
             same = mine == theirs
         if not same:
             option = TrainConfig.option(name)
-            clashes.append(f"{option} {_shown(mine)} (the run's: {_shown(theirs)})")
+            clashes.append(f"{option} {_shown(mine, name)} (the run's: {_shown(theirs, name)})")
     return clashes
 
 
@@ -584,7 +591,9 @@ def _same_path(a: Path | None, b: Path | None) -> bool:
     return Path(a).exists() and Path(b).exists() and os.path.samefile(a, b)
 
 
-def _shown(value) -> str:
+def _shown(value, name: str = "") -> str:
+    if name == "hold_out":  # globs: quoted, as the shell takes them; a run may have none
+        return " ".join(repr(g) for g in value) if value else "none"
     if isinstance(value, tuple):
         return ",".join(map(str, value))
     return str(value)
@@ -615,14 +624,30 @@ def _load_data(config: TrainConfig, start: _Start, guard: SignalGuard, log) -> _
     classes = load_classes(config.classes, config.void)
     pairs, problems = find_pairs(config.images, config.masks)
     val_pairs: list[Pair] = []
+    vproblems: list[str] = []
     if config.hold_out:
-        pairs, val_pairs = _held_out(config, pairs, log)
+        pairs, val_pairs = _held_out(config, pairs, start, log)
+    elif config.val_images is not None:
+        val_pairs, vproblems = find_pairs(config.val_images, config.val_masks)
     log(f"verifying {len(pairs)} training pairs ...")
     # Verifying a large dataset takes minutes: a signal is answered between pairs.
     report = verify(
         pairs, classes, problems, config.rgb_masks, config.weight_power, lambda *_: guard.check()
     )
-    require_ok(report)
+    vreport = None
+    if val_pairs or vproblems:
+        log(f"verifying {len(val_pairs)} validation pairs ...")
+        vreport = verify(
+            val_pairs, classes, vproblems, config.rgb_masks, progress=lambda *_: guard.check()
+        )
+    # Every problem of both splits at once, each split's named, so one round of fixes does.
+    found = report.problems + [f"validation: {p}" for p in (vreport.problems if vreport else [])]
+    if found:
+        raise DatasetError(
+            f"{len(found)} problem(s) in the dataset ({len(report.problems)} in the training "
+            f"pairs, {len(found) - len(report.problems)} in the validation pairs)",
+            found,
+        )
     channels = next(iter(report.channels))
     if start.info is not None and channels != start.info.in_channels:
         if config.resume:
@@ -637,16 +662,8 @@ def _load_data(config: TrainConfig, start: _Start, guard: SignalGuard, log) -> _
             f"have {channels} channel(s)",
             start.path,
         )
-    if config.val_images is not None or val_pairs:
-        vproblems: list[str] = []
-        if config.val_images is not None:
-            val_pairs, vproblems = find_pairs(config.val_images, config.val_masks)
-        vreport = verify(
-            val_pairs, classes, vproblems, config.rgb_masks, progress=lambda *_: guard.check()
-        )
-        require_ok(vreport)
-        if vreport.channels != report.channels:
-            raise UsageError("validation images have other channels than training images")
+    if vreport is not None and vreport.channels != report.channels:
+        raise UsageError("validation images have other channels than training images")
     weights = load_class_weights(config.class_weights, report.weights, classes.num_classes)
     log("class weights: " + ", ".join(f"{n}={w:.3f}" for n, w in zip(classes.names, weights)))
     if len(pairs) < config.batch_size:
@@ -667,8 +684,13 @@ def _load_data(config: TrainConfig, start: _Start, guard: SignalGuard, log) -> _
     return _Data(classes, pairs, channels, weights, mean, std, val_items)
 
 
-def _held_out(config: TrainConfig, pairs: list[Pair], log) -> tuple[list[Pair], list[Pair]]:
+def _held_out(
+    config: TrainConfig, pairs: list[Pair], start: _Start, log
+) -> tuple[list[Pair], list[Pair]]:
     """``(train, validation)``: the pairs ``--hold-out`` leaves to train on, and those it takes.
+
+    With ``--init``, a held-out image that the starting model trained on is validated on all
+    the same, with a warning: its figures then overstate how the model does on unseen ones.
 
     Raises:
         UsageError: the globs match none of the pairs, or all of them.
@@ -676,11 +698,11 @@ def _held_out(config: TrainConfig, pairs: list[Pair], log) -> tuple[list[Pair], 
     images = Path(config.images)
     root = images.parent if images.is_file() else images
     train, held = split_held_out(pairs, config.hold_out, root)
-    shown = " ".join(repr(p) for p in config.hold_out)
+    shown = _shown(config.hold_out, "hold_out")
     if not held:
         raise UsageError(
-            f"--hold-out {shown} matches none of the {len(pairs)} training images "
-            "(globs match a file name or its path under the images folder)",
+            f"--hold-out {shown} matches none of the {len(pairs)} training images (a glob "
+            "matches a file name, or the path under the images folder with '/' between folders)",
             images,
         )
     if not train:
@@ -690,7 +712,33 @@ def _held_out(config: TrainConfig, pairs: list[Pair], log) -> tuple[list[Pair], 
             images,
         )
     log(f"holding out {len(held)} of {len(pairs)} pairs ({shown}) to validate on")
+    if config.init is not None and not config.resume and start.info is not None:
+        seen = _trained_on(start.info) & {p.image.resolve() for p in held}
+        if seen:
+            log(
+                f"warning: the --init model trained on {len(seen)} of the {len(held)} held-out "
+                f"images (e.g. {min(seen)}), so validation overstates how it does on unseen ones"
+            )
     return train, held
+
+
+def _trained_on(info: ModelInfo) -> set[Path]:
+    """The images a model's run trained on, as far as its recorded settings still find them.
+
+    Best effort: a run records its images folder and held-out globs, not its file list, and
+    the folder may have moved or be on another machine (then: an empty set).
+    """
+    config = info.training.get("config") or {}
+    if not config.get("images"):
+        return set()
+    try:
+        pairs, _ = find_pairs(config["images"], config.get("masks"))
+    except SegnetError:
+        return set()
+    images = Path(config["images"])
+    root = images.parent if images.is_file() else images
+    trained, _ = split_held_out(pairs, tuple(config.get("hold_out") or ()), root)
+    return {p.image.resolve() for p in trained}
 
 
 def _build_model(config: TrainConfig, start: _Start, data: _Data, steps: int, log):

@@ -580,8 +580,17 @@ def test_hold_out_validates_on_a_group_and_never_trains_on_it(data, tmp_path):
     report = run_train(tiny(data, out, epochs=1, hold_out=("s0.*", "s[34].png")), log=lines.append)
     assert report.return_code == 0
     assert "holding out 3 of 6 pairs ('s0.*' 's[34].png') to validate on" in lines
+    assert "verifying 3 training pairs ..." in lines and "verifying 3 validation pairs ..." in lines
     history = json.loads((out / "history.json").read_text())
-    assert 0 <= history[0]["val_miou"] <= 1 and len(history[0]["val_iou"]) == 3
+    # Validation ran on the held-out images: segnet eval of the epoch's model on them agrees.
+    listfile = tmp_path / "held.txt"
+    listfile.write_text("".join(
+        f"{data / 'train' / n} {data / 'trainannot' / n}\n" for n in ("s0.png", "s3.png", "s4.png")
+    ))
+    r = runner.invoke(app, ["eval", str(listfile), "--model", str(out / "best.keras"),
+                            "--classes", str(data / "classes.json"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["mean_iou"] == pytest.approx(history[0]["val_miou"], abs=1e-5)
     # The class weights and input scaling come from the three pairs left to train on.
     train = [p for p in find_pairs(data / "train")[0] if p.image.name in ("s1.png", "s2.png", "s5.png")]
     info = read_info(out / "model.keras")
@@ -589,10 +598,18 @@ def test_hold_out_validates_on_a_group_and_never_trains_on_it(data, tmp_path):
     weights = verify(train, load_classes("3"), weight_power=TrainConfig.weight_power).weights
     assert info.training["class_weights"] == pytest.approx(weights.tolist())
     r = runner.invoke(app, ["info", "--model", str(out / "model.keras")])
-    assert "validation on the training images matching 's0.*' 's[34].png', held out" in r.output
+    assert "validation on held-out images matching 's0.*' 's[34].png': mIoU" in r.output
+    # A run that starts from this model, holding out what it held out, warns of nothing.
+    more = tmp_path / "more"
+    lines.clear()
+    report = run_train(
+        tiny(data, more, epochs=1, hold_out=("s0.*",), init=out / "model.keras"),
+        log=lines.append,
+    )
+    assert report.return_code == 0 and not [x for x in lines if "warning" in x]
     # --resume keeps the split; another one contradicts the run.
     r = runner.invoke(app, ["train", "--resume", "--out", str(out), "--hold-out", "s1*"])
-    assert r.exit_code == 2 and "--hold-out s1* (the run's: s0.*,s[34].png)" in r.stderr
+    assert r.exit_code == 2 and "--hold-out 's1*' (the run's: 's0.*' 's[34].png')" in r.stderr
     r = runner.invoke(app, ["train", "--resume", "--out", str(out), "--epochs", "2"])
     assert r.exit_code == 0, r.output
     assert "holding out 3 of 6 pairs" in r.stderr
@@ -607,3 +624,44 @@ def test_hold_out_that_matches_none_or_all_is_refused(data, tmp_path):
         assert r.exit_code == 2, r.output
         assert reason in r.stderr and str(data / "train") in r.stderr
         assert not (out / CHECKPOINT).exists()
+
+
+def test_hold_out_warns_when_the_init_model_trained_on_held_out_images(data, straight, tmp_path):
+    """Validating on images the starting model learned overstates it: said, not refused."""
+    lines: list[str] = []
+    report = run_train(
+        tiny(data, tmp_path / "run", epochs=1, hold_out=("s1.png",), init=straight / "model.keras"),
+        log=lines.append,
+    )
+    assert report.return_code == 0
+    warnings = [x for x in lines if x.startswith("warning:")]
+    assert len(warnings) == 1 and "trained on 1 of the 1 held-out images" in warnings[0]
+    assert str((data / "train" / "s1.png").resolve()) in warnings[0]
+    # --resume on a --val run: adding --hold-out contradicts its split.
+    r = runner.invoke(app, ["train", "--resume", "--out", str(straight), "--hold-out", "s1*"])
+    assert r.exit_code == 2 and "--hold-out 's1*' (the run's: none)" in r.stderr
+    assert read_info(straight / "model.keras").validation()["split"] == "val"
+
+
+def test_hold_out_in_a_list_file_and_problems_of_both_splits_at_once(data, tmp_path):
+    """Globs on paths under a list file's folder; every problem of both splits in one error."""
+    import shutil
+
+    root = tmp_path / "d"
+    for sub in ("train", "trainannot"):
+        shutil.copytree(data / sub, root / sub)
+    # A mask of the wrong size in each split.
+    for name in ("s1.png", "s2.png"):
+        write_png(root / "trainannot" / name, np.zeros((5, 5), np.uint8))
+    lines = [f"{(root / 'train' / f'{n}').absolute()} {(root / 'trainannot' / f'{n}').absolute()}"
+             for n in ("s0.png", "s1.png", "s2.png", "s3.png", "s4.png", "s5.png")]
+    (root / "list.txt").write_text("\n".join(lines) + "\n")
+    listfile = Path(os.path.relpath(root / "list.txt"))  # relative, its lines absolute
+    cfg = tiny(data, tmp_path / "run", images=listfile, hold_out=("train/s2.png",))
+    with pytest.raises(DatasetError) as err:
+        run_train(cfg, log=quiet)
+    assert "2 problem(s) in the dataset (1 in the training pairs, 1 in the validation" in str(err.value)
+    problems = err.value.problems
+    assert any("s1.png" in p and not p.startswith("validation:") for p in problems)
+    assert any(p.startswith("validation: ") and "s2.png" in p for p in problems)
+    assert not (tmp_path / "run" / CHECKPOINT).exists()

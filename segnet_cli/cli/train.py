@@ -78,7 +78,7 @@ def train_command(
     masks: Annotated[Optional[Path], typer.Option("--masks", help="Training masks folder (default: <images>annot).")] = None,
     val: Annotated[Optional[Path], typer.Option("--val", help="Validation images folder; the best model is chosen on it.")] = None,
     val_masks: Annotated[Optional[Path], typer.Option("--val-masks", help="Validation masks (default: <val>annot).")] = None,
-    hold_out: Annotated[Optional[list[str]], typer.Option("--hold-out", metavar="<glob>", help="Validate on the training images whose file name (or path under IMAGES) matches this glob, e.g. '0006R0_*' for a whole drive, site or slide, and never train on them; repeatable. Instead of --val.")] = None,
+    hold_out: Annotated[Optional[list[str]], typer.Option("--hold-out", metavar="<glob>", help="Validate on the training images whose file name, or path under IMAGES (a list file: its folder; '/' between folders), matches this glob, e.g. '0006R0_*' for a whole drive, site or slide; never train on them, and choose the best model on them. Repeatable; instead of --val.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder for checkpoints, history and the model.")] = None,
     classes: Annotated[Optional[str], typer.Option(help="'camvid', a number of classes, or a JSON/CSV classes file.")] = None,
     void: Annotated[Optional[int], typer.Option(help="Void (ignored) mask value.")] = None,

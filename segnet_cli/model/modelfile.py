@@ -83,9 +83,10 @@ class ModelInfo:
         config = self.training.get("config") or {}
         if config.get("hold_out"):
             globs = " ".join(repr(g) for g in config["hold_out"])
-            figures["split"] = f"the training images matching {globs}, held out"
+            figures["split"] = f"held-out images matching {globs}"
         elif config.get("val_images"):
-            figures["split"] = str(config["val_images"])
+            # The folder's name only: exports carry these figures to other machines.
+            figures["split"] = Path(config["val_images"]).name
         return figures
 
     def headline(self) -> tuple[str, dict] | None:
@@ -94,11 +95,14 @@ class ModelInfo:
         Returns ``("val", figures)`` when it has validation figures (see `validation`), else
         ``("held-out", figures)`` from ``training["held_out"]``. A model whose final fit saw its
         validation split records only held-out figures, so a figure on data it trained on is
-        never quoted as validation.
+        never quoted as validation. A run validated on groups held out of its training images
+        (``segnet train --hold-out``) is "held-out" as well.
         """
         val = self.validation()
         if val:
-            return "val", val
+            config = self.training.get("config") or {}
+            held_out_run = not self.training.get("val") and config.get("hold_out")
+            return ("held-out" if held_out_run else "val"), val
         held = self.training.get("held_out")
         return ("held-out", dict(held)) if held else None
 
