@@ -99,7 +99,7 @@ def split_held_out(
             matches ``[``); a pair is held out when any matches its image's file name or its
             path under ``root``, written with ``/`` between folders (on Windows a ``\\`` in
             a glob is taken as one).
-        root: the images folder (for a list file, the list's folder).
+        root: the images folder, or the list file the pairs came from (then its folder).
 
     Returns:
         ``(train, held)``, each in the order of ``pairs``.
@@ -107,7 +107,7 @@ def split_held_out(
     if os.sep == "\\":  # fnmatch has no escape character: a backslash can only be a folder
         patterns = tuple(p.replace("\\", "/") for p in patterns)
     # abspath, not resolve: '..' goes, links stay (a folder of links is a split of its own).
-    root = Path(os.path.abspath(root))
+    root = Path(os.path.abspath(root.parent if root.is_file() else root))
     train, held = [], []
     for pair in pairs:
         names = [pair.image.name]

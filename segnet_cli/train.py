@@ -643,11 +643,13 @@ def _load_data(config: TrainConfig, start: _Start, guard: SignalGuard, log) -> _
     # Every problem of both splits at once, each split's named, so one round of fixes does.
     found = report.problems + [f"validation: {p}" for p in (vreport.problems if vreport else [])]
     if found:
-        raise DatasetError(
-            f"{len(found)} problem(s) in the dataset ({len(report.problems)} in the training "
-            f"pairs, {len(found) - len(report.problems)} in the validation pairs)",
-            found,
+        split = (
+            f" ({len(report.problems)} in the training pairs, "
+            f"{len(found) - len(report.problems)} in the validation pairs)"
+            if vreport is not None
+            else ""
         )
+        raise DatasetError(f"{len(found)} problem(s) in the dataset{split}", found)
     channels = next(iter(report.channels))
     if start.info is not None and channels != start.info.in_channels:
         if config.resume:
@@ -696,8 +698,7 @@ def _held_out(
         UsageError: the globs match none of the pairs, or all of them.
     """
     images = Path(config.images)
-    root = images.parent if images.is_file() else images
-    train, held = split_held_out(pairs, config.hold_out, root)
+    train, held = split_held_out(pairs, config.hold_out, images)
     shown = _shown(config.hold_out, "hold_out")
     if not held:
         raise UsageError(
@@ -735,9 +736,7 @@ def _trained_on(info: ModelInfo) -> set[Path]:
         pairs, _ = find_pairs(config["images"], config.get("masks"))
     except SegnetError:
         return set()
-    images = Path(config["images"])
-    root = images.parent if images.is_file() else images
-    trained, _ = split_held_out(pairs, tuple(config.get("hold_out") or ()), root)
+    trained, _ = split_held_out(pairs, tuple(config.get("hold_out") or ()), Path(config["images"]))
     return {p.image.resolve() for p in trained}
 
 
