@@ -224,6 +224,9 @@ def test_train_refuses_a_dataset_with_problems(data, tmp_path):
     with pytest.raises(DatasetError) as exc:
         run_train(replace(tiny(data, tmp_path / "r"), images=bad / "train"), log=quiet)
     assert any("s0.png" in p for p in exc.value.problems)
+    # No validation split, so no per-split counts to name.
+    assert str(exc.value).startswith("1 problem(s) in the dataset")
+    assert "validation" not in str(exc.value)
     assert not (tmp_path / "r" / CHECKPOINT).exists()
 
 
