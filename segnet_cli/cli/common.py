@@ -53,18 +53,22 @@ def quiet_tf() -> None:
     import_tf()
 
 
-def parse_pair(text: str, name: str, cast=int) -> tuple:
-    """``224`` or ``224x320`` (or ``0.5,1.5``) as a pair; a bad value is a usage error."""
-    parts = text.lower().replace("x", ",").split(",")
+def parse_pair(text: str, name: str, cast=int, example: str = "224 or 224x320") -> tuple:
+    """``224`` or ``224x320`` (or ``0.5,1.5``) as a pair; a bad value is a usage error.
+
+    One value stands for both. Every part must be there: ``7x``, ``x7`` and ``7xx8`` are
+    refused, not read as ``7``, since a typo should not silently train on 7x7 crops.
+    """
+    parts = text.strip().lower().replace("x", ",").split(",")
     try:
-        vals = tuple(cast(p) for p in parts if p.strip())
+        if len(parts) > 2 or any(not p.strip() for p in parts):
+            raise ValueError(text)
+        vals = tuple(cast(p) for p in parts)
     except ValueError:
-        raise typer.BadParameter(f"{name} must look like 224 or 224x320", param_hint=name) from None
-    if len(vals) == 1:
-        vals = vals * 2
-    if len(vals) != 2:
-        raise typer.BadParameter(f"{name} must look like 224 or 224x320", param_hint=name)
-    return vals
+        raise typer.BadParameter(
+            f"{name} must look like {example}, not {text!r}", param_hint=name
+        ) from None
+    return vals * 2 if len(vals) == 1 else vals
 
 
 def inference_config(

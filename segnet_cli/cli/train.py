@@ -133,7 +133,7 @@ def train_command(
         "workers": workers,
         "init": init,
         "crop": parse_pair(crop, "--crop") if crop else None,
-        "scale": parse_pair(scale, "--scale", float) if scale else None,
+        "scale": parse_pair(scale, "--scale", float, "0.75,1.25") if scale else None,
     }
     given = {k: v for k, v in given.items() if v is not None}
     # What the user typed, so that --resume can refuse an option that contradicts the run
