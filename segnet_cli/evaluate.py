@@ -288,6 +288,8 @@ def run_eval(config: EvalConfig, progress=None, log: Callable[[str], None] | Non
             )
         return truth, to_model_input(raw, info.in_channels, item.image)
 
+    if config.plot is not None:
+        _check_plot(Path(config.plot), items, found.values())
     if config.save_masks is not None:
         _check_save_masks(Path(config.save_masks), items)
         check_writable(config.save_masks, "--save-masks")
@@ -401,6 +403,23 @@ def run_eval(config: EvalConfig, progress=None, log: Callable[[str], None] | Non
     return run.report(**details)
 
 
+def _scored_files(items: list[EvalItem], preds=()) -> dict[Path, Path]:
+    """Every file the run reads (masks, images, predictions), by absolute path."""
+    inputs = {}
+    for p in [*(q for item in items for q in (item.mask, item.image)), *preds]:
+        if p is not None:
+            inputs[Path(os.path.abspath(p))] = p
+    return inputs
+
+
+def _scored_file_at(target: Path, inputs: dict[Path, Path]) -> Path | None:
+    """The file being scored that ``target`` would replace (same path or same file)."""
+    hit = inputs.get(Path(os.path.abspath(target)))
+    if hit is None and target.exists():
+        hit = next((p for p in inputs if os.path.exists(p) and os.path.samefile(p, target)), None)
+    return hit
+
+
 def _check_save_masks(folder: Path, items: list[EvalItem]) -> None:
     """Refuse ``--save-masks`` where a saved mask would replace an image or a ground truth.
 
@@ -408,21 +427,35 @@ def _check_save_masks(folder: Path, items: list[EvalItem]) -> None:
         UsageError: a target is one of the files being scored (the next eval would then
             score the model against itself), checked before anything is written.
     """
-    inputs = {}
+    inputs = _scored_files(items)
     for item in items:
-        for p in (item.mask, item.image):
-            if p is not None:
-                inputs[Path(os.path.abspath(p))] = p
-    for item in items:
-        target = Path(os.path.abspath(folder / f"{item.key}.png"))
-        hit = inputs.get(target)
-        if hit is None and target.exists():
-            hit = next((p for p in inputs if os.path.exists(p) and os.path.samefile(p, target)), None)
+        hit = _scored_file_at(folder / f"{item.key}.png", inputs)
         if hit is not None:
             raise UsageError(
                 f"--save-masks would overwrite {hit}, a file being scored; give another folder",
                 folder,
             )
+
+
+def _check_plot(plot: Path, items: list[EvalItem], preds) -> None:
+    """Refuse a ``--plot`` that would replace a file being scored, or cannot be written.
+
+    Checked before anything runs, so that a slip such as ``--plot masks/0001.png`` never
+    replaces a ground-truth mask with a chart, and an unwritable folder is a usage error
+    (exit 2) rather than a failure after minutes of scoring.
+
+    Raises:
+        UsageError: not a ``.png`` name, a folder, one of the files being scored, or a
+            folder that cannot be written.
+    """
+    if plot.suffix.lower() != ".png":
+        raise UsageError("--plot writes a PNG: give a file name ending in .png", plot)
+    if plot.is_dir():
+        raise UsageError("--plot is a folder; give a file name ending in .png", plot)
+    hit = _scored_file_at(plot, _scored_files(items, preds))
+    if hit is not None:
+        raise UsageError(f"--plot would overwrite {hit}, a file being scored", plot)
+    check_writable(plot.parent, "--plot")
 
 
 def _plot_title(d: dict) -> str:

@@ -91,6 +91,24 @@ def test_pred_mode_matches_hand_computation(scored, tmp_path):
     assert dark_blue.sum() > 200
 
 
+@pytest.mark.parametrize("target, message", [
+    ("gt/a.png", "would overwrite"),  # a ground-truth mask
+    ("pred/sub/b.png", "would overwrite"),  # a prediction
+    ("cm.jpg", "ending in .png"),  # the file would hold a PNG under another name
+    ("gt", "ending in .png"),
+    ("a-file/cm.png", "is a file, not a folder"),  # cannot be written
+])
+def test_plot_never_replaces_a_scored_file_and_is_checked_first(scored, tmp_path, target, message):
+    gt, pred = scored
+    (tmp_path / "a-file").write_text("not a folder")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    r = run("eval", "--pred", pred, "--masks", gt, "--classes", "4", "--void", VOID,
+            "--plot", tmp_path / target)
+    assert r.exit_code == 2, r.output
+    assert message in r.stderr and "mIoU" not in r.stderr  # refused before any scoring
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 def test_missing_prediction_fails_that_image_and_scores_the_rest(scored):
     gt, pred = scored
     write_png(gt / "c.png", np.ones((3, 3), np.uint8))
