@@ -61,6 +61,7 @@ def configure(quiet: bool = False, log_file: Path | None = None) -> None:
         _log_file.close()
         _log_file = None
     if log_file is not None:
+        _refuse_binary_log(Path(log_file))
         try:
             _log_file = open(
                 log_file, "a", buffering=1, encoding="utf-8", errors="backslashreplace"
@@ -69,6 +70,31 @@ def configure(quiet: bool = False, log_file: Path | None = None) -> None:
             from segnet_cli.errors import UsageError
 
             raise UsageError(f"cannot open the log file: {exc.strerror or exc}", log_file) from None
+
+
+def _refuse_binary_log(path: Path) -> None:
+    """Refuse to append log lines to a file that is not a text log.
+
+    ``--log-file`` appends, so a slip such as ``--log-file photos/a.jpg`` would otherwise
+    change an image, a mask or a model for good. Logs are UTF-8 text, which never holds a
+    NUL byte; images, TIFFs and model files hold one in their first bytes.
+
+    Raises:
+        UsageError: ``path`` exists and its first 8 KiB hold a NUL byte.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8192)
+    except OSError:
+        return  # missing (a new log) or unreadable: open() below says what is wrong
+    if b"\0" in head:
+        from segnet_cli.errors import UsageError
+
+        raise UsageError(
+            "--log-file is not a text log (it holds binary data: an image or a model?); "
+            "segnet only appends to text logs",
+            path,
+        )
 
 
 def _to_log_file(text: str) -> None:

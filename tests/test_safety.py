@@ -151,6 +151,24 @@ def test_tile_probability_raster_never_replaces_the_input(tmp_path, tiny_model):
     assert digests(tmp_path) == before
 
 
+def test_log_file_never_appends_to_an_image_or_a_model(tmp_path, tiny_model):
+    src = tmp_path / "in"
+    image = write_png(src / "a.png", shapes_image(16, 16)[0])
+    before = image.read_bytes(), tiny_model.read_bytes()
+    for log in (image, tiny_model):
+        r = run("predict", src, "--out", tmp_path / "out", "--model", tiny_model,
+                "--log-file", log)
+        assert r.exit_code == 2 and "not a text log" in r.output and log.name in r.output, r.output
+    assert (image.read_bytes(), tiny_model.read_bytes()) == before
+    assert not (tmp_path / "out").exists()
+    # A text log is appended to, as before.
+    log = tmp_path / "run.log"
+    log.write_text("earlier run\n")
+    r = run("predict", src, "--out", tmp_path / "out", "--model", tiny_model, "--log-file", log)
+    assert r.exit_code == 0, r.output
+    assert log.read_text().startswith("earlier run\n") and "1 done" in log.read_text()
+
+
 # --------------------------------------------------------------------------- up to date, repaired
 
 
