@@ -44,7 +44,7 @@ import numpy as np
 
 from segnet_cli.config import ExportConfig, ExportFormat, Report
 from segnet_cli.errors import ExportError, MissingExtraError, ModelFileError, UsageError
-from segnet_cli.io.files import atomic_folder, atomic_path, file_digest
+from segnet_cli.io.files import atomic_folder, atomic_path, check_writable, file_digest
 from segnet_cli.model.modelfile import MEMBER, ModelInfo, read_info, resolve_model_path
 from segnet_cli.model.onnxmodel import ONNX_INSTALL, import_onnx, import_onnxruntime
 
@@ -532,7 +532,9 @@ def export_model(config: ExportConfig, log=None) -> Report:
         figures and the ``metadata`` written.
 
     Raises:
-        UsageError: the output exists (without ``overwrite``), or a bad option.
+        UsageError: the output exists (without ``overwrite``); with it, a folder that is not
+            a SavedModel or holds the model; an output folder that cannot be written; or a
+            bad option.
         MissingExtraError: the format's converter or runtime is not installed.
         ModelFileError: the model file is missing or not a segnet model.
         ExportError: a layer or op the converter cannot handle, or a failed parity check
@@ -547,6 +549,16 @@ def export_model(config: ExportConfig, log=None) -> Report:
         raise UsageError("already exists; pass --overwrite to replace it", out)
     if out.exists() and fmt is not ExportFormat.SAVED_MODEL and out.is_dir():
         raise UsageError("is a folder; give a file name", out)
+    if fmt is ExportFormat.SAVED_MODEL and out.is_dir():
+        # --overwrite replaces the whole folder: only ever a SavedModel, and never one that
+        # holds the model being exported (``--out runs/a`` with ``--model runs/a/model.keras``
+        # would otherwise take the run's checkpoints with it).
+        if source.resolve().is_relative_to(out.resolve()):
+            raise UsageError(f"holds the model being exported ({source}); give another folder", out)
+        if not (out / "saved_model.pb").is_file():
+            raise UsageError("is a folder but not a SavedModel; --overwrite only replaces a "
+                             "SavedModel", out)
+    check_writable(out.parent, "--out")  # a folder that cannot be written: exit 2, before the work
     _require_extras(fmt)
 
     from segnet_cli.model.network import inference_form, load_model

@@ -254,6 +254,32 @@ def test_usage_errors_exit_2(tmp_path, tiny_model, exports):
     assert r.exit_code == 2
 
 
+def test_overwrite_replaces_only_a_saved_model_and_never_the_source(tmp_path, tiny_model, exports):
+    run = tmp_path / "run"
+    run.mkdir()
+    model = run / "model.keras"
+    model.write_bytes(tiny_model.read_bytes())
+    (run / "checkpoint.keras").write_bytes(b"weeks of training")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    (tmp_path / "a-file").write_text("not a folder")
+    for out, model_path, message in [
+        (run, model, "holds the model being exported"),
+        (mine, tiny_model, "not a SavedModel"),
+        (tmp_path / "a-file" / "sm", tiny_model, "is a file, not a folder"),  # cannot be written
+    ]:
+        r = runner.invoke(app, ["export", "--model", str(model_path), "--format", "saved_model",
+                                "--out", str(out), "--overwrite"])
+        assert r.exit_code == 2 and message in r.output, r.output
+    assert (run / "checkpoint.keras").read_bytes() == b"weeks of training"
+    assert model.read_bytes() == tiny_model.read_bytes()
+    assert (mine / "notes.txt").read_text() == "keep me"
+    r = runner.invoke(app, ["export", "--format", "onnx", "--model", str(tiny_model),
+                            "--out", str(tmp_path / "a-file" / "m.onnx")])
+    assert r.exit_code == 2 and "is a file, not a folder" in r.output, r.output
+
+
 def test_missing_extra_names_the_install_command(tmp_path, tiny_model, monkeypatch, exports):
     import sys
 
