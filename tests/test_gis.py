@@ -304,6 +304,12 @@ def test_aoi_errors_and_pixel_coordinates(tmp_path, model):
     assert rep["plan"]["aoi_pixels"] == 100 * 360
     mask = read(tmp_path / "s.mask.tif")
     assert (mask[100:] == 255).all() and (mask[:100] != 255).all()
+    # The polygons never replace the area of interest they were asked to cover.
+    before = top.read_bytes()
+    r = runner.invoke(app, ["tile", str(src), "--model", str(model), "--aoi", str(top),
+                            "--vector", str(top), "--out", str(tmp_path / "again.tif")])
+    assert r.exit_code == 2 and "would overwrite" in r.output, r.output
+    assert top.read_bytes() == before and not (tmp_path / "again.tif").exists()
 
 
 # --------------------------------------------------------------------------- polygons

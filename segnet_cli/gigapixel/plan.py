@@ -316,7 +316,8 @@ def _gis(config: TileConfig, source: SourceInfo, output: Path, prob_out: Path | 
 
         vector = Path(config.vector)
         check_vector_path(vector)
-        for other in (source.path, output, prob_out):
+        aoi_path = None if config.aoi is None else Path(config.aoi)
+        for other in (source.path, output, prob_out, aoi_path):
             if other is not None and _same_file(vector, other):
                 raise UsageError(f"--vector {vector} would overwrite {other}")
     georef = read_georef(source.path)
