@@ -459,6 +459,15 @@ def _settings(config: TrainConfig, out: Path) -> tuple[TrainConfig, _Start]:
                 "another --out",
                 out,
             )
+        # A finished run whose checkpoint was pruned (it is the largest file) still holds
+        # its models: a new run here would replace them.
+        kept = [n for n in (FINAL, BEST, "history.json") if (out / n).exists()]
+        if kept:
+            raise UsageError(
+                f"run folder already holds a run ({', '.join(kept)}) that a new run would "
+                "replace; give another --out",
+                out,
+            )
         config = replace(config, epochs=config.epochs or DEFAULT_EPOCHS)
         if config.init is None:
             return config, _Start()

@@ -190,6 +190,13 @@ def test_resume_and_checkpoint_guards(data, tmp_path):
     assert r.exit_code == 2 and "nothing to resume" in r.stderr
     r = runner.invoke(app, ["train", str(data / "train"), "--out", str(tmp_path / "used")])
     assert r.exit_code == 2 and "already has a checkpoint" in r.stderr
+    # A finished run whose checkpoint was deleted keeps its models: a new run is refused.
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "model.keras").write_bytes(b"a trained model")
+    r = runner.invoke(app, ["train", str(data / "train"), "--out", str(done)])
+    assert r.exit_code == 2 and "model.keras" in r.stderr and "another --out" in r.stderr
+    assert (done / "model.keras").read_bytes() == b"a trained model"
 
 
 def test_class_weight_options(data, tmp_path):
