@@ -141,9 +141,13 @@ def _pairs_from_list(listfile: Path) -> tuple[list[Pair], list[str]]:
                 # components (folder/name) and look beside the list file.
                 cand = base / Path(*p.parts[-2:])
             found.append(cand)
-        missing = [str(c) for c in found if not c.exists()]
+        # Named as the line wrote them: the tutorial fallback above is only a guess.
+        missing = [part for part, c in zip(parts, found) if not c.exists()]
         if missing:
-            problems.append(f"{listfile}:{n}: missing {', '.join(missing)}")
+            problems.append(
+                f"{listfile}:{n}: not found: {', '.join(missing)}"
+                + ("" if all(Path(m).is_absolute() for m in missing) else f" (under {base})")
+            )
             continue
         pairs.append(Pair(found[0], found[1]))
     return pairs, problems

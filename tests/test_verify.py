@@ -152,10 +152,12 @@ def test_list_file_pairs_relative_and_tutorial_paths(tmp_path):
     r = run("verify", listfile, "--classes", "3", "--void", "255")
     assert r.exit_code == 0, r.output
 
-    listfile.write_text(listfile.read_text() + "images/zz.png imagesannot/zz.png\njust-one-column\n")
+    listfile.write_text(listfile.read_text() + "images/a.png other/annot/zz.png\njust-one-column\n")
     r = run("verify", listfile, "--classes", "3", "--void", "255")
     assert r.exit_code == 1
-    assert "zz.png" in r.stderr and "expected 'image mask'" in r.stderr
+    # The missing path as the line wrote it, not the tutorial fallback's guess (annot/zz.png).
+    assert "train.txt:5: not found: other/annot/zz.png" in r.stderr, r.stderr
+    assert "expected 'image mask'" in r.stderr
 
 
 def test_rgb_masks_mapped_through_the_class_colours(tmp_path):
