@@ -28,6 +28,7 @@ Every file is written through ``io.files.atomic_path``: nothing half-written, ev
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -209,6 +210,21 @@ def oriented_size(im) -> tuple[int, int]:
     return (im.height, im.width) if turned else (im.width, im.height)
 
 
+def _bomb_error(exc: Exception, limit: int, path) -> ImageTooLargeError:
+    """Pillow's decompression-bomb refusal, in segnet's words and with the run's limit.
+
+    Pillow's own message quotes twice the limit for the images it refuses outright (its
+    error threshold is 2x ``MAX_IMAGE_PIXELS``), which would contradict ``--max-pixels``.
+    """
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"{int(found.group(1)):,} pixels" if found else "the image"
+    return ImageTooLargeError(
+        f"{size} is over the pixel limit of {limit:,} (decompression bomb guard); "
+        "raise the limit with --max-pixels",
+        path,
+    )
+
+
 def open_pillow(path: Path, max_pixels: int | None):
     """Open an image with Pillow under the run's limits, its header read and checked.
 
@@ -232,9 +248,7 @@ def open_pillow(path: Path, max_pixels: int | None):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(path)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLargeError(
-            f"decompression bomb guard: {exc} (raise the limit with --max-pixels)", path
-        ) from None
+        raise _bomb_error(exc, limit, path) from None
     except UnidentifiedImageError:
         raise ImageReadError("not an image Pillow can read (wrong content or format)", path) from None
     except PermissionError:
@@ -263,9 +277,7 @@ def _read_pillow(path: Path, max_pixels: int | None) -> tuple[np.ndarray, bool]:
                     im = ImageOps.exif_transpose(im)
                 return _pil_to_array(im)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLargeError(
-            f"decompression bomb guard: {exc} (raise the limit with --max-pixels)", path
-        ) from None
+        raise _bomb_error(exc, pixel_limit(max_pixels), path) from None
     except PermissionError:
         raise ImageReadError("permission denied", path) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
