@@ -73,14 +73,18 @@ def collect_inputs(
             seen.add(key)
             items.append(InputItem(path, rel))
 
+    empty: list[str] = []  # folders that hold no image: named when nothing matched at all
     for spec in specs:
         p = Path(spec)
         if p.is_dir():
             skip = _strictly_inside(exclude, p)
+            before = len(items)
             for f in _walk(p, skip):
                 rel = f.relative_to(p)
                 if f.suffix.lower() in suffixes:
                     add(f, rel, skip)
+            if len(items) == before:
+                empty.append(spec)
         elif p.exists() or p.is_symlink():
             add(p, Path(p.name))  # named explicitly: an input, wherever it lies
         elif any(ch in spec for ch in "*?["):
@@ -97,7 +101,11 @@ def collect_inputs(
         else:
             missing.append(spec)
     if not items:
-        raise NoInputError("no input matched" + (f": {', '.join(missing)}" if missing else ""))
+        why = [f"{m} ({'matched nothing' if any(c in m for c in '*?[') else 'not found'})"
+               for m in missing]
+        kinds = ", ".join(sorted({x.lstrip(".") for x in suffixes}))
+        why += [f"{e} (a folder with no {kinds} file)" for e in empty]
+        raise NoInputError("no input matched" + (f": {'; '.join(why)}" if why else ""))
     return items, missing
 
 

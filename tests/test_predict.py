@@ -151,6 +151,13 @@ def test_bad_inputs_are_isolated(photos, tmp_path, tiny_model):
 def test_usage_errors_exit_2(tmp_path, tiny_model):
     r = run("predict", tmp_path / "nothing*.png", "--out", tmp_path / "o", "--model", tiny_model)
     assert r.exit_code == 2 and "no input matched" in r.output
+    assert "nothing*.png (matched nothing)" in r.output, r.output
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    r = run("predict", tmp_path / "empty", tmp_path / "gone", "--out", tmp_path / "o",
+            "--model", tiny_model)
+    assert r.exit_code == 2, r.output
+    assert "gone (not found)" in r.output and "empty (a folder with no " in r.output, r.output
     src = write_png(tmp_path / "a.png", shapes_image(8, 8)[0])
     r = run("predict", src, "--out", tmp_path / "o", "--model", tmp_path / "none.keras")
     assert r.exit_code == 2 and "none.keras" in r.output
