@@ -377,6 +377,9 @@ def test_byte_budget_default_refuses_a_3000x3000x32_float64_tiff(tmp_path, monke
     with pytest.raises(ImageTooLargeError, match="over the limit of 763 MiB"):
         read_image(deep, max_pixels=200_000_000)  # --max-pixels raises the budget with it
     check_decoded_size(3000, 3000, 256, 600_000_000, deep)  # 2,289 MiB allowed: no error
+    # A tiny limit is quoted in KiB, not as "0 MiB".
+    with pytest.raises(ImageTooLargeError, match=r"decodes to 10.5 KiB, over the limit of 3.9 KiB"):
+        check_decoded_size(30, 30, 12, 1000, deep)
 
 
 def test_tile_plans_with_the_exif_rotated_size(tmp_path, tiny_model):

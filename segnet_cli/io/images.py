@@ -182,10 +182,18 @@ def check_decoded_size(
     if need > budget:
         raise ImageTooLargeError(
             f"{width}x{height} at {bytes_per_pixel} bytes per pixel decodes to "
-            f"{need / 2**20:,.0f} MiB, over the limit of {budget / 2**20:,.0f} MiB "
+            f"{_mib(need)}, over the limit of {_mib(budget)} "
             f"({BYTES_PER_LIMIT_PIXEL} bytes per pixel of the {limit:,}-pixel limit); {hint}",
             path,
         )
+
+
+def _mib(n: int) -> str:
+    """A byte count for a message: MiB, or KiB below one (a small ``--max-pixels`` would
+    otherwise read as "over the limit of 0 MiB")."""
+    if n >= 10 * 2**20:
+        return f"{n / 2**20:,.0f} MiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:,.1f} KiB"
 
 
 def pillow_bytes_per_pixel(mode: str) -> int:
