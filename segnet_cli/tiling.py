@@ -127,12 +127,17 @@ class TileGrid:
             raise UsageError(f"image has no pixels ({width}x{height})")
         if stride < 1 or tile < 1 or halo < 0:
             raise UsageError("tile and stride must be positive, halo not negative")
+        asked = (tile, halo)
         tile = (tile // stride) * stride
         halo = math.ceil(halo / stride) * stride
         if tile < 2 * halo + stride:
+            rounded = (
+                f" (--tile {asked[0]} and --halo {asked[1]} become {tile} and {halo}: multiples "
+                f"of the model's stride, {stride})" if (tile, halo) != asked else ""
+            )
             raise UsageError(
-                f"tile {tile} leaves no core inside a halo of {halo} on both sides: use a tile "
-                f"of at least {2 * halo + stride} (multiples of {stride})"
+                f"tile {tile} leaves no core inside a halo of {halo} on both sides{rounded}: "
+                f"use a tile of at least {2 * halo + stride} (multiples of {stride})"
             )
         return cls(
             height,

@@ -54,8 +54,12 @@ def test_grid_counts_shapes_and_alignment():
 
 
 def test_grid_rejects_impossible_settings():
-    with pytest.raises(UsageError, match="no core"):
+    with pytest.raises(UsageError, match="no core") as err:
         TileGrid.make(1000, 1000, 128, 64, 32)
+    assert "become" not in str(err.value)  # nothing was rounded
+    # A rounded tile or halo is said, so "tile 96" is not a mystery after --tile 100.
+    with pytest.raises(UsageError, match="--tile 100 and --halo 40 become 96 and 64"):
+        TileGrid.make(1000, 1000, 100, 40, 32)
     with pytest.raises(UsageError):
         TileGrid.make(0, 10, 128, 0, 32)
 

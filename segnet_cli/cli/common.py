@@ -20,8 +20,8 @@ EXIT_CODES_HELP = (
 )
 
 _T = TilingConfig()
-TileOpt = Annotated[Optional[int], typer.Option("--tile", help=f"Tile size in pixels (multiple of the model's stride; default {_T.tile}).")]
-HaloOpt = Annotated[Optional[int], typer.Option("--halo", help=f"Context around each tile's core, in pixels (default {_T.halo}).")]
+TileOpt = Annotated[Optional[int], typer.Option("--tile", help=f"Tile size in pixels, rounded down to a multiple of the model's stride (32 for 5 stages); default {_T.tile}.")]
+HaloOpt = Annotated[Optional[int], typer.Option("--halo", help=f"Context around each tile's core, in pixels, rounded up to a multiple of the stride; default {_T.halo}.")]
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", "-b", help=f"Tiles per model batch and device (default {_T.batch_size}; raise it on a GPU for small tiles).")]
 BlendOpt = Annotated[Optional[str], typer.Option("--blend", help=f"{' or '.join(repr(v) for v in Blend.values())}: overlap-tile (exact) or Gaussian-weighted probabilities (default {_T.blend}).")]
 ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="Model file: .keras, or .onnx from `segnet export` (run with ONNX Runtime; pip install 'segnet-cli[onnx]'). Default: the bundled CamVid model.")]
