@@ -78,7 +78,8 @@ app.command("eval", epilog=EXIT_CODES_HELP)(eval_command)
 app.command("train", epilog=EXIT_CODES_HELP)(train_command)
 app.command("verify")(verify_command)
 app.command("export", epilog=EXIT_CODES_HELP)(export_command)
-app.command("info")(info_command)
+app.command("info", epilog="Exit codes: 0 described; 2 the model file is missing or not a segnet "
+            "model.")(info_command)
 
 
 def main() -> None:
