@@ -117,8 +117,10 @@ def test_dry_run_writes_nothing(photos, tmp_path, tiny_model):
     out = tmp_path / "out"
     r = run("predict", photos, "--out", out, "--model", tiny_model, "--dry-run", "--json")
     assert r.exit_code == 0
-    planned = [json.loads(line) for line in r.stdout.splitlines() if '"planned"' in line]
-    assert len(planned) == 9
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    planned = [o for o in lines[:-1] if o.get("status") == "planned"]
+    assert len(planned) == 9 == len(lines) - 1
+    assert lines[-1]["summary"]["planned"] == 9 and lines[-1]["summary"]["done"] == 0
     assert not out.exists() or not list(out.rglob("*.png"))
 
 

@@ -101,11 +101,14 @@ def predict_command(
     finally:
         bar.stop()
     if as_json:
-        typer.echo(json.dumps({"summary": {
+        summary = {
             "done": report.done, "skipped": report.skipped, "failed": report.failed,
             "seconds": round(report.seconds, 3), "return_code": report.return_code,
             "interrupted": bool(report.details.get("interrupted")),
-        }}))
+        }
+        if report.details.get("dry_run"):
+            summary["planned"] = report.details.get("planned", 0)
+        typer.echo(json.dumps({"summary": summary}))
     ui.summary(summary_line(report))
     raise typer.Exit(report.return_code)
 
