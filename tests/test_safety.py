@@ -139,6 +139,36 @@ def test_eval_save_masks_refuses_the_ground_truth(tmp_path, tiny_model):
     assert digests(tmp_path) == before
 
 
+def test_predict_never_replaces_images_it_did_not_write(tmp_path, tiny_model):
+    """`predict imgs --out imgsannot`, a slip that would replace the ground truth."""
+    images, masks = tmp_path / "imgs", tmp_path / "imgsannot"
+    for i in range(3):
+        img, mask = shapes_image(24, 32, seed=i)
+        write_png(images / f"p{i}.png", img)
+    write_png(masks / "p1.png", shapes_image(24, 32, seed=1)[1])  # a ground truth
+    (masks / "p2.overlay.jpg").write_bytes((images / "p0.png").read_bytes())  # not a JPEG,
+    # but readable: someone's file under an overlay's name
+    before = digests(tmp_path)
+    r = run("predict", images, "--out", masks, "--model", tiny_model, "--overlay")
+    assert r.exit_code == 2 and "did not write" in r.output and "p1.png" in r.output, r.output
+    assert "and 1 more" in r.output and "--overwrite" in r.output
+    assert digests(tmp_path) == before  # nothing written, not even the masks that were free
+    # An empty or cut-short file is not protected: it is what a crash leaves, and is redone.
+    (masks / "p2.overlay.jpg").unlink()
+    (masks / "p1.png").write_bytes(b"\x89PNG\r\n")
+    r = run("predict", images, "--out", masks, "--model", tiny_model)
+    assert r.exit_code == 0 and sorted(p.name for p in masks.iterdir() if p.suffix == ".png") == [
+        "p0.png", "p1.png", "p2.png"], r.output
+    # Its own masks are redone or skipped as usual; --overwrite replaces a foreign image.
+    write_png(masks / "p1.png", shapes_image(24, 32, seed=1)[1])
+    r = run("predict", images, "--out", masks, "--model", tiny_model)
+    assert r.exit_code == 2 and "p1.png" in r.output
+    r = run("predict", images, "--out", masks, "--model", tiny_model, "--overwrite")
+    assert r.exit_code == 0 and "3 done" in r.output, r.output
+    r = run("predict", images, "--out", masks, "--model", tiny_model)
+    assert r.exit_code == 0 and "3 skipped" in r.output, r.output
+
+
 def test_tile_probability_raster_never_replaces_the_input(tmp_path, tiny_model):
     src = tmp_path / "a.prob.tif"
     tifffile.imwrite(src, shapes_image(40, 40)[0], tile=(16, 16))

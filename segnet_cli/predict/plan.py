@@ -83,6 +83,29 @@ def read_provenance(output: Path) -> Provenance | None:
     return Provenance.from_json(text)
 
 
+def foreign_image(output: Path) -> bool:
+    """Whether ``output`` is an image that segnet did not write (so not ours to replace).
+
+    segnet's masks and overlays carry their provenance in a PNG text chunk or a JPEG
+    comment, both read with the header, before the pixels. A readable image without it
+    is someone else's: a folder of ground-truth masks given as ``--out`` by mistake, say.
+    A file Pillow cannot open at all (empty, cut short in its header, not an image) is not
+    protected: it is what a crash leaves, and the repair rules redo it.
+    """
+    if not output.is_file():
+        return False
+    try:
+        from PIL import Image
+
+        with Image.open(output) as im:
+            text = im.info.get(PROVENANCE_KEY) or im.info.get("comment")
+    except Exception:
+        return False
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return Provenance.from_json(text) is None
+
+
 @dataclass(eq=False)
 class Job:
     """One input on its way through the pipeline."""
@@ -207,8 +230,9 @@ def plan(config: PredictConfig) -> tuple[list[Job], list[Outcome], str, ModelInf
         of locks (or file descriptors).
 
     Raises:
-        UsageError: a bad option, or an output that would land on an input (the user's
-            photos are never replaced by masks): nothing is written.
+        UsageError: a bad option, an output that would land on an input (the user's
+            photos are never replaced by masks), or one that would replace an image segnet
+            did not write (without ``overwrite``): nothing is written.
         ModelFileError: the model file is missing or not a segnet model.
         NoInputError: no input matched.
     """
@@ -222,6 +246,7 @@ def plan(config: PredictConfig) -> tuple[list[Job], list[Outcome], str, ModelInf
     outcomes = [Outcome(spec, None, Status.FAILED, error="no input matched this") for spec in missing]
     check_outputs_off_inputs(config, items)
     jobs: list[Job] = []
+    foreign: list[Path] = []
     claimed: dict[Path, Path] = {}
     for item in items:
         m = mask_path(config.out, item)
@@ -240,6 +265,7 @@ def plan(config: PredictConfig) -> tuple[list[Job], list[Outcome], str, ModelInf
             continue
         job = Job(item, m, ov, Claim(config.out, m), model_sha, settings)
         if not config.overwrite:
+            foreign.extend(o for o in job.outputs() if foreign_image(o))
             try:
                 up_to_date = job.up_to_date()
             except OSError as exc:
@@ -253,6 +279,14 @@ def plan(config: PredictConfig) -> tuple[list[Job], list[Outcome], str, ModelInf
                 )
                 continue
         jobs.append(job)
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise UsageError(
+            f"--out holds images that segnet did not write, which this run would replace: "
+            f"{foreign[0]}{more}; nothing was written: give another --out, or pass "
+            "--overwrite to replace them",
+            config.out,
+        )
     return jobs, outcomes, model_sha, info
 
 
