@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from segnet_cli import __version__
 from segnet_cli.classes import ClassTable, load_classes
 from segnet_cli.config import EvalConfig, Report, Status
 from segnet_cli.dataset import find_pairs, index_by_stem, label_values, read_label_mask
@@ -39,7 +40,7 @@ from segnet_cli.errors import (
 )
 from segnet_cli.io.files import atomic_path, check_writable
 from segnet_cli.io.images import read_image, to_model_input, write_mask_png
-from segnet_cli.jobs import Outcome, Run
+from segnet_cli.jobs import Outcome, Run, foreign_image
 from segnet_cli.metrics import confusion, scores
 from segnet_cli.model.modelfile import ModelInfo, read_info
 from segnet_cli.pipeline import image_work, read_ahead, run_works
@@ -301,7 +302,8 @@ def run_eval(config: EvalConfig, progress=None, log: Callable[[str], None] | Non
     def score(item: EvalItem, truth: np.ndarray, pred: np.ndarray) -> None:
         nonlocal cm
         if config.save_masks is not None:
-            write_mask_png(pred, Path(config.save_masks) / f"{item.key}.png", classes.palette())
+            write_mask_png(pred, Path(config.save_masks) / f"{item.key}.png", classes.palette(),
+                           {"Software": f"segnet {__version__}", "Classes": ",".join(classes.names)})
         m = confusion(truth, pred, k, classes.void)
         cm += m
         labelled = int(m.sum())
@@ -425,7 +427,8 @@ def _check_save_masks(folder: Path, items: list[EvalItem]) -> None:
 
     Raises:
         UsageError: a target is one of the files being scored (the next eval would then
-            score the model against itself), checked before anything is written.
+            score the model against itself), or an image segnet did not write; checked
+            before anything is written.
     """
     inputs = _scored_files(items)
     for item in items:
@@ -435,6 +438,15 @@ def _check_save_masks(folder: Path, items: list[EvalItem]) -> None:
                 f"--save-masks would overwrite {hit}, a file being scored; give another folder",
                 folder,
             )
+    # Another split's ground truth, say: images segnet did not write are never replaced.
+    foreign = [t for item in items if foreign_image(t := folder / f"{item.key}.png")]
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise UsageError(
+            f"--save-masks would replace images that segnet did not write: {foreign[0]}{more}; "
+            "give another folder",
+            folder,
+        )
 
 
 def _check_plot(plot: Path, items: list[EvalItem], preds) -> None:

@@ -182,6 +182,10 @@ def _mirrored(path: Path, root: Path) -> Path:
 # --------------------------------------------------------------------------- provenance
 
 
+#: The PNG text chunk (and JPEG comment) that holds an output's provenance.
+PROVENANCE_KEY = "segnet"
+
+
 @dataclass(frozen=True)
 class Provenance:
     """How an output was made; equal provenance means the output is up to date."""
@@ -376,7 +380,35 @@ class Run:
         )
 
 
+def foreign_image(output: Path) -> bool:
+    """Whether ``output`` is an image that segnet did not write (so not ours to replace).
+
+    segnet's masks and overlays carry their provenance in a PNG text chunk or a JPEG
+    comment (``eval --save-masks`` masks: a ``Software`` chunk), read with the header,
+    before the pixels. A readable image without either is someone else's: a folder of
+    ground-truth masks given as ``--out`` by mistake, say. A file Pillow cannot open at all
+    (empty, cut short in its header, not an image) is not protected: it is what a crash
+    leaves, and the repair rules redo it.
+    """
+    if not output.is_file():
+        return False
+    try:
+        from PIL import Image
+
+        with Image.open(output) as im:
+            info = dict(im.info)
+    except Exception:
+        return False
+    text = info.get(PROVENANCE_KEY) or info.get("comment")
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    software = str(info.get("Software", ""))
+    return Provenance.from_json(text) is None and not software.startswith("segnet ")
+
+
 __all__ = [
+    "PROVENANCE_KEY",
+    "foreign_image",
     "InputItem",
     "collect_inputs",
     "Provenance",

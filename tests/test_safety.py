@@ -132,11 +132,21 @@ def test_eval_save_masks_refuses_the_ground_truth(tmp_path, tiny_model):
         img, mask = shapes_image(24, 32, seed=i)
         write_png(images / f"p{i}.png", img)
         write_png(masks / f"p{i}.png", mask)
+    other = tmp_path / "otherannot"  # another split's ground truth
+    write_png(other / "p1.png", shapes_image(24, 32, seed=5)[1])
     before = digests(tmp_path)
     for target in (masks, images):
         r = run("eval", images, "--masks", masks, "--model", tiny_model, "--save-masks", target)
         assert r.exit_code == 2 and "overwrite" in r.output, r.output
+    r = run("eval", images, "--masks", masks, "--model", tiny_model, "--save-masks", other)
+    assert r.exit_code == 2 and "did not write" in r.output and "p1.png" in r.output, r.output
     assert digests(tmp_path) == before
+    # Its own saved masks are replaced by the next eval, as before.
+    saved = tmp_path / "saved"
+    for _ in range(2):
+        r = run("eval", images, "--masks", masks, "--model", tiny_model, "--save-masks", saved)
+        assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in saved.iterdir() if not p.name.startswith(".")) == ["p0.png", "p1.png"]
 
 
 def test_predict_never_replaces_images_it_did_not_write(tmp_path, tiny_model):

@@ -28,12 +28,19 @@ from segnet_cli.config import PredictConfig, Report, Status
 from segnet_cli.errors import UsageError
 from segnet_cli.io.files import file_digest
 from segnet_cli.io.images import write_mask_png, write_overlay
-from segnet_cli.jobs import Claim, InputItem, Outcome, Provenance, Run, collect_inputs, settings_key
+from segnet_cli.jobs import (
+    PROVENANCE_KEY,
+    Claim,
+    InputItem,
+    Outcome,
+    Provenance,
+    Run,
+    collect_inputs,
+    foreign_image,
+    settings_key,
+)
 from segnet_cli.model.modelfile import ModelInfo, model_fingerprint, read_info, resolve_model_path
 from segnet_cli.tiling import check_tiling
-
-#: The PNG text chunk (and JPEG comment) that holds an output's provenance.
-PROVENANCE_KEY = "segnet"
 
 
 def mask_path(out: Path, item: InputItem) -> Path:
@@ -81,29 +88,6 @@ def read_provenance(output: Path) -> Provenance | None:
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
     return Provenance.from_json(text)
-
-
-def foreign_image(output: Path) -> bool:
-    """Whether ``output`` is an image that segnet did not write (so not ours to replace).
-
-    segnet's masks and overlays carry their provenance in a PNG text chunk or a JPEG
-    comment, both read with the header, before the pixels. A readable image without it
-    is someone else's: a folder of ground-truth masks given as ``--out`` by mistake, say.
-    A file Pillow cannot open at all (empty, cut short in its header, not an image) is not
-    protected: it is what a crash leaves, and the repair rules redo it.
-    """
-    if not output.is_file():
-        return False
-    try:
-        from PIL import Image
-
-        with Image.open(output) as im:
-            text = im.info.get(PROVENANCE_KEY) or im.info.get("comment")
-    except Exception:
-        return False
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
-    return Provenance.from_json(text) is None
 
 
 @dataclass(eq=False)
