@@ -191,6 +191,24 @@ def test_tile_probability_raster_never_replaces_the_input(tmp_path, tiny_model):
     assert digests(tmp_path) == before
 
 
+def test_tile_never_replaces_a_raster_it_did_not_write(tmp_path, tiny_model):
+    src = tmp_path / "a.tif"
+    tifffile.imwrite(src, shapes_image(40, 40)[0], tile=(16, 16))
+    dem = tmp_path / "dem.tif"  # someone's raster, named as --out by mistake
+    tifffile.imwrite(dem, np.arange(1600, dtype=np.float32).reshape(40, 40))
+    photo = write_png(tmp_path / "b.prob.tif", shapes_image(40, 40)[0])  # not a TIFF at all
+    before = digests(tmp_path)
+    for out, extra in ((dem, ()), (tmp_path / "b.tif", ("--probabilities", "confidence"))):
+        r = run("tile", src, "--out", out, "--model", tiny_model, *extra)
+        assert r.exit_code == 2 and "segnet did not write" in r.output, r.output
+    assert digests(tmp_path) == before and photo.exists()
+    # --overwrite replaces it; from then on it is segnet's: skipped when up to date.
+    r = run("tile", src, "--out", dem, "--model", tiny_model, "--overwrite")
+    assert r.exit_code == 0, r.output
+    r = run("tile", src, "--out", dem, "--model", tiny_model)
+    assert r.exit_code == 0 and "up to date" in r.output, r.output
+
+
 def test_log_file_never_appends_to_an_image_or_a_model(tmp_path, tiny_model):
     src = tmp_path / "in"
     image = write_png(src / "a.png", shapes_image(16, 16)[0])

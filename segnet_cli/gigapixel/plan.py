@@ -35,7 +35,15 @@ from segnet_cli.io.gdal import PIXELS, Georef, read_georef
 from segnet_cli.io.images import match_channels
 from segnet_cli.io.sources import inspect_source
 from segnet_cli.io.tiff import SourceInfo, needs_bigtiff, read_description
-from segnet_cli.jobs import Claim, Outcome, Provenance, Run, SignalGuard, settings_key
+from segnet_cli.jobs import (
+    Claim,
+    Outcome,
+    Provenance,
+    Run,
+    SignalGuard,
+    foreign_image,
+    settings_key,
+)
 from segnet_cli.model.modelfile import ModelInfo, model_fingerprint, read_info, resolve_model_path
 from segnet_cli.model.network import Architecture
 from segnet_cli.tiling import TileGrid
@@ -177,6 +185,26 @@ def _same_file(a: Path, b: Path) -> bool:
         return os.path.abspath(a) == os.path.abspath(b)
 
 
+def _foreign_raster(path: Path) -> bool:
+    """Whether ``path`` is a raster segnet did not write: someone's file, not ours to replace.
+
+    segnet's rasters record their provenance in the first page's ImageDescription, which is
+    read from the header alone, so a mask cut short by a crash is still recognised as ours
+    (and redone). A file that is not a TIFF is someone's if Pillow can read it.
+    """
+    if not path.is_file():
+        return False
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            tag = tif.pages[0].tags.get(270)
+            description = None if tag is None else str(tag.value)
+    except Exception:
+        return foreign_image(path)
+    return Provenance.from_json(description) is None
+
+
 def _validate(config: TileConfig, info: ModelInfo) -> None:
     """What the config alone cannot check: values that depend on the model."""
     if not info.num_classes <= config.nodata_class <= 255:
@@ -213,6 +241,13 @@ def plan_tile(config: TileConfig) -> TilePlan:
             raise UsageError(f"the output {out} would overwrite the input; give another --out")
     if prob_out is not None and _same_file(prob_out, output):
         raise UsageError("the mask and the probability raster would be the same file")
+    if not config.overwrite:
+        for out in (output, prob_out):
+            if out is not None and _foreign_raster(out):
+                raise UsageError(
+                    f"{out} exists and segnet did not write it; nothing was written: give "
+                    "another --out, or pass --overwrite to replace it"
+                )
     notes: list[str] = []
     cog, vector, georef, aoi = _gis(config, source, output, prob_out, notes)
     arch = Architecture.from_info(info)
