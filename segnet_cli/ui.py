@@ -82,11 +82,13 @@ def _refuse_binary_log(path: Path) -> None:
     Raises:
         UsageError: ``path`` exists and its first 8 KiB hold a NUL byte.
     """
+    if not path.is_file():
+        return  # new, or a pipe or terminal (reading one would block): nothing to protect
     try:
         with open(path, "rb") as f:
             head = f.read(8192)
     except OSError:
-        return  # missing (a new log) or unreadable: open() below says what is wrong
+        return  # unreadable: open() below says what is wrong
     if b"\0" in head:
         from segnet_cli.errors import UsageError
 

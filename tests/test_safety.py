@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -225,6 +226,20 @@ def test_log_file_never_appends_to_an_image_or_a_model(tmp_path, tiny_model):
     r = run("predict", src, "--out", tmp_path / "out", "--model", tiny_model, "--log-file", log)
     assert r.exit_code == 0, r.output
     assert log.read_text().startswith("earlier run\n") and "1 done" in log.read_text()
+    # A named pipe is written to, never read first (reading one would block the run).
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    proc = subprocess.run(
+        [sys.executable, "-m", "segnet_cli", "predict", str(src), "--out", str(tmp_path / "o2"),
+         "--model", str(tiny_model), "--dry-run", "--log-file", str(fifo)],
+        capture_output=True, text=True, timeout=120,
+    )
+    reader.join(30)
+    assert proc.returncode == 0, proc.stderr
+    assert got and b"would segment" in got[0]
 
 
 # --------------------------------------------------------------------------- up to date, repaired
