@@ -180,6 +180,19 @@ def test_predict_never_replaces_images_it_did_not_write(tmp_path, tiny_model):
     assert r.exit_code == 0 and "3 skipped" in r.output, r.output
 
 
+def test_foreign_image_does_not_depend_on_pillows_pixel_guard(tmp_path, monkeypatch):
+    from segnet_cli.io.images import write_mask_png
+    from segnet_cli.jobs import Provenance, foreign_image
+
+    theirs = write_png(tmp_path / "theirs.png", shapes_image(40, 50, seed=1)[1])
+    ours = tmp_path / "ours.png"
+    write_mask_png(shapes_image(40, 50, seed=1)[1], ours, [(0, 0, 0)] * 3,
+                   {"segnet": Provenance("a", "b", "c").to_json()})
+    for limit in (None, 1500, 500):  # no guard; warned about (1x-2x); refused (over 2x)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+        assert foreign_image(theirs) and not foreign_image(ours), limit
+
+
 def test_tile_probability_raster_never_replaces_the_input(tmp_path, tiny_model):
     src = tmp_path / "a.prob.tif"
     tifffile.imwrite(src, shapes_image(40, 40)[0], tile=(16, 16))

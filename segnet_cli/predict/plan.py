@@ -249,7 +249,6 @@ def plan(config: PredictConfig) -> tuple[list[Job], list[Outcome], str, ModelInf
             continue
         job = Job(item, m, ov, Claim(config.out, m), model_sha, settings)
         if not config.overwrite:
-            foreign.extend(o for o in job.outputs() if foreign_image(o))
             try:
                 up_to_date = job.up_to_date()
             except OSError as exc:
@@ -262,6 +261,8 @@ def plan(config: PredictConfig) -> tuple[list[Job], list[Outcome], str, ModelInf
                     Outcome(str(item.path), str(m), Status.SKIPPED, extra={"reason": "up to date"})
                 )
                 continue
+            # Only an output that is not up to date can be someone else's image.
+            foreign.extend(o for o in job.outputs() if foreign_image(o))
         jobs.append(job)
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
