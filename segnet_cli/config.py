@@ -341,6 +341,8 @@ class EvalConfig:
     plot: Path | None = None
     rgb_masks: bool = False
     save_masks: Path | None = None
+    #: Let ``save_masks`` and ``plot`` replace images segnet did not write.
+    overwrite: bool = False
 
 
 class Loss(Choice):

@@ -290,9 +290,9 @@ def run_eval(config: EvalConfig, progress=None, log: Callable[[str], None] | Non
         return truth, to_model_input(raw, info.in_channels, item.image)
 
     if config.plot is not None:
-        _check_plot(Path(config.plot), items, found.values())
+        _check_plot(Path(config.plot), items, found.values(), config)
     if config.save_masks is not None:
-        _check_save_masks(Path(config.save_masks), items)
+        _check_save_masks(Path(config.save_masks), items, config.overwrite)
         check_writable(config.save_masks, "--save-masks")
     cm = np.zeros((k, k), np.int64)
     per_image: list[dict] = []
@@ -414,42 +414,67 @@ def _scored_files(items: list[EvalItem], preds=()) -> dict[Path, Path]:
     return inputs
 
 
-def _scored_file_at(target: Path, inputs: dict[Path, Path]) -> Path | None:
-    """The file being scored that ``target`` would replace (same path or same file)."""
-    hit = inputs.get(Path(os.path.abspath(target)))
-    if hit is None and target.exists():
-        hit = next((p for p in inputs if os.path.exists(p) and os.path.samefile(p, target)), None)
-    return hit
+class _ScoredFiles:
+    """The files a run reads, found by path or, through links, by device and inode.
+
+    The inode index is built once, on the first target that exists under another path, so
+    checking a folder of earlier masks costs one ``stat`` per file, not one per pair.
+    """
+
+    def __init__(self, inputs: dict[Path, Path]) -> None:
+        self.inputs = inputs
+        self._inodes: dict[tuple[int, int], Path] | None = None
+
+    def at(self, target: Path) -> Path | None:
+        """The file being scored that ``target`` would replace (same path or same file)."""
+        hit = self.inputs.get(Path(os.path.abspath(target)))
+        if hit is not None:
+            return hit
+        try:
+            st = target.stat()
+        except OSError:
+            return None
+        if self._inodes is None:
+            self._inodes = {}
+            for p in self.inputs.values():
+                try:
+                    q = os.stat(p)
+                except OSError:
+                    continue
+                self._inodes.setdefault((q.st_dev, q.st_ino), p)
+        return self._inodes.get((st.st_dev, st.st_ino))
 
 
-def _check_save_masks(folder: Path, items: list[EvalItem]) -> None:
+def _check_save_masks(folder: Path, items: list[EvalItem], overwrite: bool = False) -> None:
     """Refuse ``--save-masks`` where a saved mask would replace an image or a ground truth.
 
     Raises:
         UsageError: a target is one of the files being scored (the next eval would then
-            score the model against itself), or an image segnet did not write; checked
-            before anything is written.
+            score the model against itself), or (without ``overwrite``) an image segnet
+            did not write; checked before anything is written.
     """
-    inputs = _scored_files(items)
+    inputs = _ScoredFiles(_scored_files(items))
     for item in items:
-        hit = _scored_file_at(folder / f"{item.key}.png", inputs)
+        hit = inputs.at(folder / f"{item.key}.png")
         if hit is not None:
             raise UsageError(
                 f"--save-masks would overwrite {hit}, a file being scored; give another folder",
                 folder,
             )
-    # Another split's ground truth, say: images segnet did not write are never replaced.
+    if overwrite:
+        return
+    # Another split's ground truth, say: images segnet did not write are not replaced.
     foreign = [t for item in items if foreign_image(t := folder / f"{item.key}.png")]
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
         raise UsageError(
             f"--save-masks would replace images that segnet did not write: {foreign[0]}{more}; "
-            "give another folder",
+            "give another folder, or pass --overwrite to replace them",
             folder,
         )
 
 
-def _check_plot(plot: Path, items: list[EvalItem], preds) -> None:
+def _check_plot(plot: Path, items: list[EvalItem], preds, config: EvalConfig) -> None:
     """Refuse a ``--plot`` that would replace a file being scored, or cannot be written.
 
     Checked before anything runs, so that a slip such as ``--plot masks/0001.png`` never
@@ -457,16 +482,27 @@ def _check_plot(plot: Path, items: list[EvalItem], preds) -> None:
     (exit 2) rather than a failure after minutes of scoring.
 
     Raises:
-        UsageError: not a ``.png`` name, a folder, one of the files being scored, or a
+        UsageError: not a ``.png`` name, a folder, one of the files being scored or the
+            masks being saved, an image segnet did not write (without ``overwrite``), or a
             folder that cannot be written.
     """
     if plot.suffix.lower() != ".png":
         raise UsageError("--plot writes a PNG: give a file name ending in .png", plot)
     if plot.is_dir():
         raise UsageError("--plot is a folder; give a file name ending in .png", plot)
-    hit = _scored_file_at(plot, _scored_files(items, preds))
+    hit = _ScoredFiles(_scored_files(items, preds)).at(plot)
     if hit is not None:
         raise UsageError(f"--plot would overwrite {hit}, a file being scored", plot)
+    if config.save_masks is not None:
+        saved = {Path(os.path.abspath(Path(config.save_masks) / f"{i.key}.png")) for i in items}
+        if Path(os.path.abspath(plot)) in saved:
+            raise UsageError("--plot would overwrite one of the masks --save-masks writes", plot)
+    if not config.overwrite and foreign_image(plot):
+        raise UsageError(
+            "--plot would replace an image that segnet did not write; give another name, or "
+            "pass --overwrite to replace it",
+            plot,
+        )
     check_writable(plot.parent, "--plot")
 
 
@@ -605,6 +641,10 @@ def plot_confusion(
     draw.rectangle([left - 1, top - 1, left + k * cell, top + k * cell], outline="black")
 
     path = Path(path)
+    from PIL import PngImagePlugin
+
+    text = PngImagePlugin.PngInfo()
+    text.add_text("Software", f"segnet {__version__}")  # so the next run may replace it
     with atomic_path(path) as tmp:
-        im.save(tmp, format="PNG")
+        im.save(tmp, format="PNG", pnginfo=text)
     return path

@@ -109,6 +109,20 @@ def test_plot_never_replaces_a_scored_file_and_is_checked_first(scored, tmp_path
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
+def test_plot_replaces_its_own_chart_but_not_someone_elses_image(scored, tmp_path):
+    gt, pred = scored
+    args = ["eval", "--pred", pred, "--masks", gt, "--classes", "4", "--void", VOID]
+    photo = write_png(tmp_path / "holiday.png", np.zeros((4, 4), np.uint8))
+    before = photo.read_bytes()
+    r = run(*args, "--plot", photo)
+    assert r.exit_code == 2 and "did not write" in r.output and "--overwrite" in r.output
+    assert photo.read_bytes() == before
+    r = run(*args, "--plot", photo, "--overwrite")
+    assert r.exit_code == 0 and photo.read_bytes() != before, r.output
+    r = run(*args, "--plot", photo)  # now segnet's chart: replaced without --overwrite
+    assert r.exit_code == 0, r.output
+
+
 def test_missing_prediction_fails_that_image_and_scores_the_rest(scored):
     gt, pred = scored
     write_png(gt / "c.png", np.ones((3, 3), np.uint8))

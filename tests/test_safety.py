@@ -141,7 +141,16 @@ def test_eval_save_masks_refuses_the_ground_truth(tmp_path, tiny_model):
         assert r.exit_code == 2 and "overwrite" in r.output, r.output
     r = run("eval", images, "--masks", masks, "--model", tiny_model, "--save-masks", other)
     assert r.exit_code == 2 and "did not write" in r.output and "p1.png" in r.output, r.output
+    r = run("eval", images, "--masks", masks, "--model", tiny_model, "--save-masks", other,
+            "--plot", other / "p0.png")  # the chart onto a mask being saved
+    assert r.exit_code == 2 and "--save-masks writes" in r.output, r.output
     assert digests(tmp_path) == before
+    r = run("eval", images, "--masks", masks, "--model", tiny_model, "--save-masks", other,
+            "--overwrite")
+    assert r.exit_code == 0, r.output
+    from segnet_cli.jobs import foreign_image
+
+    assert not foreign_image(other / "p1.png")  # replaced by a mask segnet wrote
     # Its own saved masks are replaced by the next eval, as before.
     saved = tmp_path / "saved"
     for _ in range(2):
