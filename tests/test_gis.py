@@ -310,6 +310,19 @@ def test_aoi_errors_and_pixel_coordinates(tmp_path, model):
                             "--vector", str(top), "--out", str(tmp_path / "again.tif")])
     assert r.exit_code == 2 and "would overwrite" in r.output, r.output
     assert top.read_bytes() == before and not (tmp_path / "again.tif").exists()
+    # Nor someone's polygons: an existing file is replaced only when this mask's report
+    # lists it (a re-run), or with --overwrite.
+    roads = aoi_file(tmp_path / "roads.geojson", [(0, 0), (9, 0), (9, 9), (0, 0)], crs=None)
+    before = roads.read_bytes()
+    args = ["tile", str(src), "--model", str(model), "--vector", str(roads),
+            "--out", str(tmp_path / "v.tif")]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "segnet did not write it" in r.output, r.output
+    assert roads.read_bytes() == before and not (tmp_path / "v.tif").exists()
+    r = runner.invoke(app, [*args, "--overwrite"])
+    assert r.exit_code == 0 and roads.read_bytes() != before, r.output
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0 and "up to date" in r.output, r.output
 
 
 # --------------------------------------------------------------------------- polygons

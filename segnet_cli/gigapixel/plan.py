@@ -205,6 +205,18 @@ def _foreign_raster(path: Path) -> bool:
     return Provenance.from_json(description) is None
 
 
+def _written_with(path: Path, report: Path) -> bool:
+    """Whether the class-area report of a mask lists ``path`` as written with it.
+
+    Polygon files carry no provenance of their own; the report beside the mask records
+    every other file a run wrote, so a re-run may replace the polygons it made earlier.
+    """
+    try:
+        return path.name in json.loads(report.read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _validate(config: TileConfig, info: ModelInfo) -> None:
     """What the config alone cannot check: values that depend on the model."""
     if not info.num_classes <= config.nodata_class <= 255:
@@ -355,6 +367,12 @@ def _gis(config: TileConfig, source: SourceInfo, output: Path, prob_out: Path | 
         for other in (source.path, output, prob_out, aoi_path):
             if other is not None and _same_file(vector, other):
                 raise UsageError(f"--vector {vector} would overwrite {other}")
+        if not config.overwrite and (vector.exists() or vector.is_symlink()):
+            if not _written_with(vector, sibling(output, ".areas.json")):
+                raise UsageError(
+                    f"--vector {vector} exists and segnet did not write it with this mask; "
+                    "nothing was written: give another name, or pass --overwrite to replace it"
+                )
     georef = read_georef(source.path)
     aoi = None
     if config.aoi is not None:
