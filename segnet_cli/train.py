@@ -464,8 +464,8 @@ def _settings(config: TrainConfig, out: Path) -> tuple[TrainConfig, _Start]:
         kept = [n for n in (FINAL, BEST, "history.json") if (out / n).exists()]
         if kept:
             raise UsageError(
-                f"run folder already holds a run ({', '.join(kept)}) that a new run would "
-                "replace; give another --out",
+                f"run folder already holds a run's files ({', '.join(kept)}) that a new run "
+                "would replace; give another --out, or move them away to start afresh here",
                 out,
             )
         config = replace(config, epochs=config.epochs or DEFAULT_EPOCHS)
