@@ -38,7 +38,7 @@ from segnet_cli.errors import (
     SegnetError,
     UsageError,
 )
-from segnet_cli.io.files import atomic_path, check_writable
+from segnet_cli.io.files import FileSet, atomic_path, check_writable
 from segnet_cli.io.images import read_image, to_model_input, write_mask_png
 from segnet_cli.jobs import Outcome, Run, foreign_image
 from segnet_cli.metrics import confusion, scores
@@ -405,44 +405,10 @@ def run_eval(config: EvalConfig, progress=None, log: Callable[[str], None] | Non
     return run.report(**details)
 
 
-def _scored_files(items: list[EvalItem], preds=()) -> dict[Path, Path]:
-    """Every file the run reads (masks, images, predictions), by absolute path."""
-    inputs = {}
-    for p in [*(q for item in items for q in (item.mask, item.image)), *preds]:
-        if p is not None:
-            inputs[Path(os.path.abspath(p))] = p
-    return inputs
-
-
-class _ScoredFiles:
-    """The files a run reads, found by path or, through links, by device and inode.
-
-    The inode index is built once, on the first target that exists under another path, so
-    checking a folder of earlier masks costs one ``stat`` per file, not one per pair.
-    """
-
-    def __init__(self, inputs: dict[Path, Path]) -> None:
-        self.inputs = inputs
-        self._inodes: dict[tuple[int, int], Path] | None = None
-
-    def at(self, target: Path) -> Path | None:
-        """The file being scored that ``target`` would replace (same path or same file)."""
-        hit = self.inputs.get(Path(os.path.abspath(target)))
-        if hit is not None:
-            return hit
-        try:
-            st = target.stat()
-        except OSError:
-            return None
-        if self._inodes is None:
-            self._inodes = {}
-            for p in self.inputs.values():
-                try:
-                    q = os.stat(p)
-                except OSError:
-                    continue
-                self._inodes.setdefault((q.st_dev, q.st_ino), p)
-        return self._inodes.get((st.st_dev, st.st_ino))
+def _scored_files(items: list[EvalItem], preds=()) -> FileSet:
+    """Every file the run reads (masks, images, predictions), by path and by inode."""
+    paths = [q for item in items for q in (item.mask, item.image) if q is not None]
+    return FileSet([*paths, *preds])
 
 
 def _check_save_masks(folder: Path, items: list[EvalItem], overwrite: bool = False) -> None:
@@ -453,9 +419,9 @@ def _check_save_masks(folder: Path, items: list[EvalItem], overwrite: bool = Fal
             score the model against itself), or (without ``overwrite``) an image segnet
             did not write; checked before anything is written.
     """
-    inputs = _ScoredFiles(_scored_files(items))
+    inputs = _scored_files(items)
     for item in items:
-        hit = inputs.at(folder / f"{item.key}.png")
+        hit = inputs.find(folder / f"{item.key}.png")
         if hit is not None:
             raise UsageError(
                 f"--save-masks would overwrite {hit}, a file being scored; give another folder",
@@ -490,7 +456,7 @@ def _check_plot(plot: Path, items: list[EvalItem], preds, config: EvalConfig) ->
         raise UsageError("--plot writes a PNG: give a file name ending in .png", plot)
     if plot.is_dir():
         raise UsageError("--plot is a folder; give a file name ending in .png", plot)
-    hit = _ScoredFiles(_scored_files(items, preds)).at(plot)
+    hit = _scored_files(items, preds).find(plot)
     if hit is not None:
         raise UsageError(f"--plot would overwrite {hit}, a file being scored", plot)
     if config.save_masks is not None:

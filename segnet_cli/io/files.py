@@ -388,7 +388,39 @@ def file_digest(path: Path, digits: int | None = 16) -> str:
     return h.hexdigest()[:digits]
 
 
+class FileSet:
+    """A set of files known by resolved path and, when they exist, by device and inode, so
+    an output is recognised as an input through symbolic links, hard links and ``..``.
+
+    Each member is looked at once when the set is made; a lookup costs one ``stat``, so
+    checking a folder of outputs against many inputs stays linear.
+    """
+
+    def __init__(self, paths) -> None:
+        self._by_path: dict[Path, Path] = {}
+        self._by_inode: dict[tuple[int, int], Path] = {}
+        for p in paths:
+            self._by_path.setdefault(Path(os.path.realpath(p)), p)
+            try:
+                st = os.stat(p)
+            except OSError:
+                continue
+            self._by_inode.setdefault((st.st_dev, st.st_ino), p)
+
+    def find(self, path: Path) -> Path | None:
+        """The member ``path`` names, or None."""
+        hit = self._by_path.get(Path(os.path.realpath(path)))
+        if hit is not None:
+            return hit
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return self._by_inode.get((st.st_dev, st.st_ino))
+
+
 __all__ = [
+    "FileSet",
     "TMP_PREFIX",
     "TMP_SUFFIX",
     "HOST_TOKEN",

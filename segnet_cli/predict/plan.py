@@ -26,7 +26,7 @@ import numpy as np
 from segnet_cli import __version__
 from segnet_cli.config import PredictConfig, Report, Status
 from segnet_cli.errors import UsageError
-from segnet_cli.io.files import file_digest
+from segnet_cli.io.files import FileSet, file_digest
 from segnet_cli.io.images import write_mask_png, write_overlay
 from segnet_cli.jobs import (
     PROVENANCE_KEY,
@@ -130,33 +130,6 @@ class Job:
         return all(read_provenance(p) == prov for p in self.outputs())
 
 
-class _Files:
-    """A set of files known by resolved path and, when they exist, by device and inode, so
-    an output is recognised as an input through symbolic links, hard links and ``..``."""
-
-    def __init__(self, paths) -> None:
-        self._by_path: dict[Path, Path] = {}
-        self._by_inode: dict[tuple[int, int], Path] = {}
-        for p in paths:
-            self._by_path.setdefault(Path(os.path.realpath(p)), p)
-            try:
-                st = os.stat(p)
-            except OSError:
-                continue
-            self._by_inode.setdefault((st.st_dev, st.st_ino), p)
-
-    def find(self, path: Path) -> Path | None:
-        """The member ``path`` names, or None."""
-        hit = self._by_path.get(Path(os.path.realpath(path)))
-        if hit is not None:
-            return hit
-        try:
-            st = os.stat(path)
-        except OSError:
-            return None
-        return self._by_inode.get((st.st_dev, st.st_ino))
-
-
 def check_outputs_off_inputs(config: PredictConfig, items: list[InputItem]) -> None:
     """Refuse a run where any output (mask or overlay) would land on an input.
 
@@ -167,7 +140,7 @@ def check_outputs_off_inputs(config: PredictConfig, items: list[InputItem]) -> N
     Raises:
         UsageError: naming the input that would be overwritten (or the folder).
     """
-    inputs = _Files(i.path for i in items)
+    inputs = FileSet(i.path for i in items)
     for item in items:
         outputs = [mask_path(config.out, item)]
         if config.overlay:
