@@ -386,6 +386,9 @@ class TrainConfig:
     rgb_masks: bool = False
     width: float = 0.25
     stages: int = 5
+    #: Dropout rate after the central encoder and decoder stages (Bayesian SegNet's
+    #: placement, ``network.Architecture.dropout_stages``); 0 is none.
+    dropout: float = 0.0
     # The recipe the cross-drive study chose (weights/README.md): 224x288 crops, weights
     # tempered to w**0.5 (the paper's untempered weights lost the largest classes), and a
     # long schedule (DEFAULT_EPOCHS).
@@ -473,8 +476,8 @@ class TrainConfig:
             )
         if any(not p.strip() for p in self.hold_out):
             problems.append("--hold-out needs a glob such as '0006R0_*', not an empty one")
-        for name in ("width", "learning_rate", "weight_decay", "weight_power", "jitter",
-                     "max_minutes", "cache_mb"):  # fmt: skip
+        for name in ("width", "dropout", "learning_rate", "weight_decay", "weight_power",
+                     "jitter", "max_minutes", "cache_mb"):  # fmt: skip
             value = getattr(self, name)
             need(value is None or math.isfinite(value), name, "must be a finite number")
         if problems:
@@ -487,6 +490,7 @@ class TrainConfig:
         )
         need(self.width > 0, "width", "must be above 0 (1.0 = VGG16's channels)")
         need(1 <= self.stages <= 5, "stages", "must be 1-5 (VGG16 has 5 blocks)")
+        need(0 <= self.dropout < 1, "dropout", "must be at least 0 and below 1")
         need(
             len(self.crop) == 2 and min(self.crop) >= 1,
             "crop", "must be at least 1x1 pixels", "x".join(map(str, self.crop)),

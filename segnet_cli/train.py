@@ -391,12 +391,7 @@ def _train_model(
         config=config,
         out=out,
         data=data,
-        arch=dict(
-            width=config.width,
-            stages=config.stages,
-            in_channels=data.channels,
-            num_classes=data.classes.num_classes,
-        ),
+        arch=_architecture(config, data),
         params=count_params(model),
         planned=_planned_epochs(state) or config.epochs,
         history=list(state.get("history", [])),
@@ -518,6 +513,10 @@ def _init_settings(config: TrainConfig) -> tuple[TrainConfig, _Start]:
             path,
         )
     config = replace(config, width=float(arch["width"]), stages=int(arch["stages"]))
+    if not config.was_given("dropout"):
+        # A training choice, not the weights' shape: --dropout may change it, and without
+        # it a fine-tune keeps the regularisation the model was trained with.
+        config = replace(config, dropout=float(arch.get("dropout", 0.0)))
     record = {"path": str(path.absolute()), "sha256": file_digest(path, None)}
     return config, _Start(path=path, info=info, init=record)
 
@@ -749,6 +748,17 @@ def _trained_on(info: ModelInfo) -> set[Path]:
     return {p.image.resolve() for p in trained}
 
 
+def _architecture(config: TrainConfig, data: _Data) -> dict:
+    """The ``network.Architecture`` fields of this run, as its model files record them."""
+    return dict(
+        width=config.width,
+        stages=config.stages,
+        in_channels=data.channels,
+        num_classes=data.classes.num_classes,
+        dropout=config.dropout,
+    )
+
+
 def _build_model(config: TrainConfig, start: _Start, data: _Data, steps: int, log):
     """The compiled model to train: the checkpoint's (``--resume``) or a new one.
 
@@ -758,13 +768,7 @@ def _build_model(config: TrainConfig, start: _Start, data: _Data, steps: int, lo
     with _strategy_scope():
         if config.resume:
             return _load_checkpoint(start, config.epochs, log)
-        arch = Architecture(
-            width=config.width,
-            stages=config.stages,
-            in_channels=data.channels,
-            num_classes=data.classes.num_classes,
-        )
-        model = build_segnet(arch, data.mean, data.std)
+        model = build_segnet(Architecture(**_architecture(config, data)), data.mean, data.std)
         if start.init is not None:
             _copy_weights(start, model, log)
         # --init too: a new run, so a fresh optimizer and schedule (warm-up included).

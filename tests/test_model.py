@@ -89,6 +89,70 @@ def test_fold_batch_norm_keeps_the_function(tiny_model):
         fold_batch_norm(model, other)
 
 
+def test_dropout_stages_are_the_central_ones():
+    assert Architecture(stages=5, dropout=0.5).dropout_stages() == (3, 4, 5)
+    assert Architecture(stages=4, dropout=0.5).dropout_stages() == (3, 4)  # "central four"
+    assert Architecture(stages=3, dropout=0.5).dropout_stages() == (3,)
+    assert Architecture(stages=2, dropout=0.1).dropout_stages() == (2,)
+    assert Architecture(stages=1, dropout=0.1).dropout_stages() == (1,)
+    assert Architecture(stages=5).dropout_stages() == ()
+
+
+def test_dropout_acts_in_training_only_and_survives_save_and_load(tmp_path):
+    """Dropout changes nothing at inference, in the saved model or in its inference form."""
+    import keras
+
+    from segnet_cli.model.modelfile import ModelInfo
+    from segnet_cli.model.network import build_segnet, load_model, save_model
+    from segnet_cli.model.segmenter import Segmenter
+
+    keras.utils.set_random_seed(1)
+    arch = Architecture(width=0.0625, stages=3, num_classes=3)
+    with_dropout = build_segnet(Architecture(width=0.0625, stages=3, num_classes=3, dropout=0.5))
+    plain = build_segnet(arch)
+    Dropout = keras.layers.Dropout
+    dropouts = [layer.name for layer in with_dropout.layers if isinstance(layer, Dropout)]
+    assert dropouts == ["pool3_dropout", "dec3_dropout"]
+    assert [w.path for w in with_dropout.weights] == [w.path for w in plain.weights]
+    plain.set_weights(with_dropout.get_weights())
+    x = np.random.default_rng(3).random((2, 37, 53, 3)).astype(np.float32)
+    want = np.asarray(plain(x, training=False))
+    np.testing.assert_array_equal(np.asarray(with_dropout(x, training=False)), want)
+    # In training both use batch statistics, so dropout is the only difference. A call in
+    # training mode moves the batch norms' statistics: put them back after.
+    weights = with_dropout.get_weights()
+    trained_plain = np.asarray(plain(x, training=True))
+    trained_dropout = np.asarray(with_dropout(x, training=True))
+    assert np.abs(trained_dropout - trained_plain).max() > 1e-3
+    with_dropout.set_weights(weights)
+
+    info = ModelInfo(
+        class_names=("a", "b", "c"), palette=((0, 0, 0), (255, 0, 0), (0, 255, 0)),
+        in_channels=3, stride=8,
+        architecture={"width": 0.0625, "stages": 3, "in_channels": 3, "num_classes": 3,
+                      "dropout": 0.5},
+    )
+    path = save_model(with_dropout, info, tmp_path / "dropout.keras")
+    loaded, loaded_info = load_model(path)
+    assert loaded_info.architecture["dropout"] == 0.5
+    assert [layer.rate for layer in loaded.layers if isinstance(layer, Dropout)] == [0.5, 0.5]
+    np.testing.assert_array_equal(np.asarray(loaded(x, training=False)), want)
+    seg = Segmenter(path)
+    assert not any(isinstance(layer, Dropout) for layer in seg.model.layers)
+    np.testing.assert_allclose(seg.run(x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_metadata_refuses_a_dropout_rate_outside_0_to_1():
+    from segnet_cli.model.modelfile import ModelInfo
+
+    base = {"class_names": ["a", "b"], "palette": [[0, 0, 0], [9, 9, 9]], "in_channels": 3,
+            "stride": 8, "architecture": {"stages": 3}}
+    assert ModelInfo.from_dict(base).architecture == {"stages": 3}
+    for bad in (1, 1.5, -0.1, "0.5", None):
+        with pytest.raises(ValueError, match="architecture.dropout"):
+            ModelInfo.from_dict({**base, "architecture": {"stages": 3, "dropout": bad}})
+
+
 def test_segmenter_runs_the_folded_model_compiled_or_not(tiny_model):
     """A shape's first batch (plain trace) and later ones (XLA windows) give the saved model's logits."""
     from segnet_cli.model.network import load_model

@@ -555,6 +555,46 @@ def test_init_refusals(data, tiny_model, tmp_path):
     assert r.exit_code == 2 and "give only one" in r.stderr
 
 
+def test_dropout_is_recorded_resumed_and_inherited_by_init(data, tmp_path):
+    """--dropout trains with dropout layers; the model files say so, --init keeps the rate."""
+    import keras
+
+    from segnet_cli.model import layers  # noqa: F401
+
+    first = tmp_path / "dropout"
+    r = runner.invoke(app, [
+        "train", str(data / "train"), "--out", str(first), "--classes", str(data / "classes.json"),
+        "--width", "0.0625", "--stages", "2", "--crop", "31x29", "-b", "2", "--epochs", "1",
+        "--dropout", "0.3",
+    ])
+    assert r.exit_code == 0, r.output
+    for name in (CHECKPOINT, "model.keras"):
+        assert read_info(first / name).architecture["dropout"] == 0.3
+    model = keras.saving.load_model(str(first / "model.keras"), compile=False)
+    rates = {x.name: x.rate for x in model.layers if isinstance(x, keras.layers.Dropout)}
+    assert rates == {"pool2_dropout": 0.3, "dec2_dropout": 0.3}
+    r = runner.invoke(app, ["info", "--model", str(first / "model.keras")])
+    assert r.exit_code == 0 and "trained with dropout 0.3" in r.stdout
+    # --resume keeps the run's rate and refuses another.
+    r = runner.invoke(app, ["train", "--resume", "--out", str(first), "--dropout", "0.5"])
+    assert r.exit_code == 2 and "--dropout 0.5" in r.stderr
+    # --init: the model's rate unless --dropout is given (0 turns it off for a fine-tune).
+    run_train(frozen(data, tmp_path / "kept", init=first / "model.keras"), log=quiet)
+    assert read_info(tmp_path / "kept" / "model.keras").architecture["dropout"] == 0.3
+    run_train(frozen(data, tmp_path / "off", init=first / "model.keras", dropout=0.0,
+                     given=frozenset({"dropout"})), log=quiet)
+    assert read_info(tmp_path / "off" / "model.keras").architecture["dropout"] == 0.0
+    np.testing.assert_allclose(
+        trainable(tmp_path / "off" / CHECKPOINT)["dec2_1_conv/0"],
+        trainable(first / "model.keras")["dec2_1_conv/0"], atol=1e-6,
+    )
+    for bad in ("1", "-0.1", "nan"):
+        r = runner.invoke(app, ["train", str(data / "train"), "--dropout", bad,
+                                "--out", str(tmp_path / "bad")])
+        assert r.exit_code == 2 and "--dropout" in r.stderr, (bad, r.output)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_new_run_without_epochs_takes_the_default_schedule(tmp_path):
     """No --epochs: the cross-drive study's schedule; an explicit value is kept."""
     from segnet_cli.train import _settings

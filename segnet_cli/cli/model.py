@@ -35,9 +35,10 @@ def info_command(
     c = Console(highlight=False)  # the description is the command's output: stdout
     c.print(f"model: {ui.safe(path)}", markup=False)
     arch = meta.architecture
+    dropout = f", trained with dropout {arch['dropout']}" if arch.get("dropout") else ""
     c.print(
         f"SegNet, width {arch.get('width')}, {arch.get('stages')} stages, "
-        f"{arch.get('params', 0):,} parameters; {meta.in_channels} input channels; "
+        f"{arch.get('params', 0):,} parameters{dropout}; {meta.in_channels} input channels; "
         f"stride {meta.stride}, receptive field {meta.receptive_field} px",
         markup=False,
     )

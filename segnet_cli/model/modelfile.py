@@ -154,6 +154,10 @@ class ModelInfo:
             _number(architecture["width"]) and architecture["width"] > 0
         ):
             raise ValueError("architecture.width must be a positive number")
+        if "dropout" in architecture and not (
+            _number(architecture["dropout"]) and 0 <= architecture["dropout"] < 1
+        ):
+            raise ValueError("architecture.dropout must be a number at least 0 and below 1")
         void = data.get("void_class")
         if void is not None and not _integer(void, 0, 255):
             raise ValueError("void_class must be an integer 0-255 (or absent)")

@@ -33,12 +33,29 @@ class Architecture:
     in_channels: int = 3
     num_classes: int = 11
     kernel: int = 3
+    #: Dropout rate of the central stages in training (0: none); see ``dropout_stages``.
+    dropout: float = 0.0
 
     def widths(self) -> tuple[int, ...]:
         return tuple(max(4, int(round(w * self.width))) for w in VGG16_WIDTHS[: self.stages])
 
     def convs(self) -> tuple[int, ...]:
         return VGG16_CONVS[: self.stages]
+
+    def dropout_stages(self) -> tuple[int, ...]:
+        """The stages (1-based) whose outputs dropout acts on in training: the central ones.
+
+        Bayesian SegNet (Kendall, Badrinarayanan, Cipolla 2015) found dropout after the
+        deepest encoder stages and the matching decoder stages better than everywhere: the
+        first stages hold low-level features that every class shares, and dropping them only
+        slows learning. The deepest ``stages - 2`` (at least one) are used: encoders 3-5 and
+        decoders 5-3 of the full SegNet, the "central four" of four-stage SegNet-Basic.
+        Empty when ``dropout`` is 0.
+        """
+        if self.dropout <= 0:
+            return ()
+        n = max(1, self.stages - 2)
+        return tuple(range(self.stages - n + 1, self.stages + 1))
 
     @property
     def stride(self) -> int:
@@ -138,7 +155,7 @@ def build_segnet(
         std: per-channel standard deviation divided inside the model.
         name: the Keras model name.
         batch_norm: ``False`` builds the inference form: every convolution has a bias and no
-            batch norm follows it, ready for ``fold_batch_norm``.
+            batch norm follows it, ready for ``fold_batch_norm``; it has no dropout either.
 
     Returns:
         A functional ``keras.Model`` mapping ``(B, H, W, C)`` floats in [0, 1] to
@@ -168,12 +185,17 @@ def build_segnet(
         return keras.layers.ReLU(name=f"{label}_relu")(x)
 
     widths, convs = arch.widths(), arch.convs()
+    # Dropout has no weights and is the identity at inference, so a model with it and one
+    # without share every weight name, and the inference form (batch_norm=False) leaves it out.
+    central = arch.dropout_stages() if batch_norm else ()
     saved = []  # (pre-pool tensor, indices) per stage
     for s, (w, n) in enumerate(zip(widths, convs), start=1):
         for i in range(1, n + 1):
             x = conv_bn_relu(x, w, f"enc{s}_{i}")
         pre = x
         x, idx = MaxPoolingWithArgmax2D(name=f"pool{s}")(x)
+        if s in central:
+            x = keras.layers.Dropout(arch.dropout, name=f"pool{s}_dropout")(x)
         saved.append((pre, idx))
 
     for s in range(len(widths), 0, -1):
@@ -183,6 +205,8 @@ def build_segnet(
         out_w = widths[s - 2] if s > 1 else widths[0]
         for i in range(n, 0, -1):
             x = conv_bn_relu(x, out_w if i == 1 else w, f"dec{s}_{i}")
+        if s in central:
+            x = keras.layers.Dropout(arch.dropout, name=f"dec{s}_dropout")(x)
 
     logits = keras.layers.Conv2D(arch.num_classes, 1, name="classifier", dtype="float32")(x)
     return keras.Model(inputs, logits, name=name)
