@@ -40,7 +40,7 @@ from segnet_cli.errors import (
 )
 from segnet_cli.io.files import FileSet, atomic_path, check_writable
 from segnet_cli.io.images import read_image, to_model_input, write_mask_png
-from segnet_cli.jobs import Outcome, Run, foreign_image
+from segnet_cli.jobs import Outcome, Run, first_of, foreign_image
 from segnet_cli.metrics import confusion, scores
 from segnet_cli.model.modelfile import ModelInfo, read_info
 from segnet_cli.pipeline import image_work, read_ahead, run_works
@@ -432,9 +432,8 @@ def _check_save_masks(folder: Path, items: list[EvalItem], overwrite: bool = Fal
     # Another split's ground truth, say: images segnet did not write are not replaced.
     foreign = [t for item in items if foreign_image(t := folder / f"{item.key}.png")]
     if foreign:
-        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
         raise UsageError(
-            f"--save-masks would replace images that segnet did not write: {foreign[0]}{more}; "
+            f"--save-masks would replace images that segnet did not write: {first_of(foreign)}; "
             "give another folder, or pass --overwrite to replace them",
             folder,
         )

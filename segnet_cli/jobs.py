@@ -380,6 +380,12 @@ class Run:
         )
 
 
+def first_of(paths: list) -> str:
+    """The first of several paths for a message, and how many more ("a.png and 3 more")."""
+    more = f" and {len(paths) - 1} more" if len(paths) > 1 else ""
+    return f"{paths[0]}{more}"
+
+
 def foreign_image(output: Path) -> bool:
     """Whether ``output`` is an image that segnet did not write (so not ours to replace).
 

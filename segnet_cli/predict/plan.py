@@ -36,6 +36,7 @@ from segnet_cli.jobs import (
     Provenance,
     Run,
     collect_inputs,
+    first_of,
     foreign_image,
     settings_key,
 )
@@ -238,10 +239,9 @@ def plan(config: PredictConfig) -> tuple[list[Job], list[Outcome], str, ModelInf
             foreign.extend(o for o in job.outputs() if foreign_image(o))
         jobs.append(job)
     if foreign:
-        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
         raise UsageError(
             f"--out holds images that segnet did not write, which this run would replace: "
-            f"{foreign[0]}{more}; nothing was written: give another --out, or pass "
+            f"{first_of(foreign)}; nothing was written: give another --out, or pass "
             "--overwrite to replace them",
             config.out,
         )
