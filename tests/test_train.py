@@ -579,8 +579,11 @@ def test_dropout_is_recorded_resumed_and_inherited_by_init(data, tmp_path):
     r = runner.invoke(app, ["train", "--resume", "--out", str(first), "--dropout", "0.5"])
     assert r.exit_code == 2 and "--dropout 0.5" in r.stderr
     # --init: the model's rate unless --dropout is given (0 turns it off for a fine-tune).
-    run_train(frozen(data, tmp_path / "kept", init=first / "model.keras"), log=quiet)
-    assert read_info(tmp_path / "kept" / "model.keras").architecture["dropout"] == 0.3
+    from segnet_cli.train import _settings
+
+    kept_out = tmp_path / "kept"
+    kept, _ = _settings(frozen(data, kept_out, init=first / "model.keras"), kept_out)
+    assert kept.dropout == 0.3
     run_train(frozen(data, tmp_path / "off", init=first / "model.keras", dropout=0.0,
                      given=frozenset({"dropout"})), log=quiet)
     assert read_info(tmp_path / "off" / "model.keras").architecture["dropout"] == 0.0
