@@ -46,9 +46,9 @@ class Architecture:
         """The stages (1-based) whose outputs dropout acts on in training: the central ones.
 
         Bayesian SegNet (Kendall, Badrinarayanan, Cipolla 2015) found dropout after the
-        deepest encoder stages and the matching decoder stages better than everywhere: the
-        first stages hold low-level features that every class shares, and dropping them only
-        slows learning. The deepest ``stages - 2`` (at least one) are used: encoders 3-5 and
+        deepest encoder stages and the matching decoder stages better than after every stage;
+        its reading is that the first stages' low-level features are much the same in every
+        model, so dropping them costs accuracy without regularising. The deepest ``stages - 2`` (at least one) are used: encoders 3-5 and
         decoders 5-3 of the full SegNet, the "central four" of four-stage SegNet-Basic.
         Empty when ``dropout`` is 0.
         """
