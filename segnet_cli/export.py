@@ -532,9 +532,9 @@ def export_model(config: ExportConfig, log=None) -> Report:
         figures and the ``metadata`` written.
 
     Raises:
-        UsageError: the output exists (without ``overwrite``); with it, a folder that is not
-            a SavedModel or holds the model; an output folder that cannot be written; or a
-            bad option.
+        UsageError: the output exists (without ``overwrite``); with it, the model itself, a
+            file where a SavedModel folder goes, or a folder that is not a SavedModel or holds
+            the model; an output folder that cannot be written; or a bad option.
         MissingExtraError: the format's converter or runtime is not installed.
         ModelFileError: the model file is missing or not a segnet model.
         ExportError: a layer or op the converter cannot handle, or a failed parity check
@@ -549,6 +549,11 @@ def export_model(config: ExportConfig, log=None) -> Report:
         raise UsageError("already exists; pass --overwrite to replace it", out)
     if out.exists() and fmt is not ExportFormat.SAVED_MODEL and out.is_dir():
         raise UsageError("is a folder; give a file name", out)
+    if out.exists() and out.resolve() == source.resolve():
+        raise UsageError("is the model being exported; give another name", out)
+    if fmt is ExportFormat.SAVED_MODEL and out.exists() and not out.is_dir():
+        # A SavedModel is a folder: --overwrite must not turn a file (a model, a note) into one.
+        raise UsageError("is a file; a SavedModel is a folder, so give a folder name", out)
     if fmt is ExportFormat.SAVED_MODEL and out.is_dir():
         # --overwrite replaces the whole folder: only ever a SavedModel, and never one that
         # holds the model being exported (``--out runs/a`` with ``--model runs/a/model.keras``

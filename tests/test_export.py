@@ -267,6 +267,8 @@ def test_overwrite_replaces_only_a_saved_model_and_never_the_source(tmp_path, ti
     for out, model_path, message in [
         (run, model, "holds the model being exported"),
         (mine, tiny_model, "not a SavedModel"),
+        (model, model, "is the model being exported"),  # a SavedModel is a folder, never a file
+        (tmp_path / "a-file", tiny_model, "a SavedModel is a folder"),
         (tmp_path / "a-file" / "sm", tiny_model, "is a file, not a folder"),  # cannot be written
     ]:
         r = runner.invoke(app, ["export", "--model", str(model_path), "--format", "saved_model",
@@ -275,6 +277,7 @@ def test_overwrite_replaces_only_a_saved_model_and_never_the_source(tmp_path, ti
     assert (run / "checkpoint.keras").read_bytes() == b"weeks of training"
     assert model.read_bytes() == tiny_model.read_bytes()
     assert (mine / "notes.txt").read_text() == "keep me"
+    assert (tmp_path / "a-file").read_text() == "not a folder"
     r = runner.invoke(app, ["export", "--format", "onnx", "--model", str(tiny_model),
                             "--out", str(tmp_path / "a-file" / "m.onnx")])
     assert r.exit_code == 2 and "is a file, not a folder" in r.output, r.output
