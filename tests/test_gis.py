@@ -310,6 +310,11 @@ def test_aoi_errors_and_pixel_coordinates(tmp_path, model):
                             "--vector", str(top), "--out", str(tmp_path / "again.tif")])
     assert r.exit_code == 2 and "would overwrite" in r.output, r.output
     assert top.read_bytes() == before and not (tmp_path / "again.tif").exists()
+    # Nor the run's own class-area report, which would then overwrite the polygons.
+    r = runner.invoke(app, ["tile", str(src), "--model", str(model), "--out",
+                            str(tmp_path / "c.tif"), "--vector", str(tmp_path / "c.areas.json")])
+    assert r.exit_code == 2 and "would overwrite" in r.output, r.output
+    assert not (tmp_path / "c.tif").exists()
     # Nor someone's polygons: an existing file is replaced only when this mask's report
     # lists it (a re-run), or with --overwrite.
     roads = aoi_file(tmp_path / "roads.geojson", [(0, 0), (9, 0), (9, 9), (0, 0)], crs=None)

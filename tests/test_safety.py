@@ -224,12 +224,28 @@ def test_tile_never_replaces_a_raster_it_did_not_write(tmp_path, tiny_model):
     for out, extra in ((dem, ()), (tmp_path / "b.tif", ("--probabilities", "confidence"))):
         r = run("tile", src, "--out", out, "--model", tiny_model, *extra)
         assert r.exit_code == 2 and "segnet did not write" in r.output, r.output
+    # Nor someone's JSON where the mask's class-area report goes (x.tif -> x.areas.json).
+    notes = tmp_path / "notes.areas.json"
+    notes.write_text('{"my": "notes"}')
+    before = digests(tmp_path)
+    r = run("tile", src, "--out", tmp_path / "notes.tif", "--model", tiny_model)
+    assert r.exit_code == 2 and "notes.areas.json" in r.output, r.output
+    assert "segnet did not write" in r.output
+    # A mask is a GeoTIFF: another suffix would name a TIFF as something else. And tile
+    # takes one image: a folder is a usage error, as a missing file is.
+    for args in (("--out", tmp_path / "m.png"), ("--out", tmp_path / "m")):
+        r = run("tile", src, *args, "--model", tiny_model)
+        assert r.exit_code == 2 and "not a .tif or .tiff name" in r.output, r.output
+    r = run("tile", tmp_path, "--model", tiny_model)
+    assert r.exit_code == 2 and "is a folder" in r.output, r.output
     assert digests(tmp_path) == before and photo.exists()
-    # --overwrite replaces it; from then on it is segnet's: skipped when up to date.
-    r = run("tile", src, "--out", dem, "--model", tiny_model, "--overwrite")
-    assert r.exit_code == 0, r.output
-    r = run("tile", src, "--out", dem, "--model", tiny_model)
-    assert r.exit_code == 0 and "up to date" in r.output, r.output
+    # --overwrite replaces them; from then on they are segnet's: skipped when up to date.
+    for out in (dem, tmp_path / "notes.tif"):
+        r = run("tile", src, "--out", out, "--model", tiny_model, "--overwrite")
+        assert r.exit_code == 0, r.output
+        r = run("tile", src, "--out", out, "--model", tiny_model)
+        assert r.exit_code == 0 and "up to date" in r.output, r.output
+    assert json.loads(notes.read_text())["files"]
 
 
 def test_log_file_never_appends_to_an_image_or_a_model(tmp_path, tiny_model):

@@ -32,7 +32,7 @@ from segnet_cli.geo.aoi import Aoi
 from segnet_cli.gigapixel.budget import MemoryEstimate, MiB, estimate, fit_tiling
 from segnet_cli.io.files import check_writable, file_digest, remove_dead_temporaries, tmp_label
 from segnet_cli.io.gdal import PIXELS, Georef, read_georef
-from segnet_cli.io.images import match_channels
+from segnet_cli.io.images import TIFF_SUFFIXES, match_channels
 from segnet_cli.io.sources import inspect_source
 from segnet_cli.io.tiff import SourceInfo, needs_bigtiff, read_description
 from segnet_cli.jobs import (
@@ -205,6 +205,20 @@ def _foreign_raster(path: Path) -> bool:
     return Provenance.from_json(description) is None
 
 
+def _foreign_report(path: Path) -> bool:
+    """Whether ``path``, where the class-area report goes, is a file segnet did not write.
+
+    segnet's reports are JSON objects that carry the run's provenance.
+    """
+    if not (path.exists() or path.is_symlink()):
+        return False
+    try:
+        report = json.loads(path.read_text())
+        return Provenance.from_json(json.dumps(report["provenance"])) is None
+    except (OSError, ValueError, TypeError, KeyError):
+        return True
+
+
 def _written_with(path: Path, report: Path) -> bool:
     """Whether the class-area report of a mask lists ``path`` as written with it.
 
@@ -233,6 +247,9 @@ def plan_tile(config: TileConfig) -> TilePlan:
         ModelFileError: the model file is missing or not a segnet model.
         UsageError: bad options, or ``--max-memory`` cannot be met.
     """
+    if Path(config.input).is_dir():
+        raise UsageError("is a folder; tile takes one image (segnet predict takes folders)",
+                         Path(config.input))
     # An image decoded whole is checked against the pixel and byte limits here, so
     # ``--plan`` refuses what the run would refuse.
     source = inspect_source(config.input, config.inference.max_pixels, config.bands)
@@ -247,6 +264,9 @@ def plan_tile(config: TileConfig) -> TilePlan:
     output = Path(config.out) if config.out is not None else default_output(source.path)
     if output.exists() and output.is_dir():
         raise UsageError(f"--out {output} is a folder; give a file name")
+    if output.suffix.lower() not in TIFF_SUFFIXES:
+        # The mask is a GeoTIFF whatever its name: x.png would be a TIFF no viewer expects.
+        raise UsageError(f"--out {output} is not a .tif or .tiff name; the mask is a GeoTIFF")
     prob_out = prob_output_path(output) if config.probabilities else None
     for out in (output, prob_out):
         if out is not None and _same_file(out, source.path):
@@ -260,6 +280,12 @@ def plan_tile(config: TileConfig) -> TilePlan:
                     f"{out} exists and segnet did not write it; nothing was written: give "
                     "another --out, or pass --overwrite to replace it"
                 )
+        report = sibling(output, ".areas.json")
+        if _foreign_report(report):
+            raise UsageError(
+                f"{report} (the mask's class-area report) exists and segnet did not write "
+                "it; nothing was written: give another --out, or pass --overwrite to replace it"
+            )
     notes: list[str] = []
     cog, vector, georef, aoi = _gis(config, source, output, prob_out, notes)
     arch = Architecture.from_info(info)
@@ -364,7 +390,8 @@ def _gis(config: TileConfig, source: SourceInfo, output: Path, prob_out: Path | 
         vector = Path(config.vector)
         check_vector_path(vector)
         aoi_path = None if config.aoi is None else Path(config.aoi)
-        for other in (source.path, output, prob_out, aoi_path):
+        report, pam = sibling(output, ".areas.json"), output.with_name(output.name + ".aux.xml")
+        for other in (source.path, output, prob_out, aoi_path, report, pam):
             if other is not None and _same_file(vector, other):
                 raise UsageError(f"--vector {vector} would overwrite {other}")
         if not config.overwrite and (vector.exists() or vector.is_symlink()):
