@@ -60,6 +60,10 @@ class ClassTable:
         return tuple(pal)
 
 
+#: Masks hold 8-bit class indices.
+MAX_CLASSES = 256
+
+
 def default_colour(i: int) -> tuple[int, int, int]:
     return _DEFAULT_COLOURS[i % len(_DEFAULT_COLOURS)]
 
@@ -83,9 +87,12 @@ def load_classes(spec: str, void: int | None = None) -> ClassTable:
     if spec.lower() == "camvid":
         names = tuple(n for n, _ in CAMVID)
         colours = tuple(c for _, c in CAMVID)
-        return ClassTable(names, colours, CAMVID_VOID if void is None else void)
+        return _checked(ClassTable(names, colours, CAMVID_VOID if void is None else void), None)
     if spec.isdigit():
-        return numbered(int(spec), void)
+        if not 1 <= int(spec) <= MAX_CLASSES:
+            raise UsageError(f"--classes {spec}: give 1 to {MAX_CLASSES} classes (masks hold "
+                             "8-bit class indices)")
+        return _checked(numbered(int(spec), void), None)
     path = Path(spec)
     if not path.is_file():
         raise UsageError("classes file not found (or give 'camvid' or a number)", path)
@@ -127,4 +134,27 @@ def load_classes(spec: str, void: int | None = None) -> ClassTable:
         if len(c) != 3 or not all(0 <= v <= 255 for v in c):
             raise UsageError(f"colour {c} is not an RGB triple of 0-255", path)
     v = void if void is not None else file_void
-    return ClassTable(tuple(names), tuple(colours), None if v is None else int(v))
+    try:
+        v = None if v is None else int(v)
+    except (TypeError, ValueError):
+        raise UsageError(f"void {v!r} is not a class index", path) from None
+    return _checked(ClassTable(tuple(names), tuple(colours), v), path)
+
+
+def _checked(table: ClassTable, path: Path | None) -> ClassTable:
+    """Refuse tables whose masks could not be written or read back unambiguously.
+
+    Masks store 8-bit class indices, so at most 256 classes and a void index of 0-255; the
+    names label palettes, QGIS attribute tables and JSON reports, so each must be unique.
+    """
+    if len(table.names) > MAX_CLASSES:
+        raise UsageError(f"{len(table.names)} classes: at most {MAX_CLASSES} (masks hold "
+                         "8-bit class indices)", path)
+    seen: set[str] = set()
+    twice = [n for n in table.names if n in seen or seen.add(n)]
+    if twice:
+        raise UsageError(f"class names must differ: {', '.join(sorted(set(twice)))} "
+                         "appears more than once", path)
+    if table.void is not None and not 0 <= table.void <= 255:
+        raise UsageError(f"the void index must be 0-255 (masks are 8-bit), not {table.void}", path)
+    return table

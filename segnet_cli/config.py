@@ -499,6 +499,8 @@ class TrainConfig:
         need(self.epochs is None or self.epochs >= 1, "epochs", "must be at least 1")
         need(self.learning_rate > 0, "learning_rate", "must be above 0")
         need(self.weight_decay >= 0, "weight_decay", "must be 0 or more")
+        # A negative power would invert the balancing: the rarest class weighed least.
+        need(self.weight_power >= 0, "weight_power", "must be 0 or more")
         need(self.warmup_epochs >= 0, "warmup_epochs", "must be 0 or more")
         need(
             len(self.scale) == 2 and all(map(math.isfinite, self.scale))

@@ -9,6 +9,7 @@ not just the first, with the class histogram and median-frequency weights.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -53,17 +54,24 @@ def find_pairs(
 
     Args:
         images: a folder of images, or a list file of ``image mask`` lines.
-        masks: the masks folder (ignored for a list file). Defaults to ``<images>annot``
-            (CamVid's layout) when that folder exists.
+        masks: the masks folder (not with a list file: its lines name the masks). Defaults
+            to ``<images>annot`` (CamVid's layout) when that folder exists.
 
     Returns:
         ``(pairs, problems)``: problems name every image without a mask and vice versa.
 
     Raises:
-        UsageError: the folders do not exist.
+        UsageError: the folders do not exist; ``images`` is an image or a file that is not a
+            text list; or ``masks`` is given with a list file.
     """
     images = Path(images)
     if images.is_file():
+        if is_image_path(images):
+            raise UsageError("is an image; give the images folder, or a list file of "
+                             "'image mask' lines", images)
+        if masks is not None:
+            raise UsageError(f"--masks {masks} is not used with a list file: each of its lines "
+                             "names the image and its mask", images)
         return _pairs_from_list(images)
     if not images.is_dir():
         raise UsageError("images folder not found", images)
@@ -124,7 +132,14 @@ def split_held_out(
 def _pairs_from_list(listfile: Path) -> tuple[list[Pair], list[str]]:
     pairs, problems = [], []
     base = listfile.parent
-    for n, line in enumerate(listfile.read_text().splitlines(), start=1):
+    try:
+        text = listfile.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError("is not a folder, nor a UTF-8 text list file of 'image mask' lines",
+                         listfile) from None
+    except OSError as exc:
+        raise UsageError(f"cannot read the list file: {exc.strerror or exc}", listfile) from None
+    for n, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -244,7 +259,11 @@ def verify(
 
     Raises:
         NoInputError: there is no pair to check (exit 2), with the pairing problems.
+        UsageError: ``weight_power`` is negative or not a number.
     """
+    if not (math.isfinite(weight_power) and weight_power >= 0):
+        # A negative power would invert the balancing: the rarest class weighed least.
+        raise UsageError(f"--weight-power must be a number of 0 or more, not {weight_power}")
     if not pairs:
         # Nothing to check is a usage error (exit 2), as "no input matched" is for predict
         # and "no ground-truth masks to score" for eval; the problems say why.

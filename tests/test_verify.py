@@ -190,3 +190,27 @@ def test_missing_folders_are_usage_errors(tmp_path):
     (tmp_path / "imgs").mkdir()
     r = run("verify", tmp_path / "imgs")  # no --masks and no imgsannot beside it
     assert r.exit_code == 2 and "annot" in r.stderr
+
+
+def test_images_that_are_not_a_folder_nor_a_list_and_bad_class_options(tmp_path):
+    images, masks = tmp_path / "im", tmp_path / "imannot"
+    _good(images, masks, "a")
+    listfile = tmp_path / "pairs.txt"
+    listfile.write_text("im/a.png imannot/a.png\n")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("im/caf\xe9.png imannot/caf\xe9.png\n".encode("latin-1"))
+    cases = [
+        ((images / "a.png",), "is an image"),  # one image where the folder goes
+        ((latin,), "UTF-8 text list"),
+        ((listfile, "--masks", tmp_path / "nowhere"), "not used with a list file"),
+        ((images, "--classes", "0"), "give 1 to 256 classes"),
+        ((images, "--classes", "300"), "give 1 to 256 classes"),
+        ((images, "--weight-power", "-1"), "--weight-power must be a number of 0 or more"),
+    ]
+    twice = tmp_path / "twice.csv"
+    twice.write_text("road,128,64,128\ncar,64,0,128\nroad,0,0,0\n")
+    cases.append(((images, "--classes", twice), "road appears more than once"))
+    for args, message in cases:
+        r = run("verify", *args)
+        assert r.exit_code == 2 and message in r.stderr, (args, r.output)
+    assert run("verify", listfile, "--classes", "3").exit_code == 0
