@@ -55,6 +55,7 @@ from segnet_cli.errors import (
     Interrupted,
     LockedError,
     ModelFileError,
+    NoInputError,
     SegnetError,
     UsageError,
 )
@@ -347,11 +348,34 @@ def run_train(config: TrainConfig, progress=None, log=print) -> Report:
         raise UsageError("--out names a file; give a run folder", out)
     if config.resume and not (out / CHECKPOINT).exists():
         raise UsageError("nothing to resume: no checkpoint.keras in the run folder", out)
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         reason = exc.strerror or exc
         raise UsageError(f"cannot create the run folder (--out): {reason}", out) from None
+    try:
+        return _locked_run(config, out, t0, progress, log)
+    finally:
+        if created:
+            _discard_if_unused(out)
+
+
+def _discard_if_unused(out: Path) -> None:
+    """Remove a run folder this run created when it holds nothing but the lock file.
+
+    A run refused after the folder was made (bad data, a bad ``--init``) or stopped before
+    its first save would otherwise leave an empty folder behind, holding only a hidden lock.
+    """
+    try:
+        if [p.name for p in out.iterdir()] == [LOCK]:
+            (out / LOCK).unlink()
+            out.rmdir()
+    except OSError:
+        pass
+
+
+def _locked_run(config: TrainConfig, out: Path, t0: float, progress, log) -> Report:
     with _run_lock(out), SignalGuard() as guard:
         remove_dead_temporaries(out, recursive=False)  # a killed save's leftovers
         try:
@@ -497,6 +521,10 @@ def _init_settings(config: TrainConfig) -> tuple[TrainConfig, _Start]:
         UsageError: ``--width`` or ``--stages`` set to other values than the model's.
     """
     path = Path(config.init)
+    if path.suffix.lower() != ".keras":
+        # An export (ONNX, SavedModel, LiteRT) holds no trainable Keras weights.
+        raise ModelFileError("--init takes a segnet .keras model (an export cannot be "
+                             "trained on)", path)
     info = read_info(path)
     arch = info.architecture
     if not all(key in arch for key in ("width", "stages", "in_channels", "num_classes")):
@@ -637,6 +665,20 @@ def _load_data(config: TrainConfig, start: _Start, guard: SignalGuard, log) -> _
         pairs, val_pairs = _held_out(config, pairs, start, log)
     elif config.val_images is not None:
         val_pairs, vproblems = find_pairs(config.val_images, config.val_masks)
+        if not val_pairs:
+            # Training on without it would choose no best model, silently.
+            raise NoInputError(
+                "--val: no validation image/mask pairs found"
+                + (f" ({len(vproblems)} problem(s))" if vproblems else ""),
+                config.val_images,
+                problems=vproblems,
+            )
+    # What the options alone decide is refused before the minutes of verification.
+    if config.class_weights not in ("auto", "none"):
+        load_class_weights(config.class_weights, np.ones(classes.num_classes), classes.num_classes)
+    if pairs and len(pairs) < config.batch_size:
+        raise UsageError(f"{len(pairs)} training pairs are fewer than the batch size "
+                         f"({config.batch_size}); lower --batch-size")
     log(f"verifying {len(pairs)} training pairs ...")
     # Verifying a large dataset takes minutes: a signal is answered between pairs.
     report = verify(
@@ -676,8 +718,6 @@ def _load_data(config: TrainConfig, start: _Start, guard: SignalGuard, log) -> _
         raise UsageError("validation images have other channels than training images")
     weights = load_class_weights(config.class_weights, report.weights, classes.num_classes)
     log("class weights: " + ", ".join(f"{n}={w:.3f}" for n, w in zip(classes.names, weights)))
-    if len(pairs) < config.batch_size:
-        raise UsageError(f"{len(pairs)} training pairs are fewer than the batch size")
     if config.resume:
         mean, std = start.state["mean"], start.state["std"]
     elif start.info is not None:  # --init: the model's weights expect the model's scaling

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from segnet_cli.cli import app
 from segnet_cli.config import DEFAULT_EPOCHS, Loss, TrainConfig
-from segnet_cli.errors import DatasetError, LockedError, ModelFileError, UsageError
+from segnet_cli.errors import DatasetError, LockedError, ModelFileError, NoInputError, UsageError
 from segnet_cli.model.modelfile import read_info
 from segnet_cli.pipeline import segment_image
 from segnet_cli.train import CHECKPOINT, LOCK, epoch_plan, load_class_weights, run_train
@@ -315,6 +315,7 @@ def test_sigterm_mid_run_stops_cleanly_with_143_and_a_resumable_checkpoint(data,
         (["--precision", "int8"], "--precision"),
         (["--hold-out", "s0*", "--val", "v"], "--hold-out"),
         (["--hold-out", ""], "--hold-out"),
+        (["--weight-power", "-1"], "--weight-power"),
     ],
 )
 def test_bad_options_are_refused_before_any_data_is_read(tmp_path, args, option):
@@ -540,11 +541,14 @@ def test_init_refusals(data, tiny_model, tmp_path):
         for item in src.infolist():
             if item.filename != "segnet.json":
                 dst.writestr(item, src.read(item.filename))
-    for path in (tmp_path / "missing.keras", broken, foreign, tmp_path):
+    onnx = tmp_path / "model.onnx"  # an export: nothing to train
+    onnx.write_bytes(b"\x08\x07")
+    for path in (tmp_path / "missing.keras", broken, foreign, tmp_path, onnx):
         messages: list[str] = []
         with pytest.raises(ModelFileError) as exc:
             run_train(frozen(data, tmp_path / "r2", init=path), log=messages.append)
         assert exc.value.path == path and not any("verifying" in m for m in messages)
+        assert not (tmp_path / "r2").exists()  # a refused new run leaves no folder
     # Through the CLI: --width/--stages that contradict the model, and --init with --resume.
     r = runner.invoke(app, ["train", str(data / "train"), "--init", str(tiny_model),
                             "--stages", "2", "--width", "0.0625", "--out", str(tmp_path / "r3")])
@@ -553,6 +557,29 @@ def test_init_refusals(data, tiny_model, tmp_path):
     r = runner.invoke(app, ["train", str(data / "train"), "--init", str(tiny_model), "--resume",
                             "--out", str(tmp_path / "r4")])
     assert r.exit_code == 2 and "give only one" in r.stderr
+
+
+def test_refusals_before_verifying_and_an_empty_val_leave_no_run_folder(data, tmp_path):
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "evannot").mkdir()
+    out = tmp_path / "run"
+    cases = [
+        (dict(val_images=tmp_path / "ev"), NoInputError, "--val: no validation"),
+        (dict(class_weights=str(tmp_path / "none.txt")), UsageError, "cannot read class weights"),
+        (dict(batch_size=7), UsageError, "6 training pairs are fewer than the batch size (7)"),
+        (dict(images=data / "train" / "s0.png"), UsageError, "is an image"),
+    ]
+    for kw, error, message in cases:
+        messages: list[str] = []
+        with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+            run_train(tiny(data, out, **kw), log=messages.append)
+        assert not any("verifying" in m for m in messages), kw  # before any pair is read
+        assert not out.exists(), kw
+    # A folder that was there before stays, whatever it holds.
+    out.mkdir()
+    with pytest.raises(NoInputError):
+        run_train(tiny(data, out, val_images=tmp_path / "ev"), log=quiet)
+    assert out.is_dir()
 
 
 def test_dropout_is_recorded_resumed_and_inherited_by_init(data, tmp_path):
