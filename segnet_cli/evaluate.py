@@ -118,14 +118,24 @@ def gather_items(config: EvalConfig) -> tuple[list[EvalItem], list[dict]]:
         return [EvalItem(k, p) for k, p in index_by_stem(masks).items()], []
     images = Path(config.images)
     pairs, problems = find_pairs(images, config.masks)
-    if images.is_file():  # a list file: masks may live anywhere, name them by stem
-        items = [EvalItem(p.mask.stem, p.mask, p.image) for p in pairs]
-    else:
+    failures = [_problem_to_failure(text) for text in problems]
+    if not images.is_file():
         items = [
             EvalItem(str(p.image.relative_to(images).with_suffix("")), p.mask, p.image)
             for p in pairs
         ]
-    failures = [_problem_to_failure(text) for text in problems]
+        return items, failures
+    # A list file: images and masks may live anywhere, so an item is named by its image's
+    # stem, as ``segnet predict`` names its mask. Two images of one stem in different
+    # folders would then share a saved mask or a prediction: the later one is refused.
+    items, named = [], {}
+    for p in pairs:
+        if p.image.stem in named and (config.save_masks is not None or config.pred is not None):
+            failures.append({"path": str(p.image), "error": f"same name as {named[p.image.stem]} "
+                             "(its mask or prediction would be the same file; rename one)"})
+            continue
+        named.setdefault(p.image.stem, p.image)
+        items.append(EvalItem(p.image.stem, p.mask, p.image))
     return items, failures
 
 
@@ -138,13 +148,15 @@ def match_predictions(items: list[EvalItem], pred: Path) -> tuple[dict[str, Path
     """Find each item's prediction in ``pred``: same relative stem, else a unique same stem.
 
     The fallback lets a flat folder of predictions score against nested ground truth (and a
-    list file's masks), as long as no two predictions share a file name.
+    list file's masks), as long as no two predictions share a file name. The overlays
+    ``segnet predict --overlay`` writes beside its masks are not predictions.
 
     Returns:
         ``(found, unused)``: the prediction of each matched key, and predictions no ground
         truth asked for.
     """
-    index = index_by_stem(pred)
+    # predict --overlay writes <stem>.overlay.jpg beside each mask: a picture, not a mask.
+    index = {k: p for k, p in index_by_stem(pred).items() if not k.endswith(".overlay")}
     by_name: dict[str, list[Path]] = {}
     for key, path in index.items():
         by_name.setdefault(Path(key).name, []).append(path)

@@ -166,8 +166,12 @@ def test_flat_predictions_match_list_file_ground_truth(tmp_path):
     listfile = tmp_path / "data" / "test.txt"
     listfile.write_text("img/x.png ann/x.png\n")
     write_png(tmp_path / "pred" / "x.png", mask)
-    report = run_eval(EvalConfig(images=listfile, pred=tmp_path / "pred", classes="3"))
+    write_png(tmp_path / "pred" / "x.overlay.jpg", img)  # predict --overlay's picture
+    logged: list[str] = []
+    report = run_eval(EvalConfig(images=listfile, pred=tmp_path / "pred", classes="3"),
+                      log=logged.append)
     assert report.return_code == 0 and report.done == 1
+    assert not any("no ground truth" in m for m in logged), logged  # not a stray prediction
     assert report.details["global_accuracy"] == 1.0 and report.details["mean_iou"] == 1.0
 
 
@@ -246,6 +250,28 @@ def test_model_mode_scores_what_the_engine_predicts(labelled, tiny_model, tmp_pa
     )
     assert again.details["confusion"] == d["confusion"]
     assert again.details["mean_iou"] == pytest.approx(d["mean_iou"])
+
+
+def test_list_file_names_items_by_image_and_never_saves_two_masks_as_one(tmp_path, tiny_model):
+    # Images and masks named differently, from folders of the same image names.
+    lines = []
+    for i, d in enumerate(("a", "b")):
+        img, mask = shapes_image(20, 24, seed=i)
+        write_png(tmp_path / d / "x.png", img)
+        write_png(tmp_path / d / "x_L.png", mask)
+        lines.append(f"{d}/x.png {d}/x_L.png")
+    listfile = tmp_path / "list.txt"
+    listfile.write_text("\n".join(lines) + "\n")
+    saved = tmp_path / "saved"
+    r = run("eval", listfile, "--model", tiny_model, "--save-masks", saved, "--json")
+    assert r.exit_code == 1, r.output  # the second x.png is refused, the first scored
+    d = json.loads(r.stdout)
+    assert d["images"] == 1 and d["failed"] == 1 and [i["key"] for i in d["per_image"]] == ["x"]
+    assert d["failures"][0]["path"].endswith("b/x.png") and "same name" in d["failures"][0]["error"]
+    assert sorted(p.name for p in saved.iterdir()) == ["x.png"]  # as predict names it
+    # Without saved masks or predictions nothing is shared: both are scored.
+    r = run("eval", listfile, "--model", tiny_model, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["images"] == 2, r.output
 
 
 def test_model_mode_missing_mask_and_class_mismatch(labelled, tiny_model):
