@@ -173,6 +173,12 @@ def test_usage_errors_exit_2(tmp_path, tiny_model):
     assert r.exit_code == 2 and "--engine" in r.output
     r = run("predict", src, "--out", tmp_path / "o", "--model", tiny_model, "--address", "h:1")
     assert r.exit_code == 2 and "--engine ray" in r.output
+    # None of these runs made the output folder: a refused run leaves nothing behind.
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "f").write_text("a file")
+    r = run("predict", src, "--out", tmp_path / "f", "--model", tiny_model)
+    assert r.exit_code == 2 and "is a file, not a folder" in r.output, r.output
+    assert (tmp_path / "f").read_text() == "a file"
 
 
 def test_disk_full_leaves_no_partial_file(photos, tmp_path, tiny_model, monkeypatch):

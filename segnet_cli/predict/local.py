@@ -24,7 +24,7 @@ from segnet_cli.io.files import check_writable, remove_dead_temporaries
 from segnet_cli.io.images import read_image, to_model_input
 from segnet_cli.jobs import Outcome, Run, SignalGuard
 from segnet_cli.pipeline import image_work, read_ahead, run_works
-from segnet_cli.predict.plan import Job, begin, claim, write_outputs
+from segnet_cli.predict.plan import Job, begin, claim, refuse_file_out, write_outputs
 from segnet_cli.tiling import TileGrid, stitch_all
 
 #: Reader threads: decoding overlaps itself as well as the model.
@@ -37,14 +37,15 @@ def run_local(config: PredictConfig, run: Run) -> Report:
     Returns:
         The run's report: 0 (all done or skipped), 1 (some failed) or 130/143 (interrupted).
     """
-    if not config.dry_run:
-        check_writable(config.out)
-        removed = remove_dead_temporaries(config.out)
-        if removed:
-            run.log(f"removed {removed} temporary file(s) left by an interrupted run")
+    refuse_file_out(config.out)
     jobs, model_sha, early = begin(config, run)
     if early is not None:
         return early
+    # Created only now: a run refused while planning leaves no empty --out behind.
+    check_writable(config.out)
+    removed = remove_dead_temporaries(config.out)
+    if removed:
+        run.log(f"removed {removed} temporary file(s) left by an interrupted run")
     details: dict = {"model_sha256": model_sha}
     with SignalGuard() as guard:
         _segment(config, jobs, run, guard, details)

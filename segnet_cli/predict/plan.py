@@ -248,6 +248,16 @@ def plan(config: PredictConfig) -> tuple[list[Job], list[Outcome], str, ModelInf
     return jobs, outcomes, model_sha, info
 
 
+def refuse_file_out(out: Path) -> None:
+    """Refuse an ``--out`` that is a file before planning; the folder is made later.
+
+    Raises:
+        UsageError: ``out`` exists and is not a folder.
+    """
+    if out.exists() and not out.is_dir():
+        raise UsageError("--out is a file, not a folder", out)
+
+
 def begin(config: PredictConfig, run: Run, **details) -> tuple[list[Job], str, Report | None]:
     """What every engine does before segmenting: plan, report skips and failures found while
     planning, and answer a dry run or a run with nothing to do without loading any model.

@@ -37,7 +37,7 @@ from segnet_cli.config import InferenceConfig, PredictConfig, Report, Status
 from segnet_cli.errors import SegnetError
 from segnet_cli.io.files import check_writable, remove_dead_temporaries
 from segnet_cli.jobs import Claim, InputItem, Outcome, Run, SignalGuard
-from segnet_cli.predict.plan import Job, begin, claim, write_outputs
+from segnet_cli.predict.plan import Job, begin, claim, refuse_file_out, write_outputs
 
 #: Inputs per actor call. One image per call keeps results (and the progress bar) flowing
 #: back as each image finishes; the model batches tiles *within* an image anyway.
@@ -135,12 +135,12 @@ def run_ray(config: PredictConfig, run: Run) -> Report:
     """
     import_ray()  # before any work: a missing extra is a usage error, even for --dry-run
     device_mode(config.inference.device)  # a bad --device fails before a cluster is started
-    if not config.dry_run:
-        check_writable(config.out)
+    refuse_file_out(config.out)
     # A dry run, or nothing to segment: no cluster is started or contacted.
     jobs, model_sha, early = begin(config, run, engine="ray")
     if early is not None:
         return early
+    check_writable(config.out)  # created only now: a refused run leaves no empty --out
     details: dict = {"engine": "ray", "model_sha256": model_sha}
     with SignalGuard() as guard, session(config.address, guard) as ray:
         if not guard.stop and is_local_session(ray):
