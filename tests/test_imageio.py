@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 
 from segnet_cli.errors import ImageReadError, ImageTooLargeError, OutputError
@@ -67,6 +68,22 @@ def test_exif_orientation_applied(tmp_path):
     im.save(tmp_path / "r.jpg", exif=exif, quality=95)
     out = read_image(tmp_path / "r.jpg")
     assert out.shape[:2] == (20, 10)
+
+
+def test_image_dpi_from_headers_with_exif_rotation(tmp_path):
+    from segnet_cli.io.images import image_dpi
+
+    im = Image.fromarray(np.zeros((10, 20, 3), np.uint8))
+    exif = im.getexif()
+    exif[0x0112] = 6  # a quarter turn: the pixels are read rotated, so are the axes
+    im.save(tmp_path / "r.jpg", exif=exif, dpi=(300, 150))
+    assert image_dpi(tmp_path / "r.jpg") == pytest.approx((150, 300))
+    tifffile.imwrite(tmp_path / "cm.tif", np.zeros((4, 4), np.uint8), resolution=(100, 100),
+                     resolutionunit=3)  # 100 pixels per centimetre
+    assert image_dpi(tmp_path / "cm.tif") == pytest.approx((254, 254))
+    im.save(tmp_path / "none.png")
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    assert image_dpi(tmp_path / "none.png") is None and image_dpi(tmp_path / "junk.png") is None
 
 
 def test_channel_rules():

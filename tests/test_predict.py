@@ -37,7 +37,7 @@ def photos(tmp_path) -> Path:
     write_png(d / "odd.png", img)
     write_png(d / "line.png", shapes_image(1, 300)[0])
     write_png(d / "nested" / "deep" / "col.png", shapes_image(300, 1)[0])
-    Image.fromarray(shapes_image(64, 80, 2)[0]).save(d / "photo.jpg", quality=90)
+    Image.fromarray(shapes_image(64, 80, 2)[0]).save(d / "photo.jpg", quality=90, dpi=(300, 300))
     Image.fromarray((np.random.default_rng(0).random((45, 33)) * 65535).astype(np.uint16)).save(d / "gray16.png")
     Image.fromarray(shapes_image(41, 41)[0]).convert("P").save(d / "pal.png")
     Image.fromarray(np.dstack([shapes_image(20, 30)[0], np.full((20, 30), 128, np.uint8)])).save(d / "rgba.png")
@@ -72,6 +72,10 @@ def test_predict_folder_all_formats_sizes(photos, tmp_path, tiny_model):
     assert max(int(m.max()) for m in masks.values()) < 3
     assert (out / "odd.overlay.jpg").exists()
     assert "9 done" in r.output
+    # The input's resolution is kept: a mask measures as its image does.
+    for name in ("photo.png", "photo.overlay.jpg"):
+        assert Image.open(out / name).info["dpi"] == pytest.approx((300, 300), abs=0.01)
+    assert "dpi" not in Image.open(out / "line.png").info
 
 
 def test_predict_equals_engine_whole_and_tiled(tmp_path, tiny_model):

@@ -523,10 +523,40 @@ def palette_bytes(palette) -> list[int]:
     return flat
 
 
+def image_dpi(path: str | Path) -> tuple[float, float] | None:
+    """The resolution an image's header records, in dots per inch, or None.
+
+    A mask or overlay carries its input's resolution, so a slide's or a scan's mask measures
+    as the image does. Only the header is read; an image Pillow cannot open has none. An
+    EXIF rotation by a quarter turn swaps the axes, as the pixels are read rotated.
+    """
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a large image's bomb warning: no pixels are read
+            with Image.open(path) as im:
+                dpi = im.info.get("dpi")
+                orientation = im.getexif().get(0x0112, 1)
+        x, y = (float(v) for v in dpi)
+    except Exception:  # no resolution, or an image Pillow cannot open: none to keep
+        return None
+    if not (np.isfinite(x) and np.isfinite(y) and x > 0 and y > 0):
+        return None
+    return (y, x) if orientation in (5, 6, 7, 8) else (x, y)
+
+
 def write_mask_png(
-    mask: np.ndarray, path: str | Path, palette, text: dict[str, str] | None = None
+    mask: np.ndarray,
+    path: str | Path,
+    palette,
+    text: dict[str, str] | None = None,
+    dpi: tuple[float, float] | None = None,
 ) -> Path:
-    """Write class indices as an 8-bit palette PNG, atomically. ``text`` goes in tEXt chunks."""
+    """Write class indices as an 8-bit palette PNG, atomically.
+
+    ``text`` goes in tEXt chunks, ``dpi`` (the input's resolution) in the pHYs chunk.
+    """
     from PIL import Image, PngImagePlugin
 
     if mask.ndim != 2:
@@ -539,7 +569,7 @@ def write_mask_png(
     for k, v in (text or {}).items():
         info.add_text(k, v)
     with atomic_path(path) as tmp:
-        im.save(tmp, format="PNG", pnginfo=info, optimize=False)
+        im.save(tmp, format="PNG", pnginfo=info, optimize=False, **({"dpi": dpi} if dpi else {}))
     return Path(path)
 
 
@@ -557,11 +587,12 @@ def write_overlay(
     palette,
     alpha: float = 0.5,
     comment: str | None = None,
+    dpi: tuple[float, float] | None = None,
 ) -> Path:
     """Write the mask's colours blended over the image (8-bit RGB, JPEG or PNG by suffix).
 
     ``comment`` (the provenance) goes in the JPEG comment or a PNG text chunk, so a later
-    run can tell whether the overlay is up to date.
+    run can tell whether the overlay is up to date; ``dpi`` is the input's resolution.
     """
     from PIL import Image, PngImagePlugin
 
@@ -574,13 +605,14 @@ def write_overlay(
     path = Path(path)
     im = Image.fromarray(out)
     with atomic_path(path) as tmp:
+        extra = {"dpi": dpi} if dpi else {}
         if path.suffix.lower() in (".jpg", ".jpeg"):
-            im.save(tmp, format="JPEG", **({"comment": comment} if comment else {}))
+            im.save(tmp, format="JPEG", **({"comment": comment} if comment else {}), **extra)
         else:
             info = PngImagePlugin.PngInfo()
             if comment:
                 info.add_text("segnet", comment)
-            im.save(tmp, format="PNG", pnginfo=info)
+            im.save(tmp, format="PNG", pnginfo=info, **extra)
     return path
 
 

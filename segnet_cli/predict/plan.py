@@ -27,7 +27,7 @@ from segnet_cli import __version__
 from segnet_cli.config import PredictConfig, Report, Status
 from segnet_cli.errors import UsageError
 from segnet_cli.io.files import FileSet, file_digest
-from segnet_cli.io.images import write_mask_png, write_overlay
+from segnet_cli.io.images import image_dpi, write_mask_png, write_overlay
 from segnet_cli.jobs import (
     PROVENANCE_KEY,
     Claim,
@@ -319,9 +319,11 @@ def write_outputs(job: Job, mask: np.ndarray, raw: np.ndarray | None, info: Mode
     Raises:
         OutputError, OSError, ValueError: a file could not be written.
     """
+    dpi = image_dpi(job.item.path)  # a slide's mask measures as the slide does
     if job.overlay is not None and raw is not None:
-        write_overlay(raw, mask, job.overlay, info.palette, alpha, job.ensure_provenance().to_json())
-    write_mask_png(mask, job.mask, info.palette, mask_text(job, info))
+        write_overlay(raw, mask, job.overlay, info.palette, alpha,
+                      job.ensure_provenance().to_json(), dpi)
+    write_mask_png(mask, job.mask, info.palette, mask_text(job, info), dpi)
 
 
 __all__ = [
