@@ -237,6 +237,9 @@ def test_bands_pick_and_order_in_tiff_and_gdal_inputs(tmp_path, model):
     assert r.exit_code == 2 and "4 band(s)" in r.output
     r = runner.invoke(app, ["tile", str(four), "--model", str(model), "--bands", "0,1"])
     assert r.exit_code == 2
+    # Bands that exist but do not make the model's input: an option to change, exit 2.
+    r = runner.invoke(app, ["tile", str(four), "--model", str(model), "--bands", "1,2"])
+    assert r.exit_code == 2 and "--bands 1,2" in r.output, r.output
 
 
 # --------------------------------------------------------------------------- nodata, AOI

@@ -23,6 +23,7 @@ import segnet_cli.gigapixel.budget as budget
 from segnet_cli import geo
 from segnet_cli.config import TTA, Report, Status, TileConfig, TilingConfig
 from segnet_cli.errors import (
+    ImageReadError,
     Interrupted,
     LockedError,
     OutputError,
@@ -257,10 +258,17 @@ def plan_tile(config: TileConfig) -> TilePlan:
     info = read_info(model_path)
     _validate(config, info)
     # Fail now, not after loading the model, if the bands cannot become the model's input.
-    match_channels(
-        np.zeros((1, 1, source.band_channels), np.uint8), info.in_channels, source.path,
-        alpha=source.alpha,
-    )
+    try:
+        match_channels(
+            np.zeros((1, 1, source.band_channels), np.uint8), info.in_channels, source.path,
+            alpha=source.alpha,
+        )
+    except ImageReadError as exc:
+        if config.bands is None:
+            raise  # the image itself does not fit the model: a failed input
+        # The bands asked for do not fit: an option to change, as a band it lacks is.
+        raise UsageError(f"--bands {','.join(map(str, config.bands))}: {exc.message}",
+                         source.path) from None
     output = Path(config.out) if config.out is not None else default_output(source.path)
     if output.exists() and output.is_dir():
         raise UsageError(f"--out {output} is a folder; give a file name")
