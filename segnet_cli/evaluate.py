@@ -42,9 +42,9 @@ from segnet_cli.io.files import FileSet, atomic_path, check_writable
 from segnet_cli.io.images import read_image, to_model_input, write_mask_png
 from segnet_cli.jobs import Outcome, Run, first_of, foreign_image
 from segnet_cli.metrics import confusion, scores
-from segnet_cli.model.modelfile import ModelInfo, read_info
+from segnet_cli.model.modelfile import ModelInfo, read_info, resolve_model_path
 from segnet_cli.pipeline import image_work, read_ahead, run_works
-from segnet_cli.tiling import TileGrid, stitch_all
+from segnet_cli.tiling import TileGrid, check_tiling, stitch_all
 
 #: Images decoded ahead of the one being scored (reading overlaps inference).
 READ_AHEAD = 2
@@ -252,11 +252,9 @@ def run_eval(config: EvalConfig, progress=None, log: Callable[[str], None] | Non
     if pred_dir is None:
         if config.images is None:
             raise UsageError("give the IMAGES to segment (or --pred DIR to score saved masks)")
-        from segnet_cli.model.segmenter import open_segmenter
-
-        inference = config.inference
-        segmenter = open_segmenter(inference.model, inference.precision, inference.device)
-        info = segmenter.info
+        # Its metadata now, the model itself once every option has been checked.
+        info = read_info(resolve_model_path(config.inference.model))
+        check_tiling(config.inference.tiling, info.stride)
     elif config.inference.model is not None:
         # The model names the classes; it does not run.
         info = read_info(config.inference.model)
@@ -279,8 +277,6 @@ def run_eval(config: EvalConfig, progress=None, log: Callable[[str], None] | Non
         if unused:
             log(f"{len(unused)} prediction(s) in {pred_dir} have no ground truth; ignored")
         log(f"scoring {len(found)} prediction(s) from {pred_dir} against {len(items)} mask(s)")
-    else:
-        log(f"segmenting and scoring {len(items)} image(s) with {segmenter.path}")
 
     def read(item: EvalItem):
         """Everything one item needs before the model: truth, and image or prediction."""
@@ -306,6 +302,13 @@ def run_eval(config: EvalConfig, progress=None, log: Callable[[str], None] | Non
     if config.save_masks is not None:
         _check_save_masks(Path(config.save_masks), items, config.overwrite)
         check_writable(config.save_masks, "--save-masks")
+    if pred_dir is None:
+        from segnet_cli.model.segmenter import open_segmenter
+
+        inference = config.inference
+        segmenter = open_segmenter(inference.model, inference.precision, inference.device)
+        info = segmenter.info
+        log(f"segmenting and scoring {len(items)} image(s) with {segmenter.path}")
     cm = np.zeros((k, k), np.int64)
     per_image: list[dict] = []
     if progress is not None:

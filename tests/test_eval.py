@@ -286,3 +286,7 @@ def test_model_mode_missing_mask_and_class_mismatch(labelled, tiny_model):
     # A tiling that cannot work is a usage error for the run, not a failure per image.
     r = run("eval", images, "--model", tiny_model, "--void", VOID, "--tile", 32, "--halo", 16)
     assert r.exit_code == 2 and "tile" in r.stderr, r.output
+    # Refused before the model is loaded and any image segmented, as a bad --plot is.
+    assert "segmenting" not in r.output
+    r = run("eval", images, "--model", tiny_model, "--void", VOID, "--plot", "chart.txt")
+    assert r.exit_code == 2 and "segmenting" not in r.output, r.output
