@@ -88,13 +88,11 @@ class TilePlan:
 
     @property
     def report_output(self) -> Path:
-        """The class-area report beside the mask (``x.mask.tif`` -> ``x.areas.json``)."""
-        return sibling(self.output, ".areas.json")
+        return report_path(self.output)
 
     @property
     def pam_output(self) -> Path:
-        """GDAL's sidecar of the mask (class names, attribute table)."""
-        return self.output.with_name(self.output.name + ".aux.xml")
+        return pam_path(self.output)
 
     @property
     def outputs(self) -> list[Path]:
@@ -168,6 +166,16 @@ def sibling(mask: Path, suffix: str) -> Path:
         if name.lower().endswith(ending):
             return mask.with_name(name[: -len(ending)] + suffix)
     return mask.with_name(f"{mask.stem}{suffix}")
+
+
+def report_path(mask: Path) -> Path:
+    """The class-area report beside a mask (``x.mask.tif`` -> ``x.areas.json``)."""
+    return sibling(mask, ".areas.json")
+
+
+def pam_path(mask: Path) -> Path:
+    """GDAL's sidecar of a mask (class names, attribute table)."""
+    return mask.with_name(mask.name + ".aux.xml")
 
 
 def prob_output_path(mask: Path) -> Path:
@@ -288,7 +296,7 @@ def plan_tile(config: TileConfig) -> TilePlan:
                     f"{out} exists and segnet did not write it; nothing was written: give "
                     "another --out, or pass --overwrite to replace it"
                 )
-        report = sibling(output, ".areas.json")
+        report = report_path(output)
         if _foreign_report(report):
             raise UsageError(
                 f"{report} (the mask's class-area report) exists and segnet did not write "
@@ -398,12 +406,11 @@ def _gis(config: TileConfig, source: SourceInfo, output: Path, prob_out: Path | 
         vector = Path(config.vector)
         check_vector_path(vector)
         aoi_path = None if config.aoi is None else Path(config.aoi)
-        report, pam = sibling(output, ".areas.json"), output.with_name(output.name + ".aux.xml")
-        for other in (source.path, output, prob_out, aoi_path, report, pam):
+        for other in (source.path, output, prob_out, aoi_path, report_path(output), pam_path(output)):
             if other is not None and _same_file(vector, other):
                 raise UsageError(f"--vector {vector} would overwrite {other}")
         if not config.overwrite and (vector.exists() or vector.is_symlink()):
-            if not _written_with(vector, sibling(output, ".areas.json")):
+            if not _written_with(vector, report_path(output)):
                 raise UsageError(
                     f"--vector {vector} exists and segnet did not write it with this mask; "
                     "nothing was written: give another name, or pass --overwrite to replace it"
