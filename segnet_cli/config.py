@@ -365,9 +365,9 @@ class Loss(Choice):
 class TrainConfig:
     """Options of ``segnet train``.
 
-    The defaults follow the SegNet paper where it is explicit (median-frequency weights at
-    full strength, void ignored) and a slim CPU-sized model otherwise. The bundled model's
-    exact command, which departs from some of these, is in ``weights/README.md``.
+    The defaults are the recipe a cross-drive study chose (``weights/README.md``): the
+    paper's median-frequency weights tempered to ``w ** 0.5``, void ignored, a slim
+    CPU-sized model, 224x288 crops and a long cosine schedule.
 
     Every value is checked when the config is made (``UsageError`` naming the option), so a
     bad option is refused before any data is read. Strings and lists, as a saved run's JSON

@@ -698,6 +698,10 @@ def test_hold_out_validates_on_a_group_and_never_trains_on_it(data, tmp_path):
     r = runner.invoke(app, ["train", "--resume", "--out", str(out), "--epochs", "2"])
     assert r.exit_code == 0, r.output
     assert "holding out 3 of 6 pairs" in r.stderr
+    # --quiet keeps the closing summary, and only it.
+    r = runner.invoke(app, ["train", "--resume", "--out", str(out), "--epochs", "3", "-q"])
+    assert r.exit_code == 0 and "holding out" not in r.output, r.output
+    assert "(epochs 3, best val mIoU " in r.output
     assert len(json.loads((out / "history.json").read_text())[1]["val_iou"]) == 3
 
 

@@ -21,19 +21,19 @@ EXIT_CODES_HELP = (
 
 _T = TilingConfig()
 TileOpt = Annotated[Optional[int], typer.Option("--tile", help=f"Tile size in pixels, rounded down to a multiple of the model's stride (32 for 5 stages); default {_T.tile}.")]
-HaloOpt = Annotated[Optional[int], typer.Option("--halo", help=f"Context around each tile's core, in pixels, rounded up to a multiple of the stride; default {_T.halo}.")]
+HaloOpt = Annotated[Optional[int], typer.Option("--halo", help=f"Context around each tile's core, in pixels, rounded up to a multiple of the stride; default {_T.halo}. Tiling is exact (masks equal a whole-image run) when the halo is at least half the model's receptive field (`segnet info`); smaller halos trade a few border pixels for speed.")]
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", "-b", help=f"Tiles per model batch and device (default {_T.batch_size}; raise it on a GPU for small tiles).")]
-BlendOpt = Annotated[Optional[str], typer.Option("--blend", help=f"{' or '.join(repr(v) for v in Blend.values())}: overlap-tile (exact) or Gaussian-weighted probabilities (default {_T.blend}).")]
+BlendOpt = Annotated[Optional[str], typer.Option("--blend", help=f"{' or '.join(repr(v) for v in Blend.values())}: overlap-tile (exact when the halo covers the model's reach; see --halo) or Gaussian-weighted probabilities (default {_T.blend}).")]
 ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="Model file: .keras, or .onnx from `segnet export` (run with ONNX Runtime; pip install 'segnet-cli[onnx]'). Default: the bundled CamVid model.")]
 PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help=f"{', '.join(Precision.values())} (mixed; float16 is for GPUs). Default {Precision.FLOAT32}.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, gpu or gpu:N (default: TensorFlow's choice).")]
 TTAOpt = Annotated[Optional[str], typer.Option("--tta", help=f"Test-time augmentation: {TTA.NONE} (default) or {TTA.FLIP} (mean of the image's and its mirror's probabilities; twice the compute; exact under tiling).")]
-MaxPixelsOpt = Annotated[Optional[int], typer.Option("--max-pixels", help="Raise the decompression-bomb limit (pixels).")]
+MaxPixelsOpt = Annotated[Optional[int], typer.Option("--max-pixels", help="Raise the decompression-bomb limit (pixels; the decoded-bytes limit follows it).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and the summary.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per input and a summary on stdout.")]
 LogOpt = Annotated[Optional[Path], typer.Option("--log-file", help="Append human messages to this file too.")]
-EngineOpt = Annotated[Optional[str], typer.Option("--engine", help="local (this machine) or ray (a Ray cluster; pip install 'segnet-cli[ray]').")]
-AddressOpt = Annotated[Optional[str], typer.Option("--address", help="Ray cluster for --engine ray (host:port or ray://host:port); default RAY_ADDRESS, else a local cluster.")]
+EngineOpt = Annotated[Optional[str], typer.Option("--engine", help="local (this machine; the default) or ray (a Ray cluster; pip install 'segnet-cli[ray]').")]
+AddressOpt = Annotated[Optional[str], typer.Option("--address", help="Ray cluster for --engine ray (host:port or ray://host:port); default RAY_ADDRESS, else a cluster started with `ray start` on this machine, else a new local one.")]
 
 
 def fail(exc: SegnetError) -> typer.Exit:

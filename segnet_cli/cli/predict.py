@@ -46,7 +46,7 @@ def predict_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be done; run nothing.")] = False,
     precision: PrecisionOpt = None,
     device: DeviceOpt = None,
-    queue_depth: Annotated[Optional[int], typer.Option("--queue-depth", help="Images decoded ahead of the model.")] = None,
+    queue_depth: Annotated[Optional[int], typer.Option("--queue-depth", help="Images decoded ahead of the model (default 4).")] = None,
     engine: EngineOpt = None,
     address: AddressOpt = None,
     as_json: JsonOpt = False,
@@ -55,7 +55,8 @@ def predict_command(
 ) -> None:
     """Segment images into 8-bit palette PNG masks (class indices + class colours).
 
-    Images larger than the tile size are tiled and stitched exactly. Re-running skips masks
+    Images larger than the tile size are tiled and stitched (exactly when the halo covers the
+    model's reach: see --halo). Re-running skips masks
     that are up to date; outputs are written atomically; one bad input never stops the batch.
     An output that would land on an input is refused before anything runs.
     """

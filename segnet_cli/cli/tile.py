@@ -36,6 +36,7 @@ from segnet_cli.config import (
     ProbabilityDtype,
     ProbabilityMode,
     Report,
+    TileConfig,
 )
 from segnet_cli.errors import SegnetError
 
@@ -52,12 +53,12 @@ def tile_command(
     blend: BlendOpt = None,
     tta: TTAOpt = None,
     plan: Annotated[bool, typer.Option("--plan", help="Print the grid, output size, estimated peak memory and run time; run nothing.")] = False,
-    max_memory: Annotated[Optional[float], typer.Option("--max-memory", help="Hard peak-memory limit in MiB: lowers the batch, then stops reading input ahead of the model, then lowers the tile size, to fit, or refuses. Without it (and without --batch-size) the batch and the reading ahead give way to stay under " f"{MEMORY_BUDGET_MB:.0f} MiB; the tile never does.")] = None,
+    max_memory: Annotated[Optional[float], typer.Option("--max-memory", help="Peak-memory limit in MiB, kept by the plan's estimate (measured peaks come within a few percent of it): lowers the batch, then stops reading input ahead of the model, then lowers the tile size, to fit, or refuses. Without it (and without --batch-size) the batch and the reading ahead give way to stay under " f"{MEMORY_BUDGET_MB:.0f} MiB; the tile never does.")] = None,
     probabilities: Annotated[Optional[str], typer.Option("--probabilities", help=f"Also write <stem>.prob.tif: {ProbabilityMode.CONFIDENCE!s} (winning class's probability) or {ProbabilityMode.CLASSES!s} (one band per class).")] = None,
-    prob_dtype: Annotated[Optional[str], typer.Option("--prob-dtype", help=f"Probability raster type: {' or '.join(ProbabilityDtype.values())} (probability x 255).")] = None,
-    compression: Annotated[Optional[str], typer.Option("--compression", help=f"Output compression: {', '.join(Compression.values())}.")] = None,
-    out_tile: Annotated[Optional[int], typer.Option("--out-tile", help="Output TIFF tile size (multiple of 16).")] = None,
-    nodata_class: Annotated[Optional[int], typer.Option("--nodata-class", help="Mask value for input pixels equal to the input's nodata, and outside --aoi.")] = None,
+    prob_dtype: Annotated[Optional[str], typer.Option("--prob-dtype", help=f"Probability raster type: {' or '.join(ProbabilityDtype.values())} (probability x 255); default {TileConfig.probability_dtype}.")] = None,
+    compression: Annotated[Optional[str], typer.Option("--compression", help=f"Output compression: {', '.join(Compression.values())} (default {TileConfig.compression}).")] = None,
+    out_tile: Annotated[Optional[int], typer.Option("--out-tile", help=f"Output TIFF tile size (multiple of 16; default {TileConfig.out_tile}).")] = None,
+    nodata_class: Annotated[Optional[int], typer.Option("--nodata-class", help=f"Mask value for input pixels equal to the input's nodata, and outside --aoi (default {TileConfig.nodata_class}).")] = None,
     max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", help="Pixel limit for formats decoded whole (not TIFFs read window by window).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo the mask even if it is up to date, and replace a raster at --out that segnet did not write (refused otherwise).")] = False,
     bands: Annotated[Optional[str], typer.Option("--bands", help="Bands of the input to use, in order, counting from 1 (e.g. 4,3,2 for a multispectral scene's RGB).", rich_help_panel="GIS")] = None,

@@ -20,7 +20,7 @@ def verify_command(
     classes: Annotated[str, typer.Option(help="'camvid', a number of classes, or a JSON/CSV classes file.")] = "camvid",
     void: Annotated[Optional[int], typer.Option(help="Void (ignored) mask value; overrides the classes file.")] = None,
     rgb_masks: Annotated[bool, typer.Option("--rgb-masks", help="Masks are colour images; map them with the class colours.")] = False,
-    weight_power: Annotated[float, typer.Option(help="Tempering exponent of the median-frequency weights (default 0.5, as segnet train).")] = TrainConfig.weight_power,
+    weight_power: Annotated[float, typer.Option(help="Tempering exponent of the median-frequency weights, as segnet train's.")] = TrainConfig.weight_power,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
 ) -> None:
     """Check every image/mask pair and report every problem; print class histogram and weights.
@@ -79,29 +79,29 @@ def train_command(
     val: Annotated[Optional[Path], typer.Option("--val", help="Validation images folder; the best model is chosen on it.")] = None,
     val_masks: Annotated[Optional[Path], typer.Option("--val-masks", help="Validation masks (default: <val>annot).")] = None,
     hold_out: Annotated[Optional[list[str]], typer.Option("--hold-out", metavar="<glob>", help="Validate on the training images whose file name, or path under IMAGES (a list file: its folder; '/' between folders), matches this glob, e.g. '0006R0_*' for a whole drive, site or slide; never train on them, and choose the best model on them. Repeatable; instead of --val.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder for checkpoints, history and the model.")] = None,
-    classes: Annotated[Optional[str], typer.Option(help="'camvid', a number of classes, or a JSON/CSV classes file.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help=f"Run folder for checkpoints, history and the model (default {TrainConfig.out}).")] = None,
+    classes: Annotated[Optional[str], typer.Option(help=f"'camvid', a number of classes, or a JSON/CSV classes file (default {TrainConfig.classes}).")] = None,
     void: Annotated[Optional[int], typer.Option(help="Void (ignored) mask value.")] = None,
     rgb_masks: Annotated[bool, typer.Option("--rgb-masks", help="Masks are colour images mapped with the class colours.")] = False,
-    width: Annotated[Optional[float], typer.Option(help="Width multiplier (1.0 = VGG16's 64..512 channels); with --init, the model's.")] = None,
-    stages: Annotated[Optional[int], typer.Option(help="Encoder/decoder stages (1-5); with --init, the model's.")] = None,
+    width: Annotated[Optional[float], typer.Option(help=f"Width multiplier (1.0 = VGG16's 64..512 channels; default {TrainConfig.width}); with --init, the model's.")] = None,
+    stages: Annotated[Optional[int], typer.Option(help=f"Encoder/decoder stages (1-5; default {TrainConfig.stages}); with --init, the model's.")] = None,
     dropout: Annotated[Optional[float], typer.Option(help="Dropout rate after the central encoder and decoder stages in training, as Bayesian SegNet places it (default 0 = none); with --init, the model's unless given.")] = None,
     crop: Annotated[Optional[str], typer.Option(help="Random crop size, e.g. 224 or 257x321 (default 224x288).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Crops per step.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help=f"Crops per step (default {TrainConfig.batch_size}).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help=f"Epochs (default {DEFAULT_EPOCHS}; with --resume: the new total).")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (AdamW, cosine decay).")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay.")] = None,
-    class_weights: Annotated[Optional[str], typer.Option(help="'auto' (median frequency), 'none', or a file of weights.")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help=f"Peak learning rate (AdamW, cosine decay; default {TrainConfig.learning_rate:g}).")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help=f"AdamW weight decay (default {TrainConfig.weight_decay:g}).")] = None,
+    class_weights: Annotated[Optional[str], typer.Option(help="'auto' (median frequency; the default), 'none', or a file of one weight per class (numbers separated by spaces, commas or lines; a .json file: a JSON list).")] = None,
     weight_power: Annotated[Optional[float], typer.Option(help="Temper median-frequency weights: w**power (1 = paper; default 0.5, chosen on a held-out drive).")] = None,
-    scale: Annotated[Optional[str], typer.Option(help="Random scale range, e.g. 0.75,1.25.")] = None,
-    jitter: Annotated[Optional[float], typer.Option(help="Colour jitter strength (0 = off).")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="float32, bfloat16 (mixed) or float16 (mixed, GPU).")] = None,
+    scale: Annotated[Optional[str], typer.Option(help=f"Random scale range LOW,HIGH (default {','.join(map(str, TrainConfig.scale))}).")] = None,
+    jitter: Annotated[Optional[float], typer.Option(help=f"Colour jitter strength (0 = off; default {TrainConfig.jitter}).")] = None,
+    precision: Annotated[Optional[str], typer.Option(help=f"float32, bfloat16 (mixed) or float16 (mixed, GPU); default {TrainConfig.precision}.")] = None,
     loss: Annotated[Optional[Loss], typer.Option("--loss", help=f"ce: class-weighted cross-entropy (the paper's); ce+lovasz: plus the Lovász-softmax loss (per-image IoU); lovasz: that alone. Default {TrainConfig.loss}.")] = None,
-    val_every: Annotated[Optional[int], typer.Option(help="Validate every N epochs.")] = None,
+    val_every: Annotated[Optional[int], typer.Option(help=f"Validate every N epochs (default {TrainConfig.val_every}).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")] = False,
     init: Annotated[Optional[Path], typer.Option("--init", help="Start a new run from this segnet model's weights (fresh optimizer and schedule); width, stages and input scaling are the model's. A classifier for another number of classes starts afresh.")] = None,
     max_minutes: Annotated[Optional[float], typer.Option(help="Stop after the epoch that passes this wall time.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help=f"Random seed (default {TrainConfig.seed}).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Decoding threads (default: tf.data's choice).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and the summary.")] = False,
 ) -> None:
@@ -176,7 +176,7 @@ def train_command(
         )
         raise typer.Exit(report.return_code)
     best = d.get("best_val_miou")
-    ui.info(
+    ui.summary(
         f"model: {d['model']}  (epochs {d['epochs']}"
         + (f", best val mIoU {best * 100:.1f}" if best is not None else "")
         + f", {report.seconds / 60:.1f} min)"
