@@ -90,6 +90,9 @@ def test_channel_rules():
     rgb = np.array([[[255, 0, 0]]], np.uint8)
     assert match_channels(rgb, 1)[0, 0, 0] == 76  # ITU-R 601 luma
     assert match_channels(rgb[:, :, :1], 3).shape == (1, 1, 3)
+    # Gray is repeated into colour only: a 4-band model's fourth band may be infrared.
+    with pytest.raises(ImageReadError, match="image has 1 channels but the model takes 4"):
+        match_channels(rgb[:, :, :1], 4)
     rgba = match_channels(rgb, 4)
     assert rgba.shape == (1, 1, 4) and rgba[0, 0, 3] == 255
     assert scale_to_unit(np.array([65535], np.uint16))[0] == 1.0

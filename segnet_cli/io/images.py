@@ -425,7 +425,7 @@ def match_channels(
         alpha = bool(getattr(arr, "alpha", False))
     if c == channels:
         return arr
-    if c == 1:
+    if c == 1 and channels == 3:  # gray for a colour model; never into other bands (NIR)
         return np.repeat(arr, channels, axis=2)
     if c == 2 and channels in (1, 3) and alpha:  # LA: drop alpha
         return match_channels(arr[:, :, :1], channels, path, alpha=False)
