@@ -56,6 +56,14 @@ def test_info_describes_model(tiny_model):
     r = runner.invoke(app, ["info", "--model", str(tiny_model)])
     assert r.exit_code == 0, r.output
     assert "disc" in r.output and "stride 8" in r.output
+    # Piped, each class's colour is still there as numbers, one class per line.
+    from segnet_cli.model.modelfile import read_info
+
+    info = read_info(tiny_model)
+    for i, (name, rgb) in enumerate(zip(info.class_names, info.palette)):
+        colour = ",".join(f"{v:3d}" for v in rgb)
+        assert any(line.split()[:1] == [str(i)] and colour in line and line.endswith(name)
+                   for line in r.output.splitlines()), (name, colour, r.output)
     r = runner.invoke(app, ["info", "--model", str(tiny_model), "--json"])
     data = json.loads(r.stdout)
     assert data["class_names"] == ["background", "disc", "square"] and data["in_channels"] == 3

@@ -32,7 +32,9 @@ def info_command(
 
     from segnet_cli import ui
 
-    c = Console(highlight=False)  # the description is the command's output: stdout
+    # The description is the command's output: stdout, never wrapped (a piped line stays a
+    # line, a sha256 stays whole).
+    c = Console(highlight=False, soft_wrap=True)
     c.print(f"model: {ui.safe(path)}", markup=False)
     arch = meta.architecture
     dropout = f", trained with dropout {arch['dropout']}" if arch.get("dropout") else ""
@@ -64,7 +66,9 @@ def info_command(
     for i, (n, rgb) in enumerate(zip(meta.class_names, meta.palette)):
         iou = (per_class.get("per_class_iou") or [None] * len(meta.class_names))[i]
         extra = f"  {column} {iou * 100:.1f}" if iou is not None else ""
-        c.print(f"  {i:3d}  [rgb({rgb[0]},{rgb[1]},{rgb[2]})]■[/]  {escape(ui.safe(n))}{extra}")
+        # The swatch shows on a colour terminal; the numbers survive a pipe and NO_COLOR.
+        c.print(f"  {i:3d}  [rgb({rgb[0]},{rgb[1]},{rgb[2]})]■[/] {rgb[0]:3d},{rgb[1]:3d},{rgb[2]:3d}"
+                f"  {escape(ui.safe(n))}{extra}")
     # Figures a model card records (``training["val"]``, ``training["held_out"]``) name
     # their split; a run's own history only has its epoch.
     for label, rec in (("validation", val), ("held out", held)):
