@@ -39,13 +39,15 @@ def run_local(config: PredictConfig, run: Run) -> Report:
     """
     refuse_file_out(config.out)
     jobs, model_sha, early = begin(config, run)
+    if not config.dry_run and (early is None or config.out.is_dir()):
+        # Created only now: a run refused while planning leaves no empty --out behind. A
+        # run with nothing to do still clears a killed run's temporaries.
+        check_writable(config.out)
+        removed = remove_dead_temporaries(config.out)
+        if removed:
+            run.log(f"removed {removed} temporary file(s) left by an interrupted run")
     if early is not None:
         return early
-    # Created only now: a run refused while planning leaves no empty --out behind.
-    check_writable(config.out)
-    removed = remove_dead_temporaries(config.out)
-    if removed:
-        run.log(f"removed {removed} temporary file(s) left by an interrupted run")
     details: dict = {"model_sha256": model_sha}
     with SignalGuard() as guard:
         _segment(config, jobs, run, guard, details)
