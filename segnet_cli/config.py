@@ -360,6 +360,22 @@ class Loss(Choice):
     LOVASZ = "lovasz"
 
 
+class Mix(Choice):
+    """How ``segnet train`` mixes two crops of a batch into one (``--mix``).
+
+    Each crop is mixed with the next crop of its batch with probability ``--mix-prob``;
+    pasted pixels bring their labels and class weights along, so the loss stays exact.
+    """
+
+    #: No mixing.
+    NONE = "none"
+    #: CutMix (Yun et al., 2019): a random rectangle of the other crop is pasted in.
+    CUTMIX = "cutmix"
+    #: ClassMix (Olsson et al., 2021): the pixels of about half the classes of the other
+    #: crop are pasted in, each object keeping its shape, in a scene it was not taken in.
+    CLASSMIX = "classmix"
+
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -403,6 +419,9 @@ class TrainConfig:
     scale: tuple[float, float] = (0.75, 1.25)
     flip: bool = True
     jitter: float = 0.1
+    mix: Mix = Mix.NONE
+    #: Chance that a crop is mixed with another (``mix``).
+    mix_prob: float = 0.5
     precision: str = "float32"
     loss: Loss = Loss.CE
     val_every: int = 1
@@ -453,6 +472,8 @@ class TrainConfig:
         put(self, "given", frozenset(self.given))
         if self.loss in {v.value for v in Loss}:
             put(self, "loss", Loss(self.loss))
+        if self.mix in {v.value for v in Mix}:
+            put(self, "mix", Mix(self.mix))
         problems = self.problems()
         if problems:
             raise UsageError("; ".join(problems))
@@ -477,12 +498,14 @@ class TrainConfig:
         if any(not p.strip() for p in self.hold_out):
             problems.append("--hold-out needs a glob such as '0006R0_*', not an empty one")
         for name in ("width", "dropout", "learning_rate", "weight_decay", "weight_power",
-                     "jitter", "max_minutes", "cache_mb"):  # fmt: skip
+                     "jitter", "mix_prob", "max_minutes", "cache_mb"):  # fmt: skip
             value = getattr(self, name)
             need(value is None or math.isfinite(value), name, "must be a finite number")
         if problems:
             return problems  # the comparisons below assume finite numbers
         need(isinstance(self.loss, Loss), "loss", f"must be one of {', '.join(Loss)}")
+        need(isinstance(self.mix, Mix), "mix", f"must be one of {', '.join(Mix)}")
+        need(0 <= self.mix_prob <= 1, "mix_prob", "must be from 0 to 1")
         need(
             self.precision in Precision.values(),
             "precision",

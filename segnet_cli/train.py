@@ -3,7 +3,8 @@
 The recipe follows the SegNet paper (cross-entropy with median-frequency class balancing,
 void ignored) with what a CPU needs: random crops (any size, odd allowed) with scale jitter,
 flips and colour jitter; AdamW with a warm-up and a cosine decay; optional mixed bfloat16.
-``--loss ce+lovasz`` adds the Lovász-softmax loss (``segnet_cli.losses``).
+``--loss ce+lovasz`` adds the Lovász-softmax loss (``segnet_cli.losses``); ``--mix`` pastes
+part of one crop into another (CutMix, ClassMix: ``segnet_cli.mixing``).
 
 Files in the run folder (``--out``):
 
@@ -48,7 +49,7 @@ import keras
 import numpy as np
 
 from segnet_cli.classes import ClassTable, load_classes
-from segnet_cli.config import DEFAULT_EPOCHS, Report, TrainConfig
+from segnet_cli.config import DEFAULT_EPOCHS, Mix, Report, TrainConfig
 from segnet_cli.dataset import Pair, find_pairs, load_mask, split_held_out, verify
 from segnet_cli.errors import (
     DatasetError,
@@ -64,6 +65,7 @@ from segnet_cli.io.images import read_image, to_model_input
 from segnet_cli.jobs import SignalGuard
 from segnet_cli.losses import make_loss
 from segnet_cli.metrics import confusion, scores
+from segnet_cli.mixing import mix_batch
 from segnet_cli.model.modelfile import InputScaling, ModelInfo, read_info
 from segnet_cli.model.network import Architecture, build_segnet, count_params, save_model
 
@@ -240,7 +242,23 @@ def make_dataset(
     ds = tf.data.Dataset.from_tensor_slices((order, seeds))
     # deterministic=True keeps the order whatever thread finishes first.
     ds = ds.map(augment, num_parallel_calls=workers, deterministic=True)
-    return ds.batch(config.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(config.batch_size, drop_remainder=True)
+    if config.mix is not Mix.NONE and config.mix_prob > 0:
+        # One seed per batch, folded from its first crop's seed: a stream of its own, and
+        # as deterministic as the crops (a run without --mix draws exactly as before).
+        batch_seeds = tf.data.Dataset.from_tensor_slices(seeds[:: config.batch_size])
+
+        def mix(batch, seed):
+            return mix_batch(
+                *batch,
+                tf.random.experimental.stateless_fold_in(seed, 7),
+                config.mix,
+                config.mix_prob,
+                k,
+            )
+
+        ds = tf.data.Dataset.zip((ds, batch_seeds)).map(mix, num_parallel_calls=workers)
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def evaluate_arrays(model, items, k: int, void: int | None, batch: int = 4) -> np.ndarray:

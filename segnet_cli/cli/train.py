@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from segnet_cli.cli.common import fail, parse_pair, quiet_tf
-from segnet_cli.config import DEFAULT_EPOCHS, Loss, TrainConfig
+from segnet_cli.config import DEFAULT_EPOCHS, Loss, Mix, TrainConfig
 from segnet_cli.errors import SegnetError
 
 
@@ -95,6 +95,8 @@ def train_command(
     weight_power: Annotated[Optional[float], typer.Option(help="Temper median-frequency weights: w**power (1 = paper; default 0.5, chosen on a held-out drive).")] = None,
     scale: Annotated[Optional[str], typer.Option(help=f"Random scale range LOW,HIGH (default {','.join(map(str, TrainConfig.scale))}).")] = None,
     jitter: Annotated[Optional[float], typer.Option(help=f"Colour jitter strength (0 = off; default {TrainConfig.jitter}).")] = None,
+    mix: Annotated[Optional[Mix], typer.Option("--mix", help=f"Paste part of the next crop of the batch into each crop: cutmix (a rectangle) or classmix (about half of its classes, each object keeping its shape); default {TrainConfig.mix}.")] = None,
+    mix_prob: Annotated[Optional[float], typer.Option("--mix-prob", help=f"Chance that a crop is mixed, with --mix (default {TrainConfig.mix_prob}).")] = None,
     precision: Annotated[Optional[str], typer.Option(help=f"float32, bfloat16 (mixed) or float16 (mixed, GPU); default {TrainConfig.precision}.")] = None,
     loss: Annotated[Optional[Loss], typer.Option("--loss", help=f"ce: class-weighted cross-entropy (the paper's); ce+lovasz: plus the Lovász-softmax loss (per-image IoU); lovasz: that alone. Default {TrainConfig.loss}.")] = None,
     val_every: Annotated[Optional[int], typer.Option(help=f"Validate every N epochs (default {TrainConfig.val_every}).")] = None,
@@ -127,6 +129,8 @@ def train_command(
         "class_weights": class_weights,
         "weight_power": weight_power,
         "jitter": jitter,
+        "mix": mix,
+        "mix_prob": mix_prob,
         "precision": precision,
         "loss": loss,
         "val_every": val_every,
