@@ -251,12 +251,14 @@ def test_tile_never_replaces_a_raster_it_did_not_write(tmp_path, tiny_model):
 def test_log_file_never_appends_to_an_image_or_a_model(tmp_path, tiny_model):
     src = tmp_path / "in"
     image = write_png(src / "a.png", shapes_image(16, 16)[0])
-    before = image.read_bytes(), tiny_model.read_bytes()
-    for log in (image, tiny_model):
+    other_model = tmp_path / "other.keras"  # a model this run does not use
+    other_model.write_bytes(tiny_model.read_bytes())
+    before = image.read_bytes(), other_model.read_bytes()
+    for log in (image, other_model):
         r = run("predict", src, "--out", tmp_path / "out", "--model", tiny_model,
                 "--log-file", log)
         assert r.exit_code == 2 and "not a text log" in r.output and log.name in r.output, r.output
-    assert (image.read_bytes(), tiny_model.read_bytes()) == before
+    assert (image.read_bytes(), other_model.read_bytes()) == before
     assert not (tmp_path / "out").exists()
     # A text log is appended to, as before.
     log = tmp_path / "run.log"
@@ -279,6 +281,39 @@ def test_log_file_never_appends_to_an_image_or_a_model(tmp_path, tiny_model):
     assert proc.returncode == 0, proc.stderr
     assert got and b"would segment" in got[0]
 
+
+def test_log_file_is_never_an_input_or_an_output_of_the_run(tmp_path, tiny_model):
+    """The log is refused before it is opened: no file is created, none is changed."""
+    src = tmp_path / "in"
+    image = write_png(src / "a.png", shapes_image(16, 16)[0])
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{image}\n")
+    # A list of inputs would gain log lines that the next run reads as inputs.
+    r = run("predict", image, listing, "--out", tmp_path / "out", "--model", tiny_model,
+            "--log-file", listing)
+    assert r.exit_code == 2 and "--log-file is also an input" in r.output, r.output
+    assert listing.read_text() == f"{image}\n" and not (tmp_path / "out").exists()
+    r = run("predict", src, "--out", tmp_path / "out", "--model", tiny_model,
+            "--log-file", tmp_path / "out")
+    assert r.exit_code == 2 and "--log-file is also --out" in r.output, r.output
+    assert not (tmp_path / "out").exists()
+    # tile: the mask (default or given), its report and sidecar would replace the log.
+    tif = tmp_path / "scene.tif"
+    tifffile.imwrite(tif, shapes_image(16, 16)[0])
+    for log, option in (
+        (tmp_path / "scene.mask.tif", "--out"),
+        (tmp_path / "scene.areas.json", "area report"),
+        (tmp_path / "scene.mask.tif.aux.xml", "class names"),
+        (tmp_path / "polygons.gpkg", "--vector"),
+    ):
+        r = run("tile", tif, "--model", tiny_model, "--vector", tmp_path / "polygons.gpkg",
+                "--log-file", log)
+        assert r.exit_code == 2 and option in r.output and log.name in r.output, r.output
+        assert not log.exists()
+    r = run("tile", tif, "--out", tmp_path / "m.tif", "--model", tiny_model,
+            "--log-file", tmp_path / "m.tif")
+    assert r.exit_code == 2 and "--log-file is also --out" in r.output, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "list.txt", "scene.tif"]
 
 # --------------------------------------------------------------------------- up to date, repaired
 

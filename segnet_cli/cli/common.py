@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from segnet_cli.config import TTA, Blend, InferenceConfig, Precision, TilingConfig
-from segnet_cli.errors import SegnetError
+from segnet_cli.errors import SegnetError, UsageError
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 all done (or nothing to do); 1 some inputs failed; 2 usage error or no "
@@ -44,6 +44,29 @@ def fail(exc: SegnetError) -> typer.Exit:
     for p in getattr(exc, "problems", [])[:200]:
         ui.error(p)
     return typer.Exit(exc.exit_code)
+
+
+def refuse_log_onto(log_file: Path | None, named: list[tuple[str, Path | None]]) -> None:
+    """Refuse a ``--log-file`` that names one of the command's inputs or outputs.
+
+    Checked before the log is opened, so nothing is created: appending log lines to a list
+    of inputs would feed them to the next run, and an output written over the log would
+    lose it.
+
+    Args:
+        log_file: the ``--log-file`` path, or None.
+        named: ``(option, path)``: each input or output and the option that names it
+            (path None: not used).
+
+    Raises:
+        UsageError: ``log_file`` is one of them.
+    """
+    if log_file is None:
+        return
+    log = Path(log_file).expanduser().resolve()
+    for option, path in named:
+        if path is not None and Path(path).expanduser().resolve() == log:
+            raise UsageError(f"--log-file is also {option}: give the log a file of its own", log_file)
 
 
 def quiet_tf() -> None:

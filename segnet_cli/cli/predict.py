@@ -26,6 +26,7 @@ from segnet_cli.cli.common import (
     fail,
     inference_config,
     quiet_tf,
+    refuse_log_onto,
 )
 from segnet_cli.config import Report, Status
 from segnet_cli.errors import SegnetError
@@ -64,6 +65,8 @@ def predict_command(
     from segnet_cli.config import PredictConfig
 
     try:
+        named = [("--out", out), ("--model", model), *(("an input", p) for p in inputs)]
+        refuse_log_onto(log_file, named)
         ui.configure(quiet, log_file)
         given = {"queue_depth": queue_depth, "engine": engine}
         cfg = PredictConfig(

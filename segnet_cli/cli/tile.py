@@ -28,6 +28,7 @@ from segnet_cli.cli.common import (
     fail,
     inference_config,
     quiet_tf,
+    refuse_log_onto,
 )
 from segnet_cli.config import (
     MEMORY_BUDGET_MB,
@@ -93,9 +94,22 @@ def tile_command(
     """
     from segnet_cli import ui
     from segnet_cli.config import TileConfig
+    from segnet_cli.gigapixel.plan import (
+        default_output,
+        pam_path,
+        prob_output_path,
+        report_path,
+    )
     from segnet_cli.io.gdal import parse_bands
 
     try:
+        mask = out or default_output(image)
+        refuse_log_onto(log_file, [
+            ("--out", mask), ("the mask's area report", report_path(mask)),
+            ("the mask's class names (.aux.xml)", pam_path(mask)), ("--vector", vector),
+            ("--probabilities", prob_output_path(mask) if probabilities else None),
+            ("IMAGE", image), ("--aoi", aoi), ("--model", model),
+        ])  # fmt: skip
         ui.configure(quiet, log_file)
         given = {
             "probability_dtype": prob_dtype,
