@@ -260,6 +260,8 @@ class PredictConfig:
     engine: Engine = Engine.LOCAL
     address: str | None = None  # Ray cluster for engine "ray" (default: RAY_ADDRESS or local)
     queue_depth: int = 4
+    #: The run's ``--log-file``: never taken as an input, never written as an output.
+    log_file: Path | None = None
 
     def __post_init__(self) -> None:
         _engine(self)
@@ -506,6 +508,11 @@ class TrainConfig:
         need(isinstance(self.loss, Loss), "loss", f"must be one of {', '.join(Loss)}")
         need(isinstance(self.mix, Mix), "mix", f"must be one of {', '.join(Mix)}")
         need(0 <= self.mix_prob <= 1, "mix_prob", "must be from 0 to 1")
+        if self.mix is not Mix.NONE and self.batch_size == 1:
+            # A crop is mixed with the next crop of its batch: alone, with itself.
+            problems.append(f"--mix {self.mix} needs a --batch-size of 2 or more, not 1")
+        if self.mix is Mix.NONE and self.was_given("mix_prob") and not self.resume:
+            problems.append("--mix-prob needs --mix cutmix or --mix classmix")
         need(
             self.precision in Precision.values(),
             "precision",

@@ -257,7 +257,9 @@ def make_dataset(
                 k,
             )
 
-        ds = tf.data.Dataset.zip((ds, batch_seeds)).map(mix, num_parallel_calls=workers)
+        ds = tf.data.Dataset.zip((ds, batch_seeds)).map(
+            mix, num_parallel_calls=workers, deterministic=True
+        )
     return ds.prefetch(tf.data.AUTOTUNE)
 
 

@@ -72,22 +72,48 @@ def test_classmix_pastes_whole_classes_of_the_next_crop_and_never_its_ignored_pi
     assert 0 < sum(counts) < K * len(counts)
 
 
-def test_cutmix_pastes_one_rectangle_including_ignored_pixels():
-    seen_partial = False
+def cutmix_reference(seed, b: int, h: int, w: int) -> np.ndarray:
+    """CutMix's rectangles in NumPy, from the same stateless draws as ``mix_masks``."""
+    import tensorflow as tf
+
+    s = tf.random.experimental.stateless_split(tf.constant(seed, tf.int64), num=4)
+    mixed = tf.random.stateless_uniform([b], s[0]).numpy() < 1.0
+    area = tf.random.stateless_uniform([b], s[1]).numpy()
+    centre = tf.random.stateless_uniform([b, 2], s[2]).numpy()
+    rows = np.arange(h)[None, :] + 0.5
+    cols = np.arange(w)[None, :] + 0.5
+    in_rows = np.abs(rows - centre[:, :1] * h) < (h * np.sqrt(area) / 2)[:, None]
+    in_cols = np.abs(cols - centre[:, 1:] * w) < (w * np.sqrt(area) / 2)[:, None]
+    return in_rows[:, :, None] & in_cols[:, None, :] & mixed[:, None, None]
+
+
+def test_cutmix_pastes_one_rectangle_of_the_drawn_size_ignored_pixels_included():
+    pasted_ignored = False
     for seed in range(6):
         before, after = run(Mix.CUTMIX, 1.0, seed=(seed, 1))
         took = pasted(before, after)
-        for b in range(took.shape[0]):
-            rows, cols = np.nonzero(took[b])
-            if rows.size == 0:
-                continue
-            box = np.zeros_like(took[b])
-            box[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] = True
-            np.testing.assert_array_equal(took[b], box)
-            seen_partial |= 0 < took[b].mean() < 1
-            # Ignored pixels of the next crop come along, still ignored.
-            assert (after[2][b][took[b]] >= 0).all()
-    assert seen_partial
+        b, h, w = took.shape
+        np.testing.assert_array_equal(took, cutmix_reference((seed, 1), b, h, w))
+        for i in range(b):
+            rows, cols = np.nonzero(took[i])
+            if rows.size:
+                box = np.zeros_like(took[i])
+                box[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] = True
+                np.testing.assert_array_equal(took[i], box)
+        # The next crop's ignored pixels come along, and stay ignored.
+        ignored = took & (np.roll(before[2], -1, axis=0) == 0)
+        pasted_ignored |= bool(ignored.any())
+        assert (after[2][ignored] == 0).all()
+    assert pasted_ignored
+
+
+def test_mixing_needs_two_crops_a_batch_and_mix_prob_needs_mix(data):  # noqa: F811
+    from segnet_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="--batch-size of 2 or more"):
+        tiny(data, data / "unused", batch_size=1, mix=Mix.CUTMIX)
+    with pytest.raises(UsageError, match="--mix-prob needs --mix"):
+        tiny(data, data / "unused", mix_prob=0.3)
 
 
 @pytest.mark.parametrize("mode,prob", [(Mix.NONE, 1.0), (Mix.CLASSMIX, 0.0), (Mix.CUTMIX, 0.0)])
