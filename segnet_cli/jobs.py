@@ -26,7 +26,7 @@ from pathlib import Path
 
 from segnet_cli.config import Report, Status
 from segnet_cli.errors import EXIT_OK, EXIT_SOME_FAILED, Interrupted, NoInputError
-from segnet_cli.io.files import is_temporary, output_lock
+from segnet_cli.io.files import is_temporary, output_lock, same_file
 from segnet_cli.io.images import IMAGE_SUFFIXES
 
 # --------------------------------------------------------------------------- inputs
@@ -41,7 +41,10 @@ class InputItem:
 
 
 def collect_inputs(
-    specs: tuple[str, ...] | list[str], suffixes=IMAGE_SUFFIXES, exclude: Path | None = None
+    specs: tuple[str, ...] | list[str],
+    suffixes=IMAGE_SUFFIXES,
+    exclude: Path | None = None,
+    ignore: Path | None = None,
 ) -> tuple[list[InputItem], list[str]]:
     """Expand inputs: files as given, folders recursively, glob patterns.
 
@@ -55,6 +58,9 @@ def collect_inputs(
     that *is* an input folder is not excluded (that would silently leave nothing to do):
     its files stay inputs, and the caller refuses the outputs that would land on them.
 
+    ``ignore`` is one file that is never an input, however it is matched: the run's own
+    log, which a glob such as ``'in/*'`` would otherwise pick up as it is being written.
+
     Returns:
         ``(items, missing)``: ``missing`` lists specs that matched nothing.
 
@@ -67,6 +73,8 @@ def collect_inputs(
 
     def add(path: Path, rel: Path, skip: Path | None = None) -> None:
         if skip is not None and _real_parent(path).is_relative_to(skip):
+            return
+        if ignore is not None and same_file(path, ignore):
             return
         key = path.absolute()
         if key not in seen:

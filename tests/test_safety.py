@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -286,17 +287,37 @@ def test_log_file_is_never_an_input_or_an_output_of_the_run(tmp_path, tiny_model
     """The log is refused before it is opened: no file is created, none is changed."""
     src = tmp_path / "in"
     image = write_png(src / "a.png", shapes_image(16, 16)[0])
-    listing = tmp_path / "list.txt"
-    listing.write_text(f"{image}\n")
-    # A list of inputs would gain log lines that the next run reads as inputs.
-    r = run("predict", image, listing, "--out", tmp_path / "out", "--model", tiny_model,
-            "--log-file", listing)
-    assert r.exit_code == 2 and "--log-file is also an input" in r.output, r.output
-    assert listing.read_text() == f"{image}\n" and not (tmp_path / "out").exists()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("field notes\n")
+    # An input named on the command line, or a hard link to it, would gain log lines.
+    (tmp_path / "link.txt").hardlink_to(notes)
+    for log in (notes, tmp_path / "link.txt"):
+        r = run("predict", image, notes, "--out", tmp_path / "out", "--model", tiny_model,
+                "--log-file", log)
+        assert r.exit_code == 2 and "--log-file is also an input" in r.output, r.output
+    assert notes.read_text() == "field notes\n" and not (tmp_path / "out").exists()
+    (tmp_path / "link.txt").unlink()
     r = run("predict", src, "--out", tmp_path / "out", "--model", tiny_model,
             "--log-file", tmp_path / "out")
     assert r.exit_code == 2 and "--log-file is also --out" in r.output, r.output
     assert not (tmp_path / "out").exists()
+    # A log where a mask or an overlay goes would be replaced by it.
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for name in ("a.png", "a.overlay.jpg"):
+        (masks / name).write_text("earlier run: 500 done\n")
+        r = run("predict", src, "--out", masks, "--overlay", "--model", tiny_model,
+                "--log-file", masks / name)
+        assert r.exit_code == 2 and "--log-file is where the mask of" in r.output, r.output
+        assert (masks / name).read_text().startswith("earlier run: 500 done\n")
+        (masks / name).unlink()
+    # A glob over the folder the log is in never takes the log for an input.
+    r = run("predict", str(src / "*"), "--out", masks, "--model", tiny_model,
+            "--log-file", src / "predict.log")
+    assert r.exit_code == 0 and "1 done, 0 skipped, 0 failed" in r.output, r.output
+    assert "1 done" in (src / "predict.log").read_text()
+    (src / "predict.log").unlink()
+    shutil.rmtree(masks)
     # tile: the mask (default or given), its report and sidecar would replace the log.
     tif = tmp_path / "scene.tif"
     tifffile.imwrite(tif, shapes_image(16, 16)[0])
@@ -313,7 +334,7 @@ def test_log_file_is_never_an_input_or_an_output_of_the_run(tmp_path, tiny_model
     r = run("tile", tif, "--out", tmp_path / "m.tif", "--model", tiny_model,
             "--log-file", tmp_path / "m.tif")
     assert r.exit_code == 2 and "--log-file is also --out" in r.output, r.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "list.txt", "scene.tif"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "notes.txt", "scene.tif"]
 
 # --------------------------------------------------------------------------- up to date, repaired
 

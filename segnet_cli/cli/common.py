@@ -61,11 +61,12 @@ def refuse_log_onto(log_file: Path | None, named: list[tuple[str, Path | None]])
     Raises:
         UsageError: ``log_file`` is one of them.
     """
+    from segnet_cli.io.files import same_file
+
     if log_file is None:
         return
-    log = Path(log_file).expanduser().resolve()
     for option, path in named:
-        if path is not None and Path(path).expanduser().resolve() == log:
+        if path is not None and same_file(path, log_file):
             raise UsageError(f"--log-file is also {option}: give the log a file of its own", log_file)
 
 

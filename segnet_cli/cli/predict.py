@@ -80,6 +80,7 @@ def predict_command(
             overwrite=overwrite,
             dry_run=dry_run,
             address=address,
+            log_file=log_file,
             **{k: v for k, v in given.items() if v is not None},
         )
     except SegnetError as exc:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -31,7 +30,13 @@ from segnet_cli.errors import (
 )
 from segnet_cli.geo.aoi import Aoi
 from segnet_cli.gigapixel.budget import MemoryEstimate, MiB, estimate, fit_tiling
-from segnet_cli.io.files import check_writable, file_digest, remove_dead_temporaries, tmp_label
+from segnet_cli.io.files import (
+    check_writable,
+    file_digest,
+    remove_dead_temporaries,
+    same_file,
+    tmp_label,
+)
 from segnet_cli.io.gdal import PIXELS, Georef, read_georef
 from segnet_cli.io.images import TIFF_SUFFIXES, match_channels
 from segnet_cli.io.sources import inspect_source
@@ -187,13 +192,6 @@ def prob_output_path(mask: Path) -> Path:
     return mask.with_name(f"{mask.stem}.prob{mask.suffix or '.tif'}")
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.abspath(a) == os.path.abspath(b)
-
-
 def _foreign_raster(path: Path) -> bool:
     """Whether ``path`` is a raster segnet did not write: someone's file, not ours to replace.
 
@@ -285,9 +283,9 @@ def plan_tile(config: TileConfig) -> TilePlan:
         raise UsageError(f"--out {output} is not a .tif or .tiff name; the mask is a GeoTIFF")
     prob_out = prob_output_path(output) if config.probabilities else None
     for out in (output, prob_out):
-        if out is not None and _same_file(out, source.path):
+        if out is not None and same_file(out, source.path):
             raise UsageError(f"the output {out} would overwrite the input; give another --out")
-    if prob_out is not None and _same_file(prob_out, output):
+    if prob_out is not None and same_file(prob_out, output):
         raise UsageError("the mask and the probability raster would be the same file")
     if not config.overwrite:
         for out in (output, prob_out):
@@ -407,7 +405,7 @@ def _gis(config: TileConfig, source: SourceInfo, output: Path, prob_out: Path | 
         check_vector_path(vector)
         aoi_path = None if config.aoi is None else Path(config.aoi)
         for other in (source.path, output, prob_out, aoi_path, report_path(output), pam_path(output)):
-            if other is not None and _same_file(vector, other):
+            if other is not None and same_file(vector, other):
                 raise UsageError(f"--vector {vector} would overwrite {other}")
         if not config.overwrite and (vector.exists() or vector.is_symlink()):
             if not _written_with(vector, report_path(output)):

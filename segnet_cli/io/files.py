@@ -237,6 +237,15 @@ def atomic_folder(final: str | Path, replace: bool = False) -> Iterator[Path]:
                         pass
 
 
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """True if ``a`` and ``b`` name one file: the same inode when both exist (hard and
+    symbolic links included), else the same path with links resolved."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
 def is_temporary(path: Path) -> bool:
     """A segnet temporary (file or folder), by name."""
     return path.name.startswith(TMP_PREFIX)

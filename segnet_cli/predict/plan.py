@@ -26,7 +26,7 @@ import numpy as np
 from segnet_cli import __version__
 from segnet_cli.config import PredictConfig, Report, Status
 from segnet_cli.errors import UsageError
-from segnet_cli.io.files import FileSet, file_digest
+from segnet_cli.io.files import FileSet, file_digest, same_file
 from segnet_cli.io.images import image_dpi, write_mask_png, write_overlay
 from segnet_cli.jobs import (
     PROVENANCE_KEY,
@@ -200,9 +200,10 @@ def plan(config: PredictConfig) -> tuple[list[Job], list[Outcome], str, ModelInf
     check_tiling(inference.tiling, info.stride)
     model_sha = model_fingerprint(model_path)
     settings = settings_key(**inference.output_settings(), version=1)
-    items, missing = collect_inputs(config.inputs, exclude=config.out)
+    items, missing = collect_inputs(config.inputs, exclude=config.out, ignore=config.log_file)
     outcomes = [Outcome(spec, None, Status.FAILED, error="no input matched this") for spec in missing]
     check_outputs_off_inputs(config, items)
+    _check_log_off_outputs(config, items)
     jobs: list[Job] = []
     foreign: list[Path] = []
     claimed: dict[Path, Path] = {}
@@ -246,6 +247,27 @@ def plan(config: PredictConfig) -> tuple[list[Job], list[Outcome], str, ModelInf
             config.out,
         )
     return jobs, outcomes, model_sha, info
+
+
+def _check_log_off_outputs(config: PredictConfig, items: list[InputItem]) -> None:
+    """Refuse a run that would write a mask or an overlay over its own log.
+
+    Raises:
+        UsageError: ``config.log_file`` is where an input's mask or overlay goes.
+    """
+    if config.log_file is None:
+        return
+    for item in items:
+        outputs = [mask_path(config.out, item)]
+        if config.overlay:
+            outputs.append(overlay_path(config.out, item))
+        for output in outputs:
+            if same_file(output, config.log_file):
+                raise UsageError(
+                    f"--log-file is where the mask of {item.path} goes: give the log a file "
+                    "outside --out, or another name",
+                    config.log_file,
+                )
 
 
 def refuse_file_out(out: Path) -> None:
