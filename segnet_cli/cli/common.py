@@ -49,9 +49,9 @@ def fail(exc: SegnetError) -> typer.Exit:
 def refuse_log_onto(log_file: Path | None, named: list[tuple[str, Path | None]]) -> None:
     """Refuse a ``--log-file`` that names one of the command's inputs or outputs.
 
-    Checked before the log is opened, so nothing is created: appending log lines to a list
-    of inputs would feed them to the next run, and an output written over the log would
-    lose it.
+    Checked before the log is opened, so nothing is created: log lines appended to an input
+    would change it, and an output written over the log would lose it. (``predict`` checks
+    the masks it writes inside ``--out`` once its inputs are known: ``predict.plan``.)
 
     Args:
         log_file: the ``--log-file`` path, or None.
