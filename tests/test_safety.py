@@ -304,11 +304,11 @@ def test_log_file_is_never_an_input_or_an_output_of_the_run(tmp_path, tiny_model
     # A log where a mask or an overlay goes would be replaced by it.
     masks = tmp_path / "masks"
     masks.mkdir()
-    for name in ("a.png", "a.overlay.jpg"):
+    for name, kind in (("a.png", "mask"), ("a.overlay.jpg", "overlay")):
         (masks / name).write_text("earlier run: 500 done\n")
         r = run("predict", src, "--out", masks, "--overlay", "--model", tiny_model,
                 "--log-file", masks / name)
-        assert r.exit_code == 2 and "--log-file is where the mask of" in r.output, r.output
+        assert r.exit_code == 2 and f"--log-file is where the {kind} of" in r.output, r.output
         assert (masks / name).read_text().startswith("earlier run: 500 done\n")
         (masks / name).unlink()
     # A glob over the folder the log is in never takes the log for an input.

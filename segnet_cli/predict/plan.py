@@ -258,13 +258,13 @@ def _check_log_off_outputs(config: PredictConfig, items: list[InputItem]) -> Non
     if config.log_file is None:
         return
     for item in items:
-        outputs = [mask_path(config.out, item)]
+        outputs = [("mask", mask_path(config.out, item))]
         if config.overlay:
-            outputs.append(overlay_path(config.out, item))
-        for output in outputs:
+            outputs.append(("overlay", overlay_path(config.out, item)))
+        for kind, output in outputs:
             if same_file(output, config.log_file):
                 raise UsageError(
-                    f"--log-file is where the mask of {item.path} goes: give the log a file "
+                    f"--log-file is where the {kind} of {item.path} goes: give the log a file "
                     "outside --out, or another name",
                     config.log_file,
                 )
