@@ -514,6 +514,9 @@ def _settings(config: TrainConfig, out: Path) -> tuple[TrainConfig, _Start]:
     info, state = _checkpoint_state(ckpt)
     saved = state["config"]
     fields = {k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}
+    # --init is how the run began, not a setting to continue with (the start record is in
+    # ``state["init"]``); kept, it would read as --init given with --resume.
+    fields.pop("init", None)
     run = TrainConfig(**fields)
     clashes = _contradictions(config, run)
     if clashes:

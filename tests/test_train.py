@@ -498,6 +498,27 @@ def test_init_starts_a_new_run_from_a_models_weights(data, tiny_model, tmp_path)
     assert sha256(tiny_model) == digest  # the model's own file is never written
 
 
+def test_an_interrupted_init_run_resumes(data, tiny_model, tmp_path):
+    """A fine-tune started with --init continues with --resume, keeping its start record."""
+    digest = sha256(tiny_model)
+    out = tmp_path / "init-resumed"
+    # A zero time budget stops after the first of two epochs, as a kill after it would.
+    r = run_train(frozen(data, out, init=tiny_model, epochs=2, max_minutes=0), log=quiet)
+    assert r.details["stopped_early"] and read_info(out / CHECKPOINT).training["epoch"] == 1
+    messages: list[str] = []
+    r = run_train(TrainConfig(images=None, out=out, resume=True), log=messages.append)
+    assert r.return_code == 0 and r.done == 1
+    assert any("resuming after epoch 1" in m for m in messages)
+    info = read_info(out / CHECKPOINT)
+    assert info.training["epoch"] == 2 and info.architecture["stages"] == 3  # the model's
+    assert info.training["init"] == {"path": str(tiny_model.absolute()), "sha256": digest}
+    assert read_info(out / "model.keras").training["init"]["sha256"] == digest
+    # Through the CLI too, with only the run folder given.
+    r = runner.invoke(app, ["train", "--resume", "--out", str(out), "--epochs", "3"])
+    assert r.exit_code == 0, r.output
+    assert read_info(out / CHECKPOINT).training["epoch"] == 3
+
+
 def test_init_with_other_classes_keeps_all_but_the_classifier(data, tmp_path):
     five = make_model_file(tmp_path / "five.keras", stages=2, num_classes=5, seed=3)
     digest = sha256(five)
