@@ -10,7 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from segnet_cli.geo import load_before_tensorflow
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# GeoPackages need GDAL's own SQLite (see load_before_tensorflow): load it before any test
+# module imports TensorFlow, whatever order the modules are collected in.
+load_before_tensorflow()
 
 TINY_CLASSES = ("background", "disc", "square")
 TINY_PALETTE = ((0, 0, 0), (230, 25, 75), (60, 180, 75))
