@@ -426,6 +426,12 @@ class TrainConfig:
     mix_prob: float = 0.5
     precision: str = "float32"
     loss: Loss = Loss.CE
+    #: Models whose averaged class probabilities on each training image (mirrored view
+    #: included) become soft targets beside the masks: knowledge distillation.
+    teachers: tuple[Path, ...] = ()
+    #: The distillation term's share of the loss with ``teachers`` (the masks' cross-entropy
+    #: keeps the rest): 0 is the masks alone, 1 the teachers alone.
+    distill: float = 0.5
     val_every: int = 1
     resume: bool = False
     init: Path | None = None  # a segnet model file whose weights start a new run
@@ -441,6 +447,7 @@ class TrainConfig:
     #: Command-line spelling of the fields whose option is not ``--field-name``.
     OPTIONS: ClassVar[dict[str, str]] = {
         "images": "IMAGES", "val_images": "--val", "learning_rate": "--lr",
+        "teachers": "--teacher",
     }  # fmt: skip
     #: Fields about one invocation rather than the run: ``--resume`` takes them as given.
     PER_INVOCATION: ClassVar[tuple[str, ...]] = (
@@ -471,6 +478,7 @@ class TrainConfig:
         put(self, "crop", tuple(self.crop))
         put(self, "scale", tuple(self.scale))
         put(self, "hold_out", tuple(self.hold_out))
+        put(self, "teachers", tuple(Path(t) for t in self.teachers))
         put(self, "given", frozenset(self.given))
         if self.loss in {v.value for v in Loss}:
             put(self, "loss", Loss(self.loss))
@@ -500,7 +508,7 @@ class TrainConfig:
         if any(not p.strip() for p in self.hold_out):
             problems.append("--hold-out needs a glob such as '0006R0_*', not an empty one")
         for name in ("width", "dropout", "learning_rate", "weight_decay", "weight_power",
-                     "jitter", "mix_prob", "max_minutes", "cache_mb"):  # fmt: skip
+                     "jitter", "mix_prob", "distill", "max_minutes", "cache_mb"):  # fmt: skip
             value = getattr(self, name)
             need(value is None or math.isfinite(value), name, "must be a finite number")
         if problems:
@@ -513,6 +521,13 @@ class TrainConfig:
             problems.append(f"--mix {self.mix} needs a --batch-size of 2 or more, not 1")
         if self.mix is Mix.NONE and self.was_given("mix_prob") and not self.resume:
             problems.append("--mix-prob needs --mix cutmix or --mix classmix")
+        need(0 <= self.distill <= 1, "distill", "must be from 0 to 1")
+        if not self.teachers and self.was_given("distill") and not self.resume:
+            problems.append("--distill needs at least one --teacher model")
+        if self.teachers and self.loss is not Loss.CE:
+            # The distillation loss is the cross-entropy's soft-target counterpart; the
+            # Lovász term has none.
+            problems.append(f"--teacher trains with --loss ce, not {self.loss}")
         need(
             self.precision in Precision.values(),
             "precision",

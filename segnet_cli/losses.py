@@ -1,4 +1,5 @@
-"""Training losses: class-weighted cross-entropy, the Lovász-softmax loss, or their sum.
+"""Training losses: class-weighted cross-entropy, the Lovász-softmax loss, or their sum; and
+cross-entropy blended with distillation from teachers' soft targets.
 
 The Lovász-softmax loss (Berman, Triki & Blaschko, "The Lovász-Softmax loss: a tractable
 surrogate for the optimization of the intersection-over-union measure in neural networks",
@@ -158,13 +159,73 @@ class SegmentationLoss(keras.losses.Loss):
         return {**super().get_config(), "cross_entropy": self.cross_entropy, "lovasz": self.lovasz}
 
 
-def make_loss(kind: Loss) -> keras.losses.Loss:
-    """The Keras loss of a ``--loss`` choice.
+@keras.saving.register_keras_serializable(package="segnet")
+class DistillationLoss(keras.losses.Loss):
+    """Cross-entropy against the masks blended with the KL divergence from soft targets.
+
+    Knowledge distillation (Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural
+    Network", 2015), per pixel as in pixel-wise distillation for segmentation: the student's
+    softmax is pulled both to the mask's class and to the teachers' class probabilities,
+
+        loss = (1 - alpha) * CE(label, logits) + alpha * KL(targets || softmax(logits)),
+
+    at temperature 1 (the targets are precomputed probabilities). The targets carry what a
+    mask cannot: which wrong classes are plausible (a pole's pixels that could be a sign),
+    and an averaged ensemble of teachers generalises better than each of its members.
+
+    ``y_true`` is ``concat([labels, targets], -1)``, ``(B, H, W, 1 + K)`` floats: the class
+    index, then K target probabilities (renormalised here: quantised targets need not sum
+    to exactly 1). ``sample_weight`` is the per-pixel weight, applied to both terms as
+    ``SparseCategoricalCrossentropy`` applies it, so ``alpha=0`` is that loss exactly.
+
+    Args:
+        alpha: the distillation term's share, from 0 to 1.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.5,
+        name: str = "distillation_loss",
+        reduction: str = "sum_over_batch_size",
+        dtype=None,
+    ) -> None:
+        if not 0 <= alpha <= 1:
+            raise ValueError(f"alpha must be from 0 to 1, not {alpha}")
+        super().__init__(name=name, reduction=reduction, dtype=dtype or "float32")
+        self.alpha = float(alpha)
+
+    def call(self, y_true, y_pred):
+        """Per-pixel losses ``(B, H, W)``; Keras weights and averages them."""
+        labels = tf.cast(y_true[..., 0], tf.int32)
+        targets = tf.cast(y_true[..., 1:], tf.float32)
+        targets = targets / tf.maximum(tf.reduce_sum(targets, axis=-1, keepdims=True), 1e-6)
+        logits = tf.cast(y_pred, tf.float32)
+        log_p = tf.nn.log_softmax(logits, axis=-1)
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+        # xlogy: a target of 0 contributes 0, not 0 * log 0.
+        kl = tf.reduce_sum(tf.math.xlogy(targets, targets) - targets * log_p, axis=-1)
+        return (1.0 - self.alpha) * ce + self.alpha * kl
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "alpha": self.alpha}
+
+
+def make_loss(kind: Loss, distill: float | None = None) -> keras.losses.Loss:
+    """The Keras loss of a ``--loss`` choice, or the distillation loss with ``--teacher``.
 
     ``ce`` is Keras's own sparse cross-entropy, as every run before ``--loss`` existed used:
     its checkpoints load without this module.
+
+    Args:
+        kind: the ``--loss`` choice.
+        distill: with teachers, the distillation term's share (``--distill``); ``kind`` must
+            then be ``ce``.
     """
     kind = Loss(kind)
+    if distill is not None:
+        if kind is not Loss.CE:
+            raise ValueError("distillation blends with the cross-entropy loss only")
+        return DistillationLoss(distill)
     if kind is Loss.CE:
         return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     return SegmentationLoss(cross_entropy=kind is Loss.CE_LOVASZ, lovasz=True)

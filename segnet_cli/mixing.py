@@ -66,15 +66,20 @@ def mix_masks(labels, weights, seed, mode: Mix, prob: float, num_classes: int):
     return paste & mixed[:, None, None]
 
 
-def mix_batch(images, labels, weights, seed, mode: Mix, prob: float, num_classes: int):
+def mix_batch(
+    images, labels, weights, seed, mode: Mix, prob: float, num_classes: int, targets=None
+):
     """One training batch with crops mixed as ``mix_masks`` decides.
 
     Args:
         images: ``(B, H, W, C)`` float crops.
         labels, weights, seed, mode, prob, num_classes: as for ``mix_masks``.
+        targets: ``(B, H, W, K)`` soft targets of the crops (``segnet train --teacher``),
+            pasted with their pixels; or None.
 
     Returns:
-        ``(images, labels, weights)`` of the same shapes and dtypes.
+        ``(images, labels, weights)`` of the same shapes and dtypes, and ``targets`` after
+        them when given.
     """
     import tensorflow as tf
 
@@ -82,4 +87,7 @@ def mix_batch(images, labels, weights, seed, mode: Mix, prob: float, num_classes
     images = tf.where(paste[..., None], tf.roll(images, -1, axis=0), images)
     labels = tf.where(paste, tf.roll(labels, -1, axis=0), labels)
     weights = tf.where(paste, tf.roll(weights, -1, axis=0), weights)
-    return images, labels, weights
+    if targets is None:
+        return images, labels, weights
+    targets = tf.where(paste[..., None], tf.roll(targets, -1, axis=0), targets)
+    return images, labels, weights, targets

@@ -190,10 +190,12 @@ def _drain(finished: list[Work]) -> Iterator[Work]:
 
 
 def image_work(key, image: np.ndarray, grid: TileGrid, num_classes: int, tiling: TilingConfig,
-               tta: TTA = TTA.NONE, confidence: bool = False) -> Work:
+               tta: TTA = TTA.NONE, confidence: bool = False,
+               probabilities: bool = False) -> Work:
     """A whole in-memory ``(H, W, C)`` float32 image as one work of the pipeline."""
     mirrored = tta is TTA.FLIP
-    stitcher = Stitcher(grid, num_classes, tiling.blend, confidence=confidence, mirrored=mirrored)
+    stitcher = Stitcher(grid, num_classes, tiling.blend, confidence=confidence,
+                        probabilities=probabilities, mirrored=mirrored)
     return Work(key, stitcher, grid.all_tiles(mirrored), lambda t: crop(image, t))
 
 
@@ -218,12 +220,34 @@ def segment_image(
     return stitch_all(stitcher, h, w, confidence)
 
 
+def image_probabilities(
+    segmenter, image: np.ndarray, tiling: TilingConfig, tta: TTA = TTA.NONE
+) -> np.ndarray:
+    """The ``(H, W, K)`` float32 class probabilities of one in-memory image.
+
+    The same grid, batches and stitching as ``segment_image``: their argmax is the mask
+    ``segnet predict`` writes with the same settings (``segnet train --teacher`` learns from
+    them).
+    """
+    h, w = image.shape[:2]
+    grid = TileGrid.make(h, w, tiling.tile, tiling.halo, segmenter.stride)
+    k = segmenter.num_classes
+    work = image_work(None, image, grid, k, tiling, tta, probabilities=True)
+    for _ in run_works(segmenter, [work], tiling.batch_size):
+        pass
+    out = np.zeros((h, w, k), np.float32)
+    for y0, _mask, _conf, prob in work.stitcher.pop():
+        out[y0 : y0 + prob.shape[0]] = prob
+    return out
+
+
 __all__ = [
     "Work",
     "run_works",
     "read_ahead",
     "image_work",
     "segment_image",
+    "image_probabilities",
     "crop",
     "split_outputs",
 ]

@@ -148,6 +148,7 @@ def make_dataset(
     weights: np.ndarray,
     config: TrainConfig,
     first_epoch: int = 0,
+    targets: list[np.ndarray] | None = None,
 ):
     """The training ``tf.data`` pipeline from ``first_epoch`` to ``config.epochs``.
 
@@ -158,7 +159,10 @@ def make_dataset(
     resumed run continues it exactly. The dataset holds ``steps`` batches per epoch.
 
     Yields ``(image, label, pixel_weight)``; labels outside the classes (void, crop padding)
-    are set to 0 with weight 0, so the loss ignores them.
+    are set to 0 with weight 0, so the loss ignores them. With ``targets`` (one ``(H, W, K)``
+    uint8 array of probabilities times 255 per pair: the teachers'), they are scaled,
+    cropped, flipped and mixed with their image, and the label becomes
+    ``concat([label, targets], -1)`` for ``DistillationLoss``.
     """
     import tensorflow as tf
 
@@ -184,16 +188,19 @@ def make_dataset(
             if cache is not None:
                 cache[i] = raw
         x = to_model_input(raw[0], channels, images[i])
-        return x.astype(np.float32), raw[1].astype(np.int32)
+        t = targets[i] if targets is not None else np.zeros((1, 1, 1), np.uint8)
+        return x.astype(np.float32), raw[1].astype(np.int32), t
 
     ch, cw = config.crop
     lo, hi = config.scale
     wtab = tf.constant(np.asarray(weights, np.float32))
 
     def augment(i, seed):
-        x, y = tf.numpy_function(load, [i], (tf.float32, tf.int32))
+        x, y, t = tf.numpy_function(load, [i], (tf.float32, tf.int32, tf.uint8))
         x.set_shape((None, None, channels))
         y.set_shape((None, None))
+        t = tf.cast(t, tf.float32) / 255.0
+        t.set_shape((None, None, k if targets is not None else 1))
         rs = tf.random.experimental.stateless_split(seed, num=7)
         shape = tf.shape(x)
         s = tf.random.stateless_uniform((), rs[0], lo, hi)
@@ -201,19 +208,27 @@ def make_dataset(
         nw = tf.maximum(1, tf.cast(tf.round(tf.cast(shape[1], tf.float32) * s), tf.int32))
         x = tf.image.resize(x, (nh, nw), method="bilinear")
         y = tf.image.resize(y[..., None], (nh, nw), method="nearest")[..., 0]
+        if targets is not None:
+            t = tf.image.resize(t, (nh, nw), method="bilinear")
         # Pad up to the crop (labels -1: ignored) when the scaled image is smaller.
         ph, pw = tf.maximum(ch - nh, 0), tf.maximum(cw - nw, 0)
         x = tf.pad(x, [[0, ph], [0, pw], [0, 0]])
         y = tf.pad(y, [[0, ph], [0, pw]], constant_values=-1)
+        if targets is not None:
+            t = tf.pad(t, [[0, ph], [0, pw], [0, 0]])
         hh, ww = tf.shape(y)[0], tf.shape(y)[1]
         oy = tf.random.stateless_uniform((), rs[1], 0, hh - ch + 1, dtype=tf.int32)
         ox = tf.random.stateless_uniform((), rs[2], 0, ww - cw + 1, dtype=tf.int32)
         x = x[oy : oy + ch, ox : ox + cw]
         y = y[oy : oy + ch, ox : ox + cw]
+        if targets is not None:
+            t = t[oy : oy + ch, ox : ox + cw]
         if config.flip:
             flip = tf.random.stateless_uniform((), rs[3]) < 0.5
             x = tf.cond(flip, lambda: x[:, ::-1], lambda: x)
             y = tf.cond(flip, lambda: y[:, ::-1], lambda: y)
+            if targets is not None:
+                t = tf.cond(flip, lambda: t[:, ::-1], lambda: t)
         if config.jitter > 0:
             j = config.jitter
             x = x * tf.random.stateless_uniform((), rs[4], 1 - 2 * j, 1 + 2 * j)  # gain
@@ -230,7 +245,10 @@ def make_dataset(
         x.set_shape((ch, cw, channels))
         label.set_shape((ch, cw))
         w.set_shape((ch, cw))
-        return x, label, w
+        if targets is None:
+            return x, label, w
+        t.set_shape((ch, cw, k))
+        return x, label, w, t
 
     plans = [
         epoch_plan(len(pairs), steps, config.batch_size, config.seed, e)
@@ -250,16 +268,23 @@ def make_dataset(
 
         def mix(batch, seed):
             return mix_batch(
-                *batch,
+                *batch[:3],
                 tf.random.experimental.stateless_fold_in(seed, 7),
                 config.mix,
                 config.mix_prob,
                 k,
+                targets=batch[3] if targets is not None else None,
             )
 
         ds = tf.data.Dataset.zip((ds, batch_seeds)).map(
             mix, num_parallel_calls=workers, deterministic=True
         )
+    if targets is not None:
+
+        def pack(x, label, w, t):
+            return x, tf.concat([tf.cast(label, tf.float32)[..., None], t], axis=-1), w
+
+        ds = ds.map(pack, num_parallel_calls=workers, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -418,6 +443,8 @@ def _train(config: TrainConfig, guard: SignalGuard, progress, log) -> Report:
     t0 = time.time()
     config, start = _settings(config, Path(config.out))
     data = _load_data(config, start, guard, log)
+    if config.teachers:
+        data = _teacher_targets(config, data, guard, log)
     with _precision(config.precision):
         return _train_model(config, start, data, guard, progress, log, t0)
 
@@ -529,6 +556,8 @@ def _settings(config: TrainConfig, out: Path) -> tuple[TrainConfig, _Start]:
     # invocation, not the run: the folder may have moved, the machine may differ.
     # ``epochs`` given with --resume is the new total; not given, the run's own.
     now = {name: getattr(config, name) for name in TrainConfig.PER_INVOCATION}
+    if config.teachers:  # where the teachers are now; _teacher_records checks they are the same
+        now["teachers"] = config.teachers
     if config.epochs is None:
         now["epochs"] = int(saved.get("epochs") or state["epoch"])
     resumed = replace(run, **now)
@@ -622,7 +651,11 @@ def _contradictions(config: TrainConfig, run: TrainConfig) -> list[str]:
         if name in TrainConfig.PER_INVOCATION or not config.was_given(name):
             continue
         mine, theirs = getattr(config, name), getattr(run, name)
-        if name in TrainConfig.PATHS:
+        if name == "teachers":
+            # The same models elsewhere (a moved folder) are no contradiction: their
+            # content is checked against the run's record when the targets are made.
+            same = len(mine) == len(theirs)
+        elif name in TrainConfig.PATHS:
             if name == "masks":  # not given: <images>annot, which find_pairs looks for
                 mine, theirs = _masks_folder(config), _masks_folder(run)
             same = _same_path(mine, theirs)
@@ -669,6 +702,10 @@ class _Data:
     mean: list[float]
     std: list[float]
     val_items: list[tuple[np.ndarray, np.ndarray]]
+    #: With teachers: each training pair's soft targets, ``(H, W, K)`` probabilities x 255.
+    targets: list[np.ndarray] | None = None
+    #: With teachers: what the run records about each (path, sha256).
+    teachers: list[dict] | None = None
 
 
 def _load_data(config: TrainConfig, start: _Start, guard: SignalGuard, log) -> _Data:
@@ -699,6 +736,7 @@ def _load_data(config: TrainConfig, start: _Start, guard: SignalGuard, log) -> _
     # What the options alone decide is refused before the minutes of verification.
     if config.class_weights not in ("auto", "none"):
         load_class_weights(config.class_weights, np.ones(classes.num_classes), classes.num_classes)
+    teachers = _teacher_records(config, start, classes) if config.teachers else None
     if pairs and len(pairs) < config.batch_size:
         raise UsageError(f"{len(pairs)} training pairs are fewer than the batch size "
                          f"({config.batch_size}); lower --batch-size")
@@ -754,7 +792,109 @@ def _load_data(config: TrainConfig, start: _Start, guard: SignalGuard, log) -> _
         )
         for p in val_pairs
     ]
-    return _Data(classes, pairs, channels, weights, mean, std, val_items)
+    return _Data(classes, pairs, channels, weights, mean, std, val_items, teachers=teachers)
+
+
+def _teacher_records(config: TrainConfig, start: _Start, classes: ClassTable) -> list[dict]:
+    """What the run records about each ``--teacher`` (path, sha256), once each is checked.
+
+    Read from the model files' metadata alone, so a wrong teacher is refused before the
+    minutes of verifying the data.
+
+    Raises:
+        ModelFileError: a teacher that is missing, broken or not a segnet model.
+        UsageError: a teacher that segments other classes than the run's; one that changed
+            since the resumed run began (its targets would differ).
+    """
+    records = []
+    for path in config.teachers:
+        if config.resume and not Path(path).exists():
+            raise ModelFileError(
+                "the run's teacher model is not there any more: give --teacher with where "
+                "it is now (as often as the run has teachers, in the same order)",
+                path,
+            )
+        info = read_info(path)
+        if list(info.class_names) != list(classes.names):
+            raise UsageError(
+                f"--teacher segments other classes ({', '.join(info.class_names)}) than the "
+                f"run's ({', '.join(classes.names)})",
+                path,
+            )
+        records.append({"path": str(Path(path).absolute()), "sha256": file_digest(path, None)})
+    if config.resume:
+        began = start.state.get("teachers") or []
+        for r, b in zip(records, began):
+            if r["sha256"] != b["sha256"]:
+                raise UsageError(
+                    f"--teacher: not the model the run began with ({b['path']}, sha256 "
+                    f"{b['sha256'][:12]}): it changed or is another, so its targets would "
+                    "differ; give the run's teacher, or start a new run in another --out",
+                    r["path"],
+                )
+    return records
+
+
+def _teacher_targets(config: TrainConfig, data: _Data, guard: SignalGuard, log) -> _Data:
+    """The teachers' soft targets for every training pair, computed once before training.
+
+    Each teacher segments each training image whole, as ``segnet predict --tta flip`` does
+    (the default grid and stitching, the mirrored view averaged in: a better teacher for
+    the cost of one pass over the data, paid once); the teachers' probabilities are then
+    averaged. Computing them once, rather than running the teachers on every crop, keeps a
+    distilled run's steps as fast as a plain run's; the augmentation scales, crops, flips
+    and mixes the targets with their image. Kept in memory as bytes (K per pixel).
+
+    Raises:
+        ModelFileError: a teacher that cannot be loaded.
+        UsageError: a teacher that takes other channels than the training images; targets
+            larger than ``--cache-mb``.
+        Interrupted: a signal came while the targets were computed.
+    """
+    from segnet_cli.config import TTA, TilingConfig
+    from segnet_cli.model.segmenter import open_segmenter
+    from segnet_cli.pipeline import image_probabilities
+
+    k = data.classes.num_classes
+    for path in config.teachers:
+        channels = read_info(path).in_channels
+        if channels != data.channels:
+            raise UsageError(
+                f"--teacher takes {channels}-channel images, the training images have "
+                f"{data.channels}",
+                path,
+            )
+
+    def too_big(mb: float) -> UsageError:
+        return UsageError(
+            f"the teachers' targets for {len(data.pairs)} training images need about "
+            f"{mb:,.0f} MB of memory, more than --cache-mb {config.cache_mb:g}: raise it"
+        )
+
+    tiling = TilingConfig()
+    segmenters = [open_segmenter(path) for path in config.teachers]
+    targets: list[np.ndarray] = []
+    used = 0.0
+    t0 = last = time.time()
+    for i, pair in enumerate(data.pairs):
+        guard.check()
+        if time.time() - last > 60:  # a line a minute: unattended logs show it advancing
+            last = time.time()
+            log(f"teacher targets: {i} of {len(data.pairs)} images ...")
+        x = to_model_input(read_image(pair.image), data.channels, pair.image)
+        used += x.shape[0] * x.shape[1] * k / 2**20
+        if i == 0:  # the first image's size stands for all, as the image cache estimates
+            estimate = used * len(data.pairs)
+            if estimate > config.cache_mb:
+                raise too_big(estimate)
+            log(f"teacher targets: {len(data.pairs)} images x {len(segmenters)} teacher(s), "
+                f"about {estimate:,.0f} MB ...")
+        if used > config.cache_mb:
+            raise too_big(used / (i + 1) * len(data.pairs))
+        p = sum(image_probabilities(s, x, tiling, TTA.FLIP) for s in segmenters)
+        targets.append(np.round(p * (255.0 / len(segmenters))).astype(np.uint8))
+    log(f"teacher targets: {len(targets)} images in {time.time() - t0:.0f} s")
+    return replace(data, targets=targets)
 
 
 def _held_out(
@@ -835,7 +975,8 @@ def _build_model(config: TrainConfig, start: _Start, data: _Data, steps: int, lo
         if start.init is not None:
             _copy_weights(start, model, log)
         # --init too: a new run, so a fresh optimizer and schedule (warm-up included).
-        model.compile(optimizer=_optimizer(config, steps), loss=make_loss(config.loss))
+        distill = config.distill if config.teachers else None
+        model.compile(optimizer=_optimizer(config, steps), loss=make_loss(config.loss, distill))
         return model
 
 
@@ -956,6 +1097,7 @@ class _Run:
             "config": _config_json(self.config),
             "class_weights": [float(w) for w in self.data.weights],
             **({"init": self.init} if self.init else {}),
+            **({"teachers": self.data.teachers} if self.data.teachers else {}),
         }
 
     def model_info(self, training: dict) -> ModelInfo:
@@ -985,6 +1127,8 @@ def _config_json(config: TrainConfig) -> dict:
             continue  # about one invocation's command line, not the run
         if isinstance(value, Path):
             value = str(value.absolute())
+        elif key == "teachers":
+            value = [str(Path(v).absolute()) for v in value]
         elif isinstance(value, Enum):
             value = value.value
         out[key] = value
@@ -1082,7 +1226,7 @@ def _fit(model, run: _Run, steps: int, start_epoch: int, epoch_end: EpochEnd, pr
     )
     data = run.data
     train_ds = make_dataset(
-        data.pairs, data.classes, data.channels, data.weights, config, start_epoch
+        data.pairs, data.classes, data.channels, data.weights, config, start_epoch, data.targets
     )
     if progress is not None:
         progress.start(steps * config.epochs, steps * start_epoch)

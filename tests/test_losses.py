@@ -120,3 +120,40 @@ def test_segmentation_loss_is_weighted_ce_plus_unweighted_lovasz_in_float32():
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(alone))
     assert isinstance(restored, SegmentationLoss)
     assert (restored.cross_entropy, restored.lovasz) == (False, True)
+
+
+def test_distillation_loss_equals_the_numpy_reference_and_is_ce_at_alpha_0():
+    import keras
+
+    from segnet_cli.losses import DistillationLoss, make_loss
+
+    logits, labels, valid = random_batch(7)
+    rng = np.random.default_rng(7)
+    targets = rng.dirichlet(np.ones(4), size=labels.shape).astype(np.float32)
+    targets[0, 0, 0] = [0, 1, 0, 0]  # a certain target: 0 log 0 counts 0
+    weights = np.where(valid, rng.uniform(0.5, 2.0, labels.shape), 0.0).astype(np.float32)
+    # Quantised targets need not sum to 1: the loss renormalises them.
+    y_true = np.concatenate([labels[..., None].astype(np.float32), targets * 1.02], axis=-1)
+    log_p = np.log(softmax(logits.astype(np.float64)))
+    ce = -np.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0]
+    t = targets.astype(np.float64)
+    kl = np.sum(np.where(t > 0, t * (np.log(np.where(t > 0, t, 1)) - log_p), 0.0), axis=-1)
+    for alpha in (0.0, 0.3, 1.0):
+        want = np.sum(weights * ((1 - alpha) * ce + alpha * kl)) / weights.size
+        got = float(DistillationLoss(alpha)(y_true, logits, sample_weight=weights))
+        assert got == pytest.approx(want, rel=1e-5)
+    sce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    assert float(DistillationLoss(0.0)(y_true, logits, sample_weight=weights)) == pytest.approx(
+        float(sce(labels, logits, sample_weight=weights)), rel=1e-5
+    )
+    # A student that already gives the targets owes the distillation term nothing.
+    perfect = np.log(targets + 1e-12)
+    assert float(DistillationLoss(1.0)(y_true, perfect)) == pytest.approx(0.0, abs=1e-5)
+    # It survives a save and a load (checkpoints), and refuses a share outside [0, 1].
+    loss = make_loss(Loss.CE, distill=0.3)
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))
+    assert isinstance(restored, DistillationLoss) and restored.alpha == 0.3
+    with pytest.raises(ValueError):
+        DistillationLoss(1.5)
+    with pytest.raises(ValueError):
+        make_loss(Loss.CE_LOVASZ, distill=0.5)

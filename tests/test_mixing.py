@@ -201,3 +201,17 @@ def test_bad_mix_options_are_refused_before_any_data_is_read(tmp_path, args):
     assert r.exit_code == 2, r.output
     assert args[0] in r.stderr and "not found" not in r.stderr
     assert not out.exists()
+
+
+def test_mixing_pastes_soft_targets_with_their_pixels():
+    images, labels, weights = batch()
+    targets = np.eye(K, dtype=np.float32)[labels]  # each pixel's target: its own class
+    seed = np.array((3, 4), np.int64)
+    plain = mix_batch(images, labels, weights, seed, Mix.CLASSMIX, 1.0, K)
+    out = [np.asarray(t) for t in
+           mix_batch(images, labels, weights, seed, Mix.CLASSMIX, 1.0, K, targets=targets)]
+    assert len(out) == 4
+    for a, b in zip(out[:3], plain):  # the targets change nothing else
+        np.testing.assert_array_equal(a, np.asarray(b))
+    assert (out[1] != labels).any()
+    np.testing.assert_array_equal(out[3], np.eye(K, dtype=np.float32)[out[1]])

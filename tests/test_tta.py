@@ -108,3 +108,22 @@ def test_tta_is_part_of_up_to_date(tmp_path, tiny_model):
     assert '"status": "done"' in runner.invoke(app, [*args, "--tta", "flip"]).stdout
     r = runner.invoke(app, [*args, "--tta", "rotate"])
     assert r.exit_code == 2 and "--tta" in r.output
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (1, 300), (150, 233)])
+def test_image_probabilities_are_the_stitched_probabilities_of_the_mask(seg, shape):
+    from segnet_cli.pipeline import image_probabilities
+
+    img = np.random.default_rng(3).random((*shape, 3)).astype(np.float32)
+    halo = exact_halo(seg)
+    # Several tiles with an exact halo: the same probabilities as the whole image.
+    tiling = TilingConfig(tile=2 * halo + 3 * seg.stride, halo=halo, batch_size=2)
+    for tta, want in ((TTA.NONE, softmax(seg.logits(img[None])[0])),
+                      (TTA.FLIP, reference(seg, img))):  # fmt: skip
+        prob = image_probabilities(seg, img, tiling, tta)
+        assert prob.shape == (*shape, seg.num_classes) and prob.dtype == np.float32
+        np.testing.assert_allclose(prob, want, atol=1e-4)
+        mask, _ = segment_image(seg, img, tiling, tta=tta)
+        top2 = np.sort(prob, -1)[..., -2:]
+        decided = (top2[..., 1] - top2[..., 0]) > 1e-5
+        assert (mask[decided] == np.argmax(prob, -1)[decided]).all()

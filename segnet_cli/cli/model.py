@@ -45,6 +45,17 @@ def info_command(
         markup=False,
     )
     c.print(f"input scaling: {meta.scaling.mode}, mean {meta.scaling.mean}, std {meta.scaling.std}", markup=False)
+    teachers = meta.training.get("teachers") or []
+    if teachers:
+        names = ", ".join(
+            f"{Path(t['path']).name} (sha256 {t['sha256'][:12]})" for t in teachers
+        )
+        share = (meta.training.get("config") or {}).get("distill")
+        c.print(
+            f"distilled from {len(teachers)} teacher(s): {ui.safe(names)}"
+            + (f"; distillation share {share}" if share is not None else ""),
+            markup=False,
+        )
     from segnet_cli.model.modelfile import is_onnx
 
     if is_onnx(path):
