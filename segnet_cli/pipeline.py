@@ -221,19 +221,24 @@ def segment_image(
 
 
 def image_probabilities(
-    segmenter, image: np.ndarray, tiling: TilingConfig, tta: TTA = TTA.NONE
+    segmenter,
+    image: np.ndarray,
+    tiling: TilingConfig,
+    tta: TTA = TTA.NONE,
+    should_stop: Callable[[], bool] | None = None,
 ) -> np.ndarray:
     """The ``(H, W, K)`` float32 class probabilities of one in-memory image.
 
     The same grid, batches and stitching as ``segment_image``: their argmax is the mask
     ``segnet predict`` writes with the same settings (``segnet train --teacher`` learns from
-    them).
+    them). ``should_stop`` is checked after every batch, as ``run_works`` does; once it
+    returns True the result is incomplete and the caller must discard it.
     """
     h, w = image.shape[:2]
     grid = TileGrid.make(h, w, tiling.tile, tiling.halo, segmenter.stride)
     k = segmenter.num_classes
     work = image_work(None, image, grid, k, tiling, tta, probabilities=True)
-    for _ in run_works(segmenter, [work], tiling.batch_size):
+    for _ in run_works(segmenter, [work], tiling.batch_size, should_stop=should_stop):
         pass
     out = np.zeros((h, w, k), np.float32)
     for y0, _mask, _conf, prob in work.stitcher.pop():

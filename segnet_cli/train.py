@@ -176,6 +176,8 @@ def make_dataset(
     if pairs:
         x0 = read_image(pairs[0].image)
         est_mb = len(pairs) * x0.shape[0] * x0.shape[1] * (x0[0, 0].nbytes + 1) / 2**20
+    # The teachers' targets, already in memory, share the budget.
+    est_mb += sum(t.nbytes for t in targets) / 2**20 if targets is not None else 0.0
     cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = (
         {} if est_mb <= config.cache_mb else None
     )
@@ -736,7 +738,7 @@ def _load_data(config: TrainConfig, start: _Start, guard: SignalGuard, log) -> _
     # What the options alone decide is refused before the minutes of verification.
     if config.class_weights not in ("auto", "none"):
         load_class_weights(config.class_weights, np.ones(classes.num_classes), classes.num_classes)
-    teachers = _teacher_records(config, start, classes) if config.teachers else None
+    teachers = _teacher_records(config, start, classes, pairs) if config.teachers else None
     if pairs and len(pairs) < config.batch_size:
         raise UsageError(f"{len(pairs)} training pairs are fewer than the batch size "
                          f"({config.batch_size}); lower --batch-size")
@@ -795,23 +797,28 @@ def _load_data(config: TrainConfig, start: _Start, guard: SignalGuard, log) -> _
     return _Data(classes, pairs, channels, weights, mean, std, val_items, teachers=teachers)
 
 
-def _teacher_records(config: TrainConfig, start: _Start, classes: ClassTable) -> list[dict]:
+def _teacher_records(
+    config: TrainConfig, start: _Start, classes: ClassTable, pairs: list[Pair]
+) -> list[dict]:
     """What the run records about each ``--teacher`` (path, sha256), once each is checked.
 
-    Read from the model files' metadata alone, so a wrong teacher is refused before the
-    minutes of verifying the data.
+    From the model files' metadata and the first training image alone, so a wrong teacher
+    is refused before the minutes of verifying the data.
 
     Raises:
         ModelFileError: a teacher that is missing, broken or not a segnet model.
-        UsageError: a teacher that segments other classes than the run's; one that changed
-            since the resumed run began (its targets would differ).
+        UsageError: teachers that segment other classes than the run's, or take other
+            channels than each other or the resumed run's model; on ``--resume``, other
+            teachers than the run began with (another count, or a file whose content
+            changed); targets estimated larger than ``--cache-mb``.
     """
     records = []
+    channels: dict[int, Path] = {}
     for path in config.teachers:
         if config.resume and not Path(path).exists():
             raise ModelFileError(
                 "the run's teacher model is not there any more: give --teacher with where "
-                "it is now (as often as the run has teachers, in the same order)",
+                "it is now (once for each of the run's teachers)",
                 path,
             )
         info = read_info(path)
@@ -821,35 +828,80 @@ def _teacher_records(config: TrainConfig, start: _Start, classes: ClassTable) ->
                 f"run's ({', '.join(classes.names)})",
                 path,
             )
+        channels.setdefault(info.in_channels, Path(path))
         records.append({"path": str(Path(path).absolute()), "sha256": file_digest(path, None)})
+    if len(channels) > 1:
+        shown = ", ".join(f"{p.name}: {c}" for c, p in channels.items())
+        raise UsageError(f"the --teacher models take different numbers of channels ({shown})")
+    if start.info is not None and start.info.in_channels not in channels:
+        c, path = next(iter(channels.items()))
+        raise UsageError(
+            f"--teacher takes {c}-channel images, the model this run trains takes "
+            f"{start.info.in_channels}",
+            path,
+        )
     if config.resume:
         began = start.state.get("teachers") or []
-        for r, b in zip(records, began):
-            if r["sha256"] != b["sha256"]:
-                raise UsageError(
-                    f"--teacher: not the model the run began with ({b['path']}, sha256 "
-                    f"{b['sha256'][:12]}): it changed or is another, so its targets would "
-                    "differ; give the run's teacher, or start a new run in another --out",
-                    r["path"],
-                )
+        if len(began) != len(records):
+            raise UsageError(
+                f"the run has {len(began)} teacher(s), not {len(records)}: give --teacher "
+                "once for each of them, or leave it out"
+            )
+        # Averaged probabilities do not depend on the teachers' order: compare contents,
+        # naming first a file whose content changed at the run's own path.
+        was = {b["path"]: b["sha256"] for b in began}
+        left = [b["sha256"] for b in began]
+        odd = [r for r in records if was.get(r["path"], r["sha256"]) != r["sha256"]]
+        for r in records:
+            if r["sha256"] in left:
+                left.remove(r["sha256"])
+            else:
+                odd.append(r)
+        if odd:
+            names = ", ".join(f"{Path(b['path']).name} ({b['sha256'][:12]})" for b in began)
+            raise UsageError(
+                f"--teacher: not one of the models the run began with ({names}): it changed "
+                "or is another, so its targets would differ; give the run's teachers, or "
+                "start a new run in another --out",
+                odd[0]["path"],
+            )
+    try:
+        # The first image's size stands for all, as the image cache estimates its size.
+        x0 = read_image(pairs[0].image) if pairs else None
+    except SegnetError:
+        x0 = None  # verification reports it, with every other problem of the data
+    if x0 is not None:
+        mb = len(pairs) * x0.shape[0] * x0.shape[1] * classes.num_classes / 2**20
+        if mb > config.cache_mb:
+            raise _targets_too_big(config, len(pairs), mb)
     return records
+
+
+def _targets_too_big(config: TrainConfig, n: int, mb: float) -> UsageError:
+    return UsageError(
+        f"the teachers' targets for {n} training images need about {mb:,.0f} MB of memory, "
+        f"more than --cache-mb {config.cache_mb:g}: raise it"
+    )
 
 
 def _teacher_targets(config: TrainConfig, data: _Data, guard: SignalGuard, log) -> _Data:
     """The teachers' soft targets for every training pair, computed once before training.
 
-    Each teacher segments each training image whole, as ``segnet predict --tta flip`` does
-    (the default grid and stitching, the mirrored view averaged in: a better teacher for
-    the cost of one pass over the data, paid once); the teachers' probabilities are then
-    averaged. Computing them once, rather than running the teachers on every crop, keeps a
-    distilled run's steps as fast as a plain run's; the augmentation scales, crops, flips
-    and mixes the targets with their image. Kept in memory as bytes (K per pixel).
+    Each teacher segments each training image as ``segnet predict --tta flip`` does (the
+    default grid and stitching: whole up to 1024 pixels a side, tiles beyond; the mirrored
+    view averaged in: a better teacher for the cost of one pass over the data, paid once);
+    the teachers' probabilities are then averaged. Computing them once, rather than running
+    the teachers on every crop, keeps the teachers out of the training steps; the
+    augmentation scales, crops, flips and mixes the targets with their image. Kept in
+    memory as bytes (K per pixel); every invocation, ``--resume`` included, computes them
+    again, so nothing is stored that could go stale.
 
     Raises:
         ModelFileError: a teacher that cannot be loaded.
-        UsageError: a teacher that takes other channels than the training images; targets
+        UsageError: teachers that take other channels than the training images; targets
             larger than ``--cache-mb``.
-        Interrupted: a signal came while the targets were computed.
+        Interrupted: a signal came while the targets were computed (checked after every
+            batch of tiles).
     """
     from segnet_cli.config import TTA, TilingConfig
     from segnet_cli.model.segmenter import open_segmenter
@@ -864,15 +916,9 @@ def _teacher_targets(config: TrainConfig, data: _Data, guard: SignalGuard, log) 
                 f"{data.channels}",
                 path,
             )
-
-    def too_big(mb: float) -> UsageError:
-        return UsageError(
-            f"the teachers' targets for {len(data.pairs)} training images need about "
-            f"{mb:,.0f} MB of memory, more than --cache-mb {config.cache_mb:g}: raise it"
-        )
-
     tiling = TilingConfig()
     segmenters = [open_segmenter(path) for path in config.teachers]
+    log(f"teacher targets: {len(data.pairs)} images x {len(segmenters)} teacher(s) ...")
     targets: list[np.ndarray] = []
     used = 0.0
     t0 = last = time.time()
@@ -883,15 +929,13 @@ def _teacher_targets(config: TrainConfig, data: _Data, guard: SignalGuard, log) 
             log(f"teacher targets: {i} of {len(data.pairs)} images ...")
         x = to_model_input(read_image(pair.image), data.channels, pair.image)
         used += x.shape[0] * x.shape[1] * k / 2**20
-        if i == 0:  # the first image's size stands for all, as the image cache estimates
-            estimate = used * len(data.pairs)
-            if estimate > config.cache_mb:
-                raise too_big(estimate)
-            log(f"teacher targets: {len(data.pairs)} images x {len(segmenters)} teacher(s), "
-                f"about {estimate:,.0f} MB ...")
-        if used > config.cache_mb:
-            raise too_big(used / (i + 1) * len(data.pairs))
-        p = sum(image_probabilities(s, x, tiling, TTA.FLIP) for s in segmenters)
+        if used > config.cache_mb:  # images larger than the first one estimated
+            raise _targets_too_big(config, len(data.pairs), used / (i + 1) * len(data.pairs))
+        p = sum(
+            image_probabilities(s, x, tiling, TTA.FLIP, should_stop=lambda: guard.stop)
+            for s in segmenters
+        )
+        guard.check()  # an interrupted image's probabilities are incomplete
         targets.append(np.round(p * (255.0 / len(segmenters))).astype(np.uint8))
     log(f"teacher targets: {len(targets)} images in {time.time() - t0:.0f} s")
     return replace(data, targets=targets)

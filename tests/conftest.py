@@ -28,10 +28,12 @@ def make_model_file(
     in_channels: int = 3,
     num_classes: int = 3,
     seed: int = 0,
+    class_names: tuple[str, ...] | None = None,
 ) -> Path:
     """Build a small random SegNet with fixed weights and save it with segnet metadata.
 
     BatchNorm statistics are randomised too, so inference is not a trivial identity.
+    ``class_names`` default to ``TINY_CLASSES`` (then ``class3``, ...).
     """
     import keras
 
@@ -51,7 +53,7 @@ def make_model_file(
             v = rng.normal(0, 0.1, v.shape).astype(v.dtype)
         weights.append(v)
     model.set_weights(weights)
-    names = tuple(TINY_CLASSES[:num_classes]) + tuple(
+    names = class_names or tuple(TINY_CLASSES[:num_classes]) + tuple(
         f"class{i}" for i in range(len(TINY_CLASSES), num_classes)
     )
     palette = tuple(TINY_PALETTE[:num_classes]) + tuple(

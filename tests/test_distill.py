@@ -81,10 +81,45 @@ def test_a_distilled_run_records_its_teachers_and_resumes_exactly(data, straight
     a = read_info(whole / CHECKPOINT).training["history"]
     b = read_info(cut / CHECKPOINT).training["history"]
     assert [h["loss"] for h in a] == pytest.approx([h["loss"] for h in b], rel=1e-5)
-    # The teachers change what is learnt: the same run without them has other losses.
-    plain = run_train(tiny(data, tmp_path / "plain"), log=quiet)
-    c = read_info(tmp_path / "plain" / CHECKPOINT).training["history"]
-    assert plain.return_code == 0 and c[0]["loss"] != pytest.approx(a[0]["loss"], rel=1e-3)
+
+
+def test_targets_are_the_teachers_mean_mirrored_probabilities(data, straight, tmp_path):  # noqa: F811
+    from segnet_cli.config import TTA, TilingConfig
+    from segnet_cli.jobs import SignalGuard
+    from segnet_cli.model.segmenter import open_segmenter
+    from segnet_cli.pipeline import image_probabilities
+    from segnet_cli.train import _load_data, _Start, _teacher_targets
+
+    other = tmp_path / "other"
+    run_train(tiny(data, other, epochs=1, seed=5), log=quiet)
+    teachers = (straight / "model.keras", other / "model.keras")
+    config = tiny(data, tmp_path / "unused", teachers=teachers)
+    guard = SignalGuard()
+    got = _teacher_targets(config, _load_data(config, _Start(), guard, quiet), guard, quiet)
+    assert len(got.targets) == len(got.pairs) == 6
+    segs = [open_segmenter(t) for t in teachers]
+    tiling = TilingConfig()
+    for pair, t in zip(got.pairs, got.targets):
+        from segnet_cli.io.images import read_image, to_model_input
+
+        x = to_model_input(read_image(pair.image), 3, pair.image)
+        probs = [image_probabilities(s, x, tiling, TTA.FLIP) for s in segs]
+        want = np.round(255 * (probs[0] + probs[1]) / 2)
+        assert t.dtype == np.uint8 and t.shape == (*x.shape[:2], 3)
+        assert np.abs(t - want).max() <= 1 and (t == want).mean() > 0.99
+        # The mean, not either teacher alone (their probabilities differ).
+        assert (np.abs(t - np.round(255 * probs[0])) > 2).any()
+        assert (np.abs(t - np.round(255 * probs[1])) > 2).any()
+
+
+def test_a_distilled_run_in_mixed_bfloat16(data, straight, tmp_path):  # noqa: F811
+    import keras
+
+    out = tmp_path / "bf16"
+    config = tiny(data, out, epochs=1, precision="bfloat16", teachers=(straight / "model.keras",))
+    r = run_train(config, log=quiet)
+    assert r.return_code == 0 and keras.mixed_precision.global_policy().name == "float32"
+    assert np.isfinite(read_info(out / CHECKPOINT).training["history"][0]["loss"])
 
 
 def test_resume_takes_the_teachers_where_they_are_now_but_only_the_same_ones(
@@ -100,14 +135,33 @@ def test_resume_takes_the_teachers_where_they_are_now_but_only_the_same_ones(
     r = run_train(TrainConfig(images=None, out=out, resume=True, teachers=(moved,),
                               max_minutes=0), log=quiet)  # fmt: skip
     assert r.done == 1
-    # Another model (the same classes, other weights) at either path is refused.
+    # Another model (the same classes, other weights) at either path is refused, and so is
+    # another number of teachers.
     shutil.copy(straight / CHECKPOINT, moved)
-    with pytest.raises(UsageError, match="not the model the run began with"):
+    with pytest.raises(UsageError, match="not one of the models the run began with"):
         run_train(TrainConfig(images=None, out=out, resume=True, teachers=(moved,)), log=quiet)
     r = runner.invoke(app, ["train", "--resume", "--out", str(out), "--teacher",
                             str(moved), "--teacher", str(moved)])  # fmt: skip
     assert r.exit_code == 2 and "--teacher" in r.stderr
     assert read_info(out / CHECKPOINT).training["epoch"] == 2
+
+
+def test_resume_with_two_teachers_in_any_order_but_not_with_one_changed(
+    data, straight, tmp_path  # noqa: F811
+):
+    a = Path(shutil.copy(straight / "model.keras", tmp_path / "a.keras"))
+    b = Path(shutil.copy(straight / CHECKPOINT, tmp_path / "b.keras"))
+    out = tmp_path / "run"
+    run_train(tiny(data, out, epochs=3, teachers=(a, b), max_minutes=0), log=quiet)
+    r = run_train(TrainConfig(images=None, out=out, resume=True, teachers=(b, a),
+                              max_minutes=0), log=quiet)  # fmt: skip
+    assert r.done == 1
+    shutil.copy(a, b)  # b now holds a's model: one of the two is another
+    with pytest.raises(UsageError, match="not one of the models") as err:
+        run_train(TrainConfig(images=None, out=out, resume=True), log=quiet)
+    assert err.value.path == b
+    with pytest.raises(UsageError, match="contradict them: --teacher"):
+        run_train(TrainConfig(images=None, out=out, resume=True, teachers=(a,)), log=quiet)
 
 
 def test_teacher_refusals(data, straight, tiny_model, tmp_path):  # noqa: F811
@@ -133,9 +187,20 @@ def test_teacher_refusals(data, straight, tiny_model, tmp_path):  # noqa: F811
             run_train(tiny(data, out, **kw), log=messages.append)
         assert not any("verifying" in m for m in messages), kw  # before any pair is read
         assert not out.exists(), kw
-    with pytest.raises(UsageError, match="raise it"):
-        run_train(tiny(data, out, teachers=(teacher,), cache_mb=0.001), log=quiet)
-    assert not (out / CHECKPOINT).exists()
+    wide = make_model_file(tmp_path / "wide.keras", in_channels=4,
+                           class_names=("ground", "disc", "square"))  # fmt: skip
+    cases = [
+        (dict(teachers=(teacher,), cache_mb=0.001), UsageError, "raise it"),
+        (dict(teachers=(teacher, wide)), UsageError, "take different numbers of channels"),
+        (dict(teachers=(wide,)), UsageError, "--teacher takes 4-channel images"),
+    ]
+    for kw, error, message in cases:
+        messages = []
+        with pytest.raises(error, match=message):
+            run_train(tiny(data, out, **kw), log=messages.append)
+        # Only the last needs the images' channels, known once they are verified.
+        assert not any("verifying" in m for m in messages) or "4-channel" in message, kw
+        assert not out.exists(), kw
 
 
 def test_teacher_options_on_the_command_line(data, straight, tmp_path):  # noqa: F811
@@ -157,4 +222,7 @@ def test_teacher_options_on_the_command_line(data, straight, tmp_path):  # noqa:
     r = runner.invoke(app, ["train", str(data / "train"), "--out", str(tmp_path / "x"),
                             *common, "--distill", "0.5"])  # fmt: skip
     assert r.exit_code == 2 and "--distill needs at least one --teacher" in r.stderr
+    r = runner.invoke(app, ["train", str(data / "train"), "--out", str(tmp_path / "y"),
+                            *common, "--teacher", str(teacher), "--cache-mb", "0.001"])  # fmt: skip
+    assert r.exit_code == 2 and "more than --cache-mb 0.001: raise it" in r.stderr
     assert "--teacher" in runner.invoke(app, ["train", "--help"]).output

@@ -106,6 +106,7 @@ def train_command(
     init: Annotated[Optional[Path], typer.Option("--init", help="Start a new run from this segnet model's weights (fresh optimizer and schedule); width, stages and input scaling are the model's. A classifier for another number of classes starts afresh.")] = None,
     max_minutes: Annotated[Optional[float], typer.Option(help="Stop after the epoch that passes this wall time.")] = None,
     seed: Annotated[Optional[int], typer.Option(help=f"Random seed (default {TrainConfig.seed}).")] = None,
+    cache_mb: Annotated[Optional[float], typer.Option("--cache-mb", help=f"Memory for the decoded training images and the --teacher targets, in MB (default {TrainConfig.cache_mb:g}): images that do not fit are decoded again every epoch; targets must fit.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Decoding threads (default: tf.data's choice).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and the summary.")] = False,
 ) -> None:
@@ -141,6 +142,7 @@ def train_command(
         "max_minutes": max_minutes,
         "seed": seed,
         "workers": workers,
+        "cache_mb": cache_mb,
         "init": init,
         "crop": parse_pair(crop, "--crop") if crop else None,
         "scale": parse_pair(scale, "--scale", float, "0.75,1.25") if scale else None,
