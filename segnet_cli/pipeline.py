@@ -199,6 +199,17 @@ def image_work(key, image: np.ndarray, grid: TileGrid, num_classes: int, tiling:
     return Work(key, stitcher, grid.all_tiles(mirrored), lambda t: crop(image, t))
 
 
+def _stitched(segmenter, image: np.ndarray, tiling: TilingConfig, tta: TTA,
+              should_stop: Callable[[], bool] | None = None, **outputs) -> Stitcher:
+    """Run one in-memory image through the grid and the model; its filled stitcher."""
+    h, w = image.shape[:2]
+    grid = TileGrid.make(h, w, tiling.tile, tiling.halo, segmenter.stride)
+    work = image_work(None, image, grid, segmenter.num_classes, tiling, tta, **outputs)
+    for _ in run_works(segmenter, [work], tiling.batch_size, should_stop=should_stop):
+        pass
+    return work.stitcher
+
+
 def segment_image(
     segmenter,
     image: np.ndarray,
@@ -211,13 +222,8 @@ def segment_image(
     The same grid, batches and stitching as every command: a mask equal to the one
     ``segnet predict`` writes for the image.
     """
-    h, w = image.shape[:2]
-    grid = TileGrid.make(h, w, tiling.tile, tiling.halo, segmenter.stride)
-    work = image_work(None, image, grid, segmenter.num_classes, tiling, tta, confidence)
-    stitcher = work.stitcher
-    for _ in run_works(segmenter, [work], tiling.batch_size):
-        pass
-    return stitch_all(stitcher, h, w, confidence)
+    stitcher = _stitched(segmenter, image, tiling, tta, confidence=confidence)
+    return stitch_all(stitcher, *image.shape[:2], confidence)
 
 
 def image_probabilities(
@@ -234,14 +240,9 @@ def image_probabilities(
     them). ``should_stop`` is checked after every batch, as ``run_works`` does; once it
     returns True the result is incomplete and the caller must discard it.
     """
-    h, w = image.shape[:2]
-    grid = TileGrid.make(h, w, tiling.tile, tiling.halo, segmenter.stride)
-    k = segmenter.num_classes
-    work = image_work(None, image, grid, k, tiling, tta, probabilities=True)
-    for _ in run_works(segmenter, [work], tiling.batch_size, should_stop=should_stop):
-        pass
-    out = np.zeros((h, w, k), np.float32)
-    for y0, _mask, _conf, prob in work.stitcher.pop():
+    stitcher = _stitched(segmenter, image, tiling, tta, should_stop, probabilities=True)
+    out = np.zeros((*image.shape[:2], segmenter.num_classes), np.float32)
+    for y0, _mask, _conf, prob in stitcher.pop():
         out[y0 : y0 + prob.shape[0]] = prob
     return out
 
