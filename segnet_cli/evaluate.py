@@ -448,7 +448,7 @@ def _check_save_masks(folder: Path, items: list[EvalItem], overwrite: bool = Fal
     foreign = [t for item in items if foreign_image(t := folder / f"{item.key}.png")]
     if foreign:
         raise UsageError(
-            f"--save-masks would replace images that segnet did not write: {first_of(foreign)}; "
+            f"--save-masks would replace files that segnet did not write: {first_of(foreign)}; "
             "give another folder, or pass --overwrite to replace them",
             folder,
         )
@@ -463,7 +463,7 @@ def _check_plot(plot: Path, items: list[EvalItem], preds, config: EvalConfig) ->
 
     Raises:
         UsageError: not a ``.png`` name, a folder, one of the files being scored or the
-            masks being saved, an image segnet did not write (without ``overwrite``), or a
+            masks being saved, a file segnet did not write (without ``overwrite``), or a
             folder that cannot be written.
     """
     if plot.suffix.lower() != ".png":
@@ -479,7 +479,7 @@ def _check_plot(plot: Path, items: list[EvalItem], preds, config: EvalConfig) ->
             raise UsageError("--plot would overwrite one of the masks --save-masks writes", plot)
     if not config.overwrite and foreign_image(plot):
         raise UsageError(
-            "--plot would replace an image that segnet did not write; give another name, or "
+            "--plot would replace a file that segnet did not write; give another name, or "
             "pass --overwrite to replace it",
             plot,
         )

@@ -395,14 +395,16 @@ def first_of(paths: list) -> str:
 
 
 def foreign_image(output: Path) -> bool:
-    """Whether ``output`` is an image that segnet did not write (so not ours to replace).
+    """Whether ``output`` is a file that segnet did not write (so not ours to replace).
 
     segnet's masks and overlays carry their provenance in a PNG text chunk or a JPEG
     comment (``eval --save-masks`` masks: a ``Software`` chunk), read with the header,
     before the pixels. A readable image without either is someone else's: a folder of
-    ground-truth masks given as ``--out`` by mistake, say. A file Pillow cannot open at all
-    (empty, cut short in its header, not an image) is not protected: it is what a crash
-    leaves, and the repair rules redo it.
+    ground-truth masks given as ``--out`` by mistake, say. A file Pillow cannot open is
+    someone's too (notes, a chart, a document saved under a mask's name) unless it is empty
+    or begins as an image does and was cut short in its header: segnet replaces its files
+    by an fsynced rename, so such remains come from a crash of the disk or of another
+    writer, and the repair rules redo them.
     """
     if not output.is_file():
         return False
@@ -422,12 +424,28 @@ def foreign_image(output: Path) -> bool:
             head = fh.read(1 << 16)
         return b'"input_sha256"' not in head and b"Software\x00segnet " not in head
     except Exception:
-        return False
+        return not _cut_short_image(output)
     text = info.get(PROVENANCE_KEY) or info.get("comment")
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
     software = str(info.get("Software", ""))
     return Provenance.from_json(text) is None and not software.startswith("segnet ")
+
+
+#: How the image formats segnet writes begin (PNG, JPEG, little- and big-endian TIFF).
+_IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*")
+
+
+def _cut_short_image(path: Path) -> bool:
+    """Whether an unreadable ``path`` is empty or starts like an image: remains, not a document."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        return False
+    return not head or any(
+        head.startswith(sig) or sig.startswith(head) for sig in _IMAGE_SIGNATURES
+    )
 
 
 __all__ = [

@@ -190,6 +190,49 @@ def test_predict_never_replaces_images_it_did_not_write(tmp_path, tiny_model):
     assert r.exit_code == 0 and "3 skipped" in r.output, r.output
 
 
+def test_a_file_that_is_not_an_image_at_an_output_name_is_never_replaced(tmp_path, tiny_model):
+    """Notes or a document saved under a mask's, overlay's, chart's or raster's name: segnet
+    never leaves a cut-short file at a final name, so a file no reader opens is someone's."""
+    images = photos(tmp_path / "imgs")
+    masks = tmp_path / "imgsannot"
+    for i in range(2):
+        write_png(masks / f"p{i}.png", shapes_image(24, 32, seed=i)[1])
+    out, saved, scene = tmp_path / "out", tmp_path / "saved", tmp_path / "scene.tif"
+    tifffile.imwrite(scene, shapes_image(40, 48)[0], tile=(16, 16))
+    notes = {
+        out / "p0.overlay.jpg": b"field notes, not an overlay\n",
+        out / "p1.png": b"%PDF-1.7 a report\n",
+        tmp_path / "chart.png": b"hi\n",
+        saved / "p0.png": b"keep me",
+        tmp_path / "scene.mask.tif": b"<html>a page</html>",
+    }
+    for path, data in notes.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    before = digests(tmp_path)
+    commands = [
+        ("predict", images, "--out", out, "--overlay", "--model", tiny_model),
+        ("eval", images, "--masks", masks, "--model", tiny_model, "--plot", tmp_path / "chart.png"),
+        ("eval", images, "--masks", masks, "--model", tiny_model, "--save-masks", saved),
+        ("tile", scene, "--out", tmp_path / "scene.mask.tif", "--model", tiny_model),
+    ]
+    for args in commands:
+        r = run(*args)
+        assert r.exit_code == 2 and "did not write" in r.output, (args[0], r.output)
+        assert "--overwrite" in r.output, r.output
+    assert digests(tmp_path) == before
+    r = run("predict", images, "--out", out, "--overlay", "--model", tiny_model)
+    assert "p0.overlay.jpg" in r.output and "and 1 more" in r.output, r.output
+    # Asked to, each replaces the file; an empty one (what a crashed disk may leave) is free.
+    for args in commands:
+        r = run(*args, "--overwrite")
+        assert r.exit_code == 0, (args[0], r.output)
+    assert all(path.read_bytes() != data for path, data in notes.items())
+    (out / "p1.png").write_bytes(b"")
+    r = run("predict", images, "--out", out, "--overlay", "--model", tiny_model, "--json")
+    assert r.exit_code == 0 and statuses(r)["p1.png"] == "done", r.output
+
+
 def test_foreign_image_does_not_depend_on_pillows_pixel_guard(tmp_path, monkeypatch):
     from segnet_cli.io.images import write_mask_png
     from segnet_cli.jobs import Provenance, foreign_image

@@ -50,7 +50,7 @@ def eval_command(
     max_pixels: MaxPixelsOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print every figure as one JSON object on stdout.")] = False,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the row-normalised confusion matrix as a PNG.")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Let --save-masks and --plot replace images that segnet did not write (refused otherwise).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Let --save-masks and --plot replace files that segnet did not write (refused otherwise).")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Score a model (or saved masks) against ground truth: G, C, per-class IoU, mIoU.

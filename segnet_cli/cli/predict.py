@@ -43,7 +43,7 @@ def predict_command(
     tta: TTAOpt = None,
     overlay: Annotated[bool, typer.Option("--overlay", help="Also write <stem>.overlay.jpg: the mask over the photo.")] = False,
     max_pixels: MaxPixelsOpt = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo masks that are already up to date, and replace images in --out that segnet did not write (refused otherwise).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo masks that are already up to date, and replace files in --out that segnet did not write (refused otherwise).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be done; run nothing.")] = False,
     precision: PrecisionOpt = None,
     device: DeviceOpt = None,

@@ -61,7 +61,7 @@ def tile_command(
     out_tile: Annotated[Optional[int], typer.Option("--out-tile", help=f"Output TIFF tile size (multiple of 16; default {TileConfig.out_tile}).")] = None,
     nodata_class: Annotated[Optional[int], typer.Option("--nodata-class", help=f"Mask value for input pixels equal to the input's nodata, and outside --aoi (default {TileConfig.nodata_class}).")] = None,
     max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", help="Pixel limit for formats decoded whole (not TIFFs read window by window).")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo the mask even if it is up to date, and replace a raster at --out that segnet did not write (refused otherwise).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo the mask even if it is up to date, and replace a file at --out that segnet did not write (refused otherwise).")] = False,
     bands: Annotated[Optional[str], typer.Option("--bands", help="Bands of the input to use, in order, counting from 1 (e.g. 4,3,2 for a multispectral scene's RGB).", rich_help_panel="GIS")] = None,
     cog: Annotated[Optional[bool], typer.Option("--cog/--no-cog", help="Write Cloud-Optimized GeoTIFFs with internal overviews (default: yes when the geo extra is installed: pip install 'segnet-cli[geo]').", show_default=False, rich_help_panel="GIS")] = None,
     vector: Annotated[Optional[Path], typer.Option("--vector", help="Also write polygons per class (class, name, pixels, area) to this file: .gpkg, .geojson, .fgb or .geojsonl, in the input's CRS (pixel coordinates without one).", rich_help_panel="GIS")] = None,

@@ -197,7 +197,7 @@ def _foreign_raster(path: Path) -> bool:
 
     segnet's rasters record their provenance in the first page's ImageDescription, which is
     read from the header alone, so a mask cut short by a crash is still recognised as ours
-    (and redone). A file that is not a TIFF is someone's if Pillow can read it.
+    (and redone). A file that is not a TIFF is judged as `foreign_image` judges it.
     """
     if not path.is_file():
         return False

@@ -241,7 +241,7 @@ def plan(config: PredictConfig) -> tuple[list[Job], list[Outcome], str, ModelInf
         jobs.append(job)
     if foreign:
         raise UsageError(
-            f"--out holds images that segnet did not write, which this run would replace: "
+            f"--out holds files that segnet did not write, which this run would replace: "
             f"{first_of(foreign)}; nothing was written: give another --out, or pass "
             "--overwrite to replace them",
             config.out,
