@@ -18,6 +18,9 @@ EXIT_SOME_FAILED = 1
 EXIT_USAGE = 2
 #: Interrupted by SIGINT (Ctrl-C): 128 + 2. SIGTERM gives 128 + 15 = 143 (``Interrupted``).
 EXIT_SIGINT = 130
+#: The output pipe closed (``segnet predict --json | head -1``): 128 + 13, as the shell
+#: reports a process that SIGPIPE stopped; the run stopped cleanly.
+EXIT_PIPE_CLOSED = 141
 
 
 class SegnetError(Exception):

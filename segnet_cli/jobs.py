@@ -7,7 +7,8 @@
 * ``Claim`` keeps two overlapping runs off the same output (a per-output ``io.files.Lock``):
   claim, re-check under the claim, write, release.
 * ``SignalGuard`` turns SIGINT/SIGTERM into a flag the run checks between batches, so the
-  run stops cleanly, writes nothing partial and still reports.
+  run stops cleanly, writes nothing partial and still reports; a closed event stream
+  (``--json | head``) stops it the same way, as SIGPIPE.
 * ``Run`` counts each input's final ``Outcome`` as it comes (and tells the caller and the
   progress bar), and makes the one ``Report`` whose ``return_code`` the CLI exits with.
 """
@@ -28,6 +29,9 @@ from segnet_cli.config import Report, Status
 from segnet_cli.errors import EXIT_OK, EXIT_SOME_FAILED, Interrupted, NoInputError
 from segnet_cli.io.files import is_temporary, output_lock, same_file
 from segnet_cli.io.images import IMAGE_SUFFIXES
+
+#: What a closed output pipe stops a run with (exit 141, as the shell reports SIGPIPE).
+SIGPIPE = getattr(signal, "SIGPIPE", 13)
 
 # --------------------------------------------------------------------------- inputs
 
@@ -281,6 +285,11 @@ class SignalGuard:
             return
         self.signum = signum
 
+    def request(self, signum: int) -> None:
+        """Stop the run as if ``signum`` had come (the first reason to stop is kept)."""
+        if self.signum is None:
+            self.signum = signum
+
     @property
     def stop(self) -> bool:
         return self.signum is not None
@@ -293,6 +302,11 @@ class SignalGuard:
     def __exit__(self, *exc) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
+
+
+def stopped_by(signum: int | None) -> str:
+    """What stopped a run, for its log line."""
+    return "output closed" if signum == SIGPIPE else "interrupted"
 
 
 # --------------------------------------------------------------------------- outcomes
@@ -352,13 +366,27 @@ class Run:
         self._on_event = on_event or (lambda o: None)
         self.progress = progress
         self.log = log or (lambda _msg: None)
+        #: The engine's guard: a closed event stream stops the run through it.
+        self.guard: SignalGuard | None = None
+        self.events_closed = False
         self._lock = threading.Lock()
 
     def emit(self, outcome: Outcome, advance: bool = True) -> None:
-        """Count one final outcome and pass it on (``advance``: move the progress bar)."""
+        """Count one final outcome and pass it on (``advance``: move the progress bar).
+
+        When the reader of the events has gone (``segnet predict --json | head -1``), the
+        run stops as SIGPIPE would stop it, cleanly: the inputs under way finish, the rest
+        are left for the next run. Going on would only fail on the closed pipe again.
+        """
         with self._lock:
             self.counts[outcome.status] += 1
-        self._on_event(outcome)
+        if not self.events_closed:
+            try:
+                self._on_event(outcome)
+            except BrokenPipeError:
+                self.events_closed = True
+                if self.guard is not None:
+                    self.guard.request(SIGPIPE)
         if advance and self.progress is not None and outcome.status is not Status.PLANNED:
             self.progress.advance(1)
 
@@ -457,6 +485,8 @@ __all__ = [
     "settings_key",
     "Claim",
     "SignalGuard",
+    "SIGPIPE",
+    "stopped_by",
     "Outcome",
     "Run",
     "Timer",

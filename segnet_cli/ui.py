@@ -7,6 +7,10 @@ log lines every few seconds, never animation. ``NO_COLOR`` is honoured by rich i
 Every message is passed through ``safe`` on its way out, here and only here: file names are
 user data, and a name holding a newline or an escape sequence must not start a line of its
 own (a forged ``error:`` in a log) or drive the terminal.
+
+When stderr's reader goes away (``segnet predict ... 2>&1 | head -1``), messages stop and
+the run goes on: they are for people, and the masks are what was asked for. (A closed
+stdout, where ``--json`` goes, stops a run instead: see ``jobs.Run.emit``.)
 """
 
 from __future__ import annotations
@@ -21,6 +25,16 @@ from rich.console import Console
 _console: Console | None = None
 _log_file = None
 _quiet = False
+_stderr_closed = False
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich's default points stdout at /dev/null and exits 1 (from whichever thread
+        # wrote); a closed stderr only silences the messages.
+        global _stderr_closed
+        _stderr_closed = True
+        self.quiet = True
 
 
 #: What ``safe`` escapes: C0 controls (newline, carriage return, escape, ...), DEL, C1
@@ -49,7 +63,7 @@ def safe(text: str) -> str:
 def console() -> Console:
     global _console
     if _console is None:
-        _console = Console(stderr=True, highlight=False, soft_wrap=True)
+        _console = _Console(stderr=True, highlight=False, soft_wrap=True)
     return _console
 
 
@@ -242,12 +256,23 @@ class Progress:
             eta_s = "?" if eta is None else _fmt_seconds(eta)
             line = safe(f"{self.label}: {self.done}/{self.total} ({rate}, ETA {eta_s}) {self.extra}")
             _to_log_file(line)
-            print(line.rstrip(), file=sys.stderr, flush=True)
+            _plain_line(line.rstrip())
 
     def stop(self) -> None:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+
+def _plain_line(line: str) -> None:
+    """One line on stderr, unless its reader has gone."""
+    global _stderr_closed
+    if _stderr_closed:
+        return
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except BrokenPipeError:
+        _stderr_closed = True
 
 
 def _fmt_seconds(s: float) -> str:

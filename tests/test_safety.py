@@ -503,6 +503,74 @@ def test_unusable_output_folder_is_a_usage_error(tmp_path, tiny_model):
     assert afile.read_bytes() == b"not a folder"
 
 
+def test_a_closed_event_reader_stops_the_run_as_sigpipe_would():
+    from segnet_cli.config import Status
+    from segnet_cli.jobs import SIGPIPE, Outcome, Run, SignalGuard
+
+    seen = []
+
+    def reader_gone(outcome):
+        seen.append(outcome.path)
+        raise BrokenPipeError
+
+    run, guard = Run(reader_gone), SignalGuard()
+    run.guard = guard
+    for name in ("a.png", "b.png"):
+        run.emit(Outcome(name, f"out/{name}", Status.DONE))
+    assert seen == ["a.png"] and guard.signum == SIGPIPE == 13
+    assert run.counts[Status.DONE] == 2  # counted, though no longer told
+
+
+def test_predict_json_into_a_closed_pipe_stops_cleanly_with_141(tmp_path, tiny_model):
+    """`segnet predict --json | head -1`: no traceback, no hang, only whole masks, no claims
+    left; the next run does the rest. A closed stderr loses the messages, not the work."""
+    n = 300
+    src, out = photos(tmp_path / "in", n=n), tmp_path / "out"
+    cmd = [sys.executable, "-m", "segnet_cli", "predict", str(src), "--model", str(tiny_model)]
+    proc = subprocess.Popen([*cmd, "--out", str(out), "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert b'"status": "done"' in proc.stdout.readline()
+    proc.stdout.close()  # the reader has seen enough
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 141, err.decode()[-2000:]
+    assert b"Traceback" not in err and b"output closed" in err, err.decode()[-2000:]
+    masks = sorted(out.glob("*.png"))
+    assert 1 <= len(masks) < n
+    for mask in masks:
+        with Image.open(mask) as im:
+            im.load()  # whole files only
+    assert not [p for p in out.rglob("*") if p.is_file() and p.suffix != ".png"]
+    done = subprocess.run([*cmd, "--out", str(out)], capture_output=True, timeout=300)
+    assert done.returncode == 0 and len(list(out.glob("*.png"))) == n, done.stderr[-2000:]
+    quiet = subprocess.Popen([*cmd, "--out", str(tmp_path / "o2")], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+    quiet.stderr.close()
+    assert quiet.wait(timeout=300) == 0
+    assert len(list((tmp_path / "o2").glob("*.png"))) == n
+
+
+def test_a_defect_in_the_mask_writer_stops_predict_instead_of_hanging(tmp_path, tiny_model,
+                                                                      monkeypatch):
+    """The writer thread must never die and leave the model waiting on a full queue."""
+    import segnet_cli.predict.local as local
+
+    def defect(*args, **kwargs):
+        raise RuntimeError("a defect in the writer")
+
+    monkeypatch.setattr(local, "write_outputs", defect)
+    src, out = photos(tmp_path / "in", n=40), tmp_path / "out"
+    results = []
+    worker = threading.Thread(
+        target=lambda: results.append(run("predict", src, "--out", out, "--model", tiny_model)),
+        daemon=True,
+    )
+    worker.start()
+    worker.join(300)
+    assert not worker.is_alive(), "predict hung"
+    assert isinstance(results[0].exception, RuntimeError), results[0].output
+    assert not [p for p in out.rglob("*") if p.is_file()]  # nothing written, no claims left
+
+
 def test_concurrent_writability_probes_never_collide(tmp_path):
     """Three processes probing one output folder at once (issue: a fixed probe name)."""
     code = (

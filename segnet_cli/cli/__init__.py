@@ -9,6 +9,7 @@ Exit codes (the same for every command):
   1  some inputs failed (the others were processed)
   2  usage error: bad option, no input matched, model file missing or invalid
   130/143  interrupted by SIGINT/SIGTERM (nothing partial is left)
+  141  its output pipe closed (``segnet predict --json | head -1``): stopped the same way
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from segnet_cli.cli.model import info_command
 from segnet_cli.cli.predict import predict_command
 from segnet_cli.cli.tile import tile_command
 from segnet_cli.cli.train import train_command, verify_command
-from segnet_cli.errors import SegnetError
+from segnet_cli.errors import EXIT_PIPE_CLOSED, SegnetError
 
 app = typer.Typer(
     name="segnet",
@@ -88,6 +89,17 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+    except SystemExit as exc:
+        # Click answers a write to a closed pipe with exit 1, which segnet reserves for
+        # failed inputs; a script must see what the shell reports for SIGPIPE.
+        if exc.code == 1 and _pipe_closed():
+            sys.exit(EXIT_PIPE_CLOSED)
+        raise
+
+
+def _pipe_closed() -> bool:
+    """Whether Click met a closed stdout or stderr (it then wraps both to pacify flushes)."""
+    return any(type(f).__name__ == "PacifyFlushWrapper" for f in (sys.stdout, sys.stderr))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from segnet_cli.errors import SegnetError, UsageError
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 all done (or nothing to do); 1 some inputs failed; 2 usage error or no "
-    "input matched; 130/143 interrupted (SIGINT/SIGTERM)."
+    "input matched; 130/143 interrupted (SIGINT/SIGTERM); 141 output pipe closed."
 )
 
 _T = TilingConfig()

@@ -113,7 +113,10 @@ def predict_command(
         }
         if report.details.get("dry_run"):
             summary["planned"] = report.details.get("planned", 0)
-        typer.echo(json.dumps({"summary": summary}))
+        try:
+            typer.echo(json.dumps({"summary": summary}))
+        except BrokenPipeError:
+            pass  # the reader went away, which already stopped the run (exit 141)
     ui.summary(summary_line(report))
     raise typer.Exit(report.return_code)
 

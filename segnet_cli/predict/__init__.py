@@ -22,8 +22,9 @@ def run_predict(config: PredictConfig, on_event=None, progress=None, log=None) -
         log: optional callable for one-line human messages.
 
     Returns:
-        A report whose ``return_code`` is 0 (all done or skipped), 1 (some failed) or
-        130/143 (interrupted).
+        A report whose ``return_code`` is 0 (all done or skipped), 1 (some failed),
+        130/143 (interrupted) or 141: ``on_event`` raised ``BrokenPipeError`` (its reader
+        went away), which stops the run cleanly, as SIGPIPE would.
 
     Raises:
         SegnetError: the options, model or output folder are unusable (nothing ran).

@@ -22,7 +22,7 @@ from segnet_cli.config import PredictConfig, Report, Status
 from segnet_cli.errors import ImageReadError, SegnetError
 from segnet_cli.io.files import check_writable, remove_dead_temporaries
 from segnet_cli.io.images import read_image, to_model_input
-from segnet_cli.jobs import Outcome, Run, SignalGuard
+from segnet_cli.jobs import Outcome, Run, SignalGuard, stopped_by
 from segnet_cli.pipeline import image_work, read_ahead, run_works
 from segnet_cli.predict.plan import Job, begin, claim, refuse_file_out, write_outputs
 from segnet_cli.tiling import TileGrid, stitch_all
@@ -50,10 +50,12 @@ def run_local(config: PredictConfig, run: Run) -> Report:
         return early
     details: dict = {"model_sha256": model_sha}
     with SignalGuard() as guard:
+        run.guard = guard
         _segment(config, jobs, run, guard, details)
     if guard.stop:
         run.interrupted = guard.signum
-        run.log("interrupted: unfinished inputs are left for the next run (nothing partial written)")
+        run.log(f"{stopped_by(guard.signum)}: unfinished inputs are left for the next run "
+                "(nothing partial written)")
     return run.report(**details)
 
 
@@ -69,6 +71,11 @@ def _segment(config: PredictConfig, jobs: list[Job], run: Run, guard: SignalGuar
     if run.progress is not None:
         run.progress.start(len(jobs), 0)
 
+    broken: list[BaseException] = []  # what stopped the writer, re-raised by the main thread
+
+    def stopping() -> bool:
+        return guard.stop or bool(broken)
+
     def finish(job: Job, status: Status, error: str | None = None) -> None:
         job.claim.release()
         job.raw = None
@@ -78,7 +85,7 @@ def _segment(config: PredictConfig, jobs: list[Job], run: Run, guard: SignalGuar
     def entering():
         """Jobs as they enter the pipeline, each claimed (skips and failures reported)."""
         for job in jobs:
-            if guard.stop:
+            if stopping():
                 return
             job.seconds = time.perf_counter()
             try:
@@ -101,7 +108,7 @@ def _segment(config: PredictConfig, jobs: list[Job], run: Run, guard: SignalGuar
 
     def works():
         for job, fut in read_ahead(read, entering(), depth, workers=READERS):
-            if guard.stop:
+            if stopping():
                 job.claim.release()
                 return
             try:
@@ -122,19 +129,28 @@ def _segment(config: PredictConfig, jobs: list[Job], run: Run, guard: SignalGuar
     write_q: queue.Queue = queue.Queue(maxsize=depth)
 
     def writer() -> None:
+        # It drains the queue to the end whatever happens: the main thread must never wait
+        # on a full queue that nobody empties.
         while (got := write_q.get()) is not None:
             job, mask = got
+            if broken:
+                job.claim.release()
+                continue
             try:
                 write_outputs(job, mask, job.raw, info, config.overlay_alpha)
                 finish(job, Status.DONE)
             except (SegnetError, OSError, ValueError) as exc:
                 finish(job, Status.FAILED, str(getattr(exc, "message", exc)))
+            except BaseException as exc:  # a defect: stop the run, and say what it was
+                broken.append(exc)
+                job.claim.release()
 
     wthread = threading.Thread(target=writer, name="segnet-writer", daemon=True)
     wthread.start()
     try:
         stream = run_works(
-            seg, works(), tiling.batch_size, max_open=depth, should_stop=lambda: guard.stop
+            seg, works(), tiling.batch_size, max_open=depth,
+            should_stop=stopping,
         )
         for work in stream:
             grid = work.stitcher.grid
@@ -148,6 +164,8 @@ def _segment(config: PredictConfig, jobs: list[Job], run: Run, guard: SignalGuar
         # Inputs not finished are neither done nor failed; nothing partial was written.
         for job in jobs:
             job.claim.release()
+    if broken:
+        raise broken[0]
 
 
 __all__ = ["run_local"]

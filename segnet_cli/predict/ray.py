@@ -36,7 +36,7 @@ from segnet_cli.cluster import (
 from segnet_cli.config import InferenceConfig, PredictConfig, Report, Status
 from segnet_cli.errors import SegnetError
 from segnet_cli.io.files import check_writable, remove_dead_temporaries
-from segnet_cli.jobs import Claim, InputItem, Outcome, Run, SignalGuard
+from segnet_cli.jobs import Claim, InputItem, Outcome, Run, SignalGuard, stopped_by
 from segnet_cli.predict.plan import Job, begin, claim, refuse_file_out, write_outputs
 
 #: Inputs per actor call. One image per call keeps results (and the progress bar) flowing
@@ -143,6 +143,7 @@ def run_ray(config: PredictConfig, run: Run) -> Report:
     check_writable(config.out)  # created only now: a refused run leaves no empty --out
     details: dict = {"engine": "ray", "model_sha256": model_sha}
     with SignalGuard() as guard, session(config.address, guard) as ray:
+        run.guard = guard
         if not guard.stop and is_local_session(ray):
             # Temporaries carry a pid, so they can be judged dead only on this host: clean
             # up when the cluster is ours and local, never a shared one.
@@ -156,7 +157,8 @@ def run_ray(config: PredictConfig, run: Run) -> Report:
             _stream(ray, config, jobs, actors, guard, run)
     if guard.stop:
         run.interrupted = guard.signum
-        run.log("interrupted: unfinished inputs are left for the next run (nothing partial written)")
+        run.log(f"{stopped_by(guard.signum)}: unfinished inputs are left for the next run "
+                "(nothing partial written)")
     return run.report(**details)
 
 
