@@ -562,6 +562,14 @@ def _settings(config: TrainConfig, out: Path) -> tuple[TrainConfig, _Start]:
         now["teachers"] = config.teachers
     if config.epochs is None:
         now["epochs"] = int(saved.get("epochs") or state["epoch"])
+    elif config.epochs < int(state["epoch"]):
+        # A total below what is trained cannot be met; finishing the run here would write
+        # its final model from more epochs than asked for.
+        raise UsageError(
+            f"--epochs {config.epochs} is fewer than the {state['epoch']} epochs this run "
+            f"has trained; give {state['epoch']} or more (the new total), or leave it out",
+            out,
+        )
     resumed = replace(run, **now)
     return resumed, _Start(state, ckpt, info, state.get("init"))
 

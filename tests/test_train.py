@@ -383,6 +383,11 @@ def test_resume_refuses_options_that_contradict_the_run(data, straight, tmp_path
     ])
     assert r.exit_code == 0, r.output
     assert "already trained 2 of 2 epochs" in r.stderr
+    # A total below what is trained is a usage error, and writes nothing.
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    r = runner.invoke(app, ["train", "--resume", "--out", str(run), "--epochs", "1"])
+    assert r.exit_code == 2 and "--epochs 1 is fewer than the 2 epochs" in r.stderr, r.output
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
 def test_resume_needs_a_checkpoint_with_training_and_optimizer_state(
