@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -258,7 +259,8 @@ class Claim:
 class SignalGuard:
     """Catch SIGINT/SIGTERM: set ``stop`` and let the run finish cleanly.
 
-    A second signal of the same kind restores the default action (a second Ctrl-C kills).
+    A second signal, once the run is stopping for any reason, restores the default action
+    (a second Ctrl-C kills).
     Only installs handlers in the main thread (tests run commands from other threads).
     """
 
@@ -302,6 +304,14 @@ class SignalGuard:
     def __exit__(self, *exc) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
+
+
+def closed_stream(exc: OSError) -> bool:
+    """Whether ``exc``, raised by a write, means that the stream's reader has gone.
+
+    ``EPIPE`` on POSIX; Windows reports a write to a closed pipe as ``EINVAL``.
+    """
+    return isinstance(exc, BrokenPipeError) or exc.errno in (errno.EPIPE, errno.EINVAL)
 
 
 def stopped_by(signum: int | None) -> str:
@@ -371,6 +381,12 @@ class Run:
         self.events_closed = False
         self._lock = threading.Lock()
 
+    def attach(self, guard: SignalGuard) -> None:
+        """Stop the run through ``guard`` when the events' reader goes (even while planning)."""
+        self.guard = guard
+        if self.events_closed:
+            guard.request(SIGPIPE)
+
     def emit(self, outcome: Outcome, advance: bool = True) -> None:
         """Count one final outcome and pass it on (``advance``: move the progress bar).
 
@@ -383,7 +399,9 @@ class Run:
         if not self.events_closed:
             try:
                 self._on_event(outcome)
-            except BrokenPipeError:
+            except OSError as exc:
+                if not closed_stream(exc):
+                    raise
                 self.events_closed = True
                 if self.guard is not None:
                     self.guard.request(SIGPIPE)
@@ -398,6 +416,9 @@ class Run:
 
     @property
     def return_code(self) -> int:
+        if self.interrupted is None and self.events_closed:
+            # A run ended, or only planned, with its events unread: say so, as SIGPIPE would.
+            return 128 + SIGPIPE
         if self.interrupted is not None:
             return 128 + self.interrupted
         return EXIT_SOME_FAILED if self.counts[Status.FAILED] else EXIT_OK
@@ -460,17 +481,24 @@ def foreign_image(output: Path) -> bool:
     return Provenance.from_json(text) is None and not software.startswith("segnet ")
 
 
-#: How the image formats segnet writes begin (PNG, JPEG, little- and big-endian TIFF).
-_IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*")
+#: How the image formats segnet writes begin (PNG, JPEG, little- and big-endian TIFF and
+#: BigTIFF).
+_IMAGE_SIGNATURES = (
+    b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+",
+)
 
 
 def _cut_short_image(path: Path) -> bool:
-    """Whether an unreadable ``path`` is empty or starts like an image: remains, not a document."""
+    """Whether an unreadable ``path`` is empty or starts like an image: remains, not a document.
+
+    A file this process may not read at all (its permissions) is not judged: it is replaced
+    by rename like any other of segnet's outputs.
+    """
     try:
         with open(path, "rb") as fh:
             head = fh.read(8)
     except OSError:
-        return False
+        return True  # unreadable to us (its permissions), as it was to Pillow: not judged
     return not head or any(
         head.startswith(sig) or sig.startswith(head) for sig in _IMAGE_SIGNATURES
     )

@@ -15,6 +15,7 @@ stdout, where ``--json`` goes, stops a run instead: see ``jobs.Run.emit``.)
 
 from __future__ import annotations
 
+import errno
 import re
 import sys
 import time
@@ -271,7 +272,10 @@ def _plain_line(line: str) -> None:
         return
     try:
         print(line, file=sys.stderr, flush=True)
-    except BrokenPipeError:
+    except OSError as exc:
+        # EPIPE; Windows says EINVAL for a write to a closed pipe.
+        if not isinstance(exc, BrokenPipeError) and exc.errno not in (errno.EPIPE, errno.EINVAL):
+            raise
         _stderr_closed = True
 
 

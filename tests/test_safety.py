@@ -7,6 +7,7 @@ compares the inputs byte for byte before and after where an input is at risk.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -514,11 +515,23 @@ def test_a_closed_event_reader_stops_the_run_as_sigpipe_would():
         raise BrokenPipeError
 
     run, guard = Run(reader_gone), SignalGuard()
-    run.guard = guard
+    run.attach(guard)
     for name in ("a.png", "b.png"):
         run.emit(Outcome(name, f"out/{name}", Status.DONE))
     assert seen == ["a.png"] and guard.signum == SIGPIPE == 13
     assert run.counts[Status.DONE] == 2  # counted, though no longer told
+    # Closed while planning (skips reported before the engine's guard exists), and on
+    # Windows (EINVAL): the guard, once attached, stops the run; a dry run exits 141 too.
+    run = Run(lambda o: (_ for _ in ()).throw(OSError(errno.EINVAL, "Invalid argument")))
+    run.skip("a.png", "out/a.png", "up to date")
+    assert run.events_closed and run.return_code == 141
+    guard = SignalGuard()
+    run.attach(guard)
+    assert guard.signum == SIGPIPE
+    # Any other failure of the caller's callback is the caller's, and is raised.
+    run = Run(lambda o: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")))
+    with pytest.raises(OSError, match="No space"):
+        run.skip("a.png", "out/a.png", "up to date")
 
 
 def test_predict_json_into_a_closed_pipe_stops_cleanly_with_141(tmp_path, tiny_model):
@@ -549,26 +562,42 @@ def test_predict_json_into_a_closed_pipe_stops_cleanly_with_141(tmp_path, tiny_m
     assert len(list((tmp_path / "o2").glob("*.png"))) == n
 
 
-def test_a_defect_in_the_mask_writer_stops_predict_instead_of_hanging(tmp_path, tiny_model,
-                                                                      monkeypatch):
-    """The writer thread must never die and leave the model waiting on a full queue."""
+@pytest.mark.parametrize("where", ["writer", "on_event"])
+def test_a_failure_in_the_writer_thread_stops_predict_instead_of_hanging(tmp_path, tiny_model,
+                                                                         monkeypatch, where):
+    """The writer thread must never die and leave the model waiting on a full queue: not on
+    a defect of its own, nor on an error of the caller's callback (``--json > file`` on a
+    full disk) raised while it reports a mask."""
     import segnet_cli.predict.local as local
+    from segnet_cli.config import InferenceConfig, PredictConfig
+    from segnet_cli.predict import run_predict
 
     def defect(*args, **kwargs):
         raise RuntimeError("a defect in the writer")
 
-    monkeypatch.setattr(local, "write_outputs", defect)
+    def disk_full(outcome):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if where == "writer":
+        monkeypatch.setattr(local, "write_outputs", defect)
     src, out = photos(tmp_path / "in", n=40), tmp_path / "out"
-    results = []
-    worker = threading.Thread(
-        target=lambda: results.append(run("predict", src, "--out", out, "--model", tiny_model)),
-        daemon=True,
-    )
+    config = PredictConfig(inputs=(str(src),), out=out,
+                           inference=InferenceConfig(model=tiny_model))
+    errors = []
+
+    def go():
+        try:
+            run_predict(config, on_event=disk_full if where == "on_event" else None)
+        except Exception as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=go, daemon=True)
     worker.start()
     worker.join(300)
     assert not worker.is_alive(), "predict hung"
-    assert isinstance(results[0].exception, RuntimeError), results[0].output
-    assert not [p for p in out.rglob("*") if p.is_file()]  # nothing written, no claims left
+    assert len(errors) == 1 and isinstance(errors[0], (RuntimeError, OSError)), errors
+    claims = [p for p in out.rglob("*") if p.is_file() and p.suffix != ".png"]
+    assert not claims  # every claim released
 
 
 def test_concurrent_writability_probes_never_collide(tmp_path):

@@ -89,14 +89,14 @@ def predict_command(
     from segnet_cli.predict import run_predict
 
     def on_event(o):
-        if as_json:
-            typer.echo(o.to_json())
         if o.status is Status.FAILED:
             ui.error(f"{o.path}: {o.error}")
         elif o.status is Status.PLANNED:
             ui.info(f"would segment {o.path} -> {o.output}")
         elif o.status is Status.SKIPPED and o.extra.get("reason", "").startswith("another"):
             ui.warn(f"{o.path}: {o.extra['reason']}; skipped")
+        if as_json:  # last: a closed stdout stops the run, after the message is out
+            typer.echo(o.to_json())
 
     bar = ui.Progress("images", 0)
     try:

@@ -50,7 +50,7 @@ def run_local(config: PredictConfig, run: Run) -> Report:
         return early
     details: dict = {"model_sha256": model_sha}
     with SignalGuard() as guard:
-        run.guard = guard
+        run.attach(guard)
         _segment(config, jobs, run, guard, details)
     if guard.stop:
         run.interrupted = guard.signum
@@ -136,14 +136,19 @@ def _segment(config: PredictConfig, jobs: list[Job], run: Run, guard: SignalGuar
             if broken:
                 job.claim.release()
                 continue
+            status, error = Status.DONE, None
             try:
                 write_outputs(job, mask, job.raw, info, config.overlay_alpha)
-                finish(job, Status.DONE)
             except (SegnetError, OSError, ValueError) as exc:
-                finish(job, Status.FAILED, str(getattr(exc, "message", exc)))
+                status, error = Status.FAILED, str(getattr(exc, "message", exc))
             except BaseException as exc:  # a defect: stop the run, and say what it was
                 broken.append(exc)
                 job.claim.release()
+                continue
+            try:
+                finish(job, status, error)  # once: reporting must not report itself again
+            except BaseException as exc:  # the caller's on_event failed
+                broken.append(exc)
 
     wthread = threading.Thread(target=writer, name="segnet-writer", daemon=True)
     wthread.start()

@@ -143,7 +143,7 @@ def run_ray(config: PredictConfig, run: Run) -> Report:
     check_writable(config.out)  # created only now: a refused run leaves no empty --out
     details: dict = {"engine": "ray", "model_sha256": model_sha}
     with SignalGuard() as guard, session(config.address, guard) as ray:
-        run.guard = guard
+        run.attach(guard)
         if not guard.stop and is_local_session(ray):
             # Temporaries carry a pid, so they can be judged dead only on this host: clean
             # up when the cluster is ours and local, never a shared one.
