@@ -23,11 +23,14 @@ def run_predict(config: PredictConfig, on_event=None, progress=None, log=None) -
 
     Returns:
         A report whose ``return_code`` is 0 (all done or skipped), 1 (some failed),
-        130/143 (interrupted) or 141: ``on_event`` raised ``BrokenPipeError`` (its reader
-        went away), which stops the run cleanly, as SIGPIPE would.
+        130/143 (interrupted) or 141: ``on_event`` met a closed pipe (``BrokenPipeError``,
+        or ``EINVAL`` on Windows: its reader went away), which stops the run cleanly, as
+        SIGPIPE would.
 
     Raises:
         SegnetError: the options, model or output folder are unusable (nothing ran).
+        Exception: any other error of ``on_event``, once the inputs under way are finished
+            and their claims released.
     """
     run = Run(on_event, progress, log)
     if config.engine is Engine.RAY:
