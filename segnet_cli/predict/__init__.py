@@ -29,8 +29,8 @@ def run_predict(config: PredictConfig, on_event=None, progress=None, log=None) -
 
     Raises:
         SegnetError: the options, model or output folder are unusable (nothing ran).
-        Exception: any other error of ``on_event``, once the inputs under way are finished
-            and their claims released.
+        Exception: any other error of ``on_event``: the run stops (nothing partial written,
+            every claim released) and the error is raised.
     """
     run = Run(on_event, progress, log)
     if config.engine is Engine.RAY:
