@@ -207,6 +207,15 @@ def test_missing_corrupt_foreign_model_files(tmp_path, tiny_model):
     with pytest.raises(ModelFileError) as e:
         load_model(cut)
     assert str(cut) in str(e.value) and "\n" not in str(e.value)
+    # The exports segnet writes for other runtimes are named for what they are.
+    litert = tmp_path / "camvid.tflite"
+    litert.write_bytes(b"\x1c\x00\x00\x00TFL3" + bytes(64))  # a FlatBuffer's identifier
+    saved = tmp_path / "camvid_savedmodel"
+    saved.mkdir()
+    (saved / "saved_model.pb").write_bytes(b"")
+    for path, kind in ((litert, "LiteRT"), (saved, "SavedModel")):
+        with pytest.raises(ModelFileError, match=f"a {kind} export, which segnet does not read"):
+            read_info(path)
 
 
 def test_conv_flops_matches_keras_layer_shapes():

@@ -238,6 +238,15 @@ def read_info(path: str | Path) -> ModelInfo:
         return read_onnx_info(path)
     if not path.exists():
         raise ModelFileError("model file not found", path)
+    export = _export_kind(path)
+    if export:
+        # ``segnet export`` writes these for other runtimes; segnet itself runs the two
+        # formats that keep its metadata and its tiling.
+        raise ModelFileError(
+            f"a {export} export, which segnet does not read: give the .keras model it was "
+            "exported from, or an .onnx export",
+            path,
+        )
     if path.is_dir():
         raise ModelFileError("is a folder, not a .keras model file", path)
     try:
@@ -263,6 +272,18 @@ def read_info(path: str | Path) -> ModelInfo:
         raise ModelFileError(f"segnet.json lacks {exc}", path) from None
     except (TypeError, ValueError) as exc:
         raise ModelFileError(f"segnet.json is invalid: {exc}", path) from None
+
+
+def _export_kind(path: Path) -> str | None:
+    """``"SavedModel"`` or ``"LiteRT"`` for those exports, else None (by layout and magic)."""
+    if path.is_dir():
+        return "SavedModel" if (path / "saved_model.pb").is_file() else None
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        return None
+    return "LiteRT" if head[4:8] == b"TFL3" else None
 
 
 def add_info(path: str | Path, info: ModelInfo) -> None:
