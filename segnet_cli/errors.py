@@ -23,6 +23,16 @@ EXIT_SIGINT = 130
 EXIT_PIPE_CLOSED = 141
 
 
+def closed_stream(exc: OSError) -> bool:
+    """Whether ``exc``, raised by a write, means that the stream's reader has gone.
+
+    ``EPIPE`` on POSIX; Windows reports a write to a closed pipe as ``EINVAL``.
+    """
+    import errno
+
+    return isinstance(exc, BrokenPipeError) or exc.errno in (errno.EPIPE, errno.EINVAL)
+
+
 class SegnetError(Exception):
     """Base class of every error the library raises on purpose."""
 

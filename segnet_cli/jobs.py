@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import errno
 import glob
 import json
 import os
@@ -27,7 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from segnet_cli.config import Report, Status
-from segnet_cli.errors import EXIT_OK, EXIT_SOME_FAILED, Interrupted, NoInputError
+from segnet_cli.errors import (
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    Interrupted,
+    NoInputError,
+    closed_stream,
+)
 from segnet_cli.io.files import is_temporary, output_lock, same_file
 from segnet_cli.io.images import IMAGE_SUFFIXES
 
@@ -304,14 +309,6 @@ class SignalGuard:
     def __exit__(self, *exc) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
-
-
-def closed_stream(exc: OSError) -> bool:
-    """Whether ``exc``, raised by a write, means that the stream's reader has gone.
-
-    ``EPIPE`` on POSIX; Windows reports a write to a closed pipe as ``EINVAL``.
-    """
-    return isinstance(exc, BrokenPipeError) or exc.errno in (errno.EPIPE, errno.EINVAL)
 
 
 def stopped_by(signum: int | None) -> str:

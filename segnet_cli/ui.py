@@ -15,7 +15,6 @@ stdout, where ``--json`` goes, stops a run instead: see ``jobs.Run.emit``.)
 
 from __future__ import annotations
 
-import errno
 import re
 import sys
 import time
@@ -273,8 +272,9 @@ def _plain_line(line: str) -> None:
     try:
         print(line, file=sys.stderr, flush=True)
     except OSError as exc:
-        # EPIPE; Windows says EINVAL for a write to a closed pipe.
-        if not isinstance(exc, BrokenPipeError) and exc.errno not in (errno.EPIPE, errno.EINVAL):
+        from segnet_cli.errors import closed_stream
+
+        if not closed_stream(exc):
             raise
         _stderr_closed = True
 

@@ -154,8 +154,7 @@ def _segment(config: PredictConfig, jobs: list[Job], run: Run, guard: SignalGuar
     wthread.start()
     try:
         stream = run_works(
-            seg, works(), tiling.batch_size, max_open=depth,
-            should_stop=stopping,
+            seg, works(), tiling.batch_size, max_open=depth, should_stop=stopping
         )
         for work in stream:
             grid = work.stitcher.grid
